@@ -1,0 +1,1 @@
+"""The HTTP gateway: FastAPI endpoints plus a proxy onto the deployments' queues."""

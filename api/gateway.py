@@ -1,0 +1,90 @@
+"""The HTTP gateway: FastAPI for its own endpoints, the proxy for everything the applications serve.
+
+    /-/healthz, /-/routes, /docs, /openapi.json   -> the FastAPI control app below
+    anything else                                  -> api.proxy.Proxy (route prefix -> deployment queue)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.exceptions
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
+
+from app._transport import QueueTransport
+from app.config import ServeSettings
+from api.proxy import Proxy
+from api.routes import RouteTable
+
+logger = logging.getLogger(__name__)
+
+_CONTROL_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
+
+
+class Gateway:
+    """The ASGI app uvicorn serves."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        if not settings.redis_url:
+            raise ValueError("the gateway needs REDIS_URL (or --redis-url)")
+        self.settings = settings
+        self.transport = QueueTransport(settings.redis_url)
+        self.routes = RouteTable(self.transport.redis)
+        self.proxy = Proxy(self.transport, self.routes, settings.max_body_bytes)
+        self.control = self._control_app()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        await self.transport.start()
+        try:
+            await self.routes.refresh()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            logger.warning("Redis not reachable at start-up (%s); will keep trying", exc)
+        refresher = asyncio.create_task(self.routes.run(), name="route-refresher")
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            await self.transport.close()
+
+    def _control_app(self) -> FastAPI:
+        control = FastAPI(
+            title="celery-serve gateway",
+            description="Deployments are served under their application's route prefix; see /-/routes.",
+            lifespan=self.lifespan,
+        )
+
+        @control.get("/-/healthz", summary="Is the gateway up and can it reach Redis?")
+        async def healthz() -> Any:
+            try:
+                await self.transport.redis.ping()
+            except (redis.exceptions.RedisError, OSError) as exc:
+                return JSONResponse({"status": "unhealthy", "redis": str(exc)}, status_code=503)
+            return {"status": "ok", "applications": len(self.routes.apps), "pending": self.transport.waiter.pending}
+
+        @control.get("/-/routes", summary="Route prefix -> ingress deployment")
+        async def routes() -> dict[str, str]:
+            await self.routes.refresh()
+            return self.routes.routes
+
+        return control
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.control(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if path.startswith("/-/") or path in _CONTROL_PATHS:
+            await self.control(scope, receive, send)
+        else:
+            await self.proxy(scope, receive, send)
+
+
+def create_gateway(settings: ServeSettings | None = None) -> Gateway:
+    return Gateway(settings or ServeSettings())

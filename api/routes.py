@@ -1,0 +1,68 @@
+"""The gateway's route table: which application's ingress serves a path, read from the specs in Redis.
+
+Refreshed in the background every second, and at once when a path matches nothing (so an application
+deployed a moment ago is found on its first request). Longest route prefix wins; `/api` serves `/api` and
+`/api/...`, not `/apiary`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from app import _keys
+from app._spec import AppSpec, DeploymentSpec
+
+logger = logging.getLogger(__name__)
+
+REFRESH_S = 1.0
+_MISS_REFRESH_MIN_S = 0.05
+
+
+class RouteTable:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+        self._routes: list[tuple[str, AppSpec]] = []
+        self._refreshed_at = 0.0
+        self._lock = asyncio.Lock()
+
+    @property
+    def routes(self) -> dict[str, str]:
+        """Route prefix -> ingress deployment name."""
+        return {prefix: spec.ingress for prefix, spec in self._routes}
+
+    @property
+    def apps(self) -> list[AppSpec]:
+        return [spec for _, spec in self._routes]
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            raw = await self._redis.hgetall(_keys.APPS)
+            specs = [AppSpec.from_json(v) for v in raw.values()]
+            self._routes = sorted(((s.route_prefix, s) for s in specs), key=lambda r: len(r[0]), reverse=True)
+            self._refreshed_at = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except (redis.exceptions.RedisError, OSError) as exc:
+                logger.warning("could not refresh routes from Redis: %s", exc)
+            await asyncio.sleep(REFRESH_S)
+
+    def match(self, path: str) -> tuple[AppSpec, DeploymentSpec] | None:
+        for prefix, spec in self._routes:
+            if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+                return spec, spec.deployments[spec.ingress]
+        return None
+
+    async def match_fresh(self, path: str) -> tuple[AppSpec, DeploymentSpec] | None:
+        found = self.match(path)
+        if found is None and time.monotonic() - self._refreshed_at > _MISS_REFRESH_MIN_S:
+            await self.refresh()
+            found = self.match(path)
+        return found

@@ -1,0 +1,45 @@
+"""celery-serve: Ray Serve's programming model on Redis queues and Celery worker pools.
+
+    from app import deployment, run
+
+    @deployment
+    def hello(request):
+        return f"Hello {request.query_params.get('name', 'world')}!"
+
+    handle = run(hello.bind())
+"""
+
+from app._serve import run, shutdown
+from app.deployment import Application, Deployment, deployment, ingress
+from app.exceptions import (
+    BackpressureError,
+    BadRequestError,
+    DeploymentConfigError,
+    DeploymentNotFoundError,
+    PayloadTooLargeError,
+    RemoteError,
+    RequestTimeoutError,
+    ServeError,
+    ServeStartupError,
+)
+from app.handle import DeploymentHandle, DeploymentResponse
+
+__all__ = [
+    "Application",
+    "BackpressureError",
+    "BadRequestError",
+    "Deployment",
+    "DeploymentConfigError",
+    "DeploymentHandle",
+    "DeploymentNotFoundError",
+    "DeploymentResponse",
+    "PayloadTooLargeError",
+    "RemoteError",
+    "RequestTimeoutError",
+    "ServeError",
+    "ServeStartupError",
+    "deployment",
+    "ingress",
+    "run",
+    "shutdown",
+]

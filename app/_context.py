@@ -1,0 +1,84 @@
+"""Where this process finds Redis, and the background event loop that handles use to talk to it.
+
+Handles are called from synchronous code (scripts, sync replicas) and from other event loops (async
+replicas, user apps), so their Redis traffic runs on one daemon thread's loop per process; callers get a
+`concurrent.futures.Future` they can block on or await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from app._transport import QueueTransport
+from app.exceptions import ServeError
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_redis_url: str | None = None
+_io: _IOLoop | None = None
+
+
+def set_redis_url(url: str | None) -> None:
+    global _redis_url
+    with _lock:
+        _redis_url = url
+
+
+def redis_url() -> str:
+    url = _redis_url or os.environ.get("REDIS_URL")
+    if not url:
+        raise ServeError(
+            "celery-serve is not running in this process: call app.run(...) first, or set REDIS_URL to the "
+            "Redis your deployments use"
+        )
+    return url
+
+
+class _IOLoop:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="celery-serve-io", daemon=True)
+        self.thread.start()
+        self.transport = QueueTransport(url)
+        self.run(self.transport.start()).result()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        try:
+            self.run(self.transport.close()).result(timeout=5)
+        except Exception:  # noqa: BLE001 - closing on the way out; nothing to report to
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+def io_loop() -> _IOLoop:
+    """The process's handle loop, (re)created for the current Redis URL."""
+    global _io
+    url = redis_url()
+    with _lock:
+        if _io is None or _io.url != url or not _io.thread.is_alive():
+            old, _io = _io, _IOLoop(url)
+        else:
+            old = None
+    if old is not None:
+        old.close()
+    return _io
+
+
+def reset() -> None:
+    """Stop the handle loop (after `shutdown()`), so a later `run()` starts fresh."""
+    global _io
+    with _lock:
+        old, _io = _io, None
+    if old is not None:
+        old.close()

@@ -1,0 +1,57 @@
+"""Every Redis key and queue name celery-serve uses, in one place.
+
+Queues are plain Redis lists named like Celery queues (kombu's Redis transport uses the queue name as the
+list key), so `celery inspect`, Flower and any Celery client see them. Results use Celery's result-backend
+key, so `celery.result.AsyncResult(task_id)` reads them too.
+"""
+
+from __future__ import annotations
+
+APPS = "serve:apps"  # hash: application name -> JSON spec
+APPS_CHANGED = "serve:apps:changed"  # pub/sub channel: an application was deployed or deleted
+GATEWAYS = "serve:gateways"  # hash: gateway id -> JSON {url, started_at}
+RESULT_PREFIX = "celery-task-meta-"
+
+
+def queue(app: str, deployment: str) -> str:
+    return f"serve.{app}.{deployment}"
+
+
+def task_name(app: str, deployment: str, method: str) -> str:
+    return f"{app}.{deployment}.{method}"
+
+
+def result(task_id: str) -> str:
+    return RESULT_PREFIX + task_id
+
+
+def reply(waiter_id: str) -> str:
+    return f"serve:reply:{waiter_id}"
+
+
+REPLY_PREFIX = "serve:reply:"
+
+
+def replicas(app: str, deployment: str) -> str:
+    """Hash: replica id -> JSON {pid, host, started_at}; the replicas registered for a deployment."""
+    return f"serve:replicas:{app}:{deployment}"
+
+
+def replica_alive(replica_id: str) -> str:
+    """A key with a short TTL that the replica's heartbeat refreshes; gone means the replica is dead."""
+    return f"serve:alive:{replica_id}"
+
+
+def replica_claim(replica_id: str) -> str:
+    """List a replica's blocking pop moves a message into, before it is recorded as in flight."""
+    return f"serve:claim:{replica_id}"
+
+
+def replica_inflight(replica_id: str) -> str:
+    """Hash: token -> raw message, for messages taken by a replica and not yet acknowledged."""
+    return f"serve:inflight:{replica_id}"
+
+
+def deployment_error(app: str, deployment: str) -> str:
+    """Why the deployment's last replica failed to start (short TTL), so `run` can say it."""
+    return f"serve:error:{app}:{deployment}"

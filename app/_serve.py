@@ -1,0 +1,198 @@
+"""`run()` and `shutdown()`: what Ray Serve's `serve.run` does, on Redis and Celery workers.
+
+`run` starts what is not yet running (an embedded Redis when no `REDIS_URL`, the gateway, each
+deployment's worker), writes the application's spec, waits until every replica is up and the gateway
+routes to it, and returns the ingress handle. `shutdown` stops what `run` started.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from app import _context, _keys
+from app._launcher import ProcessGroup, gateway_command, start_embedded_redis, wait_for_redis, worker_command
+from app._redis import sync_client
+from app._spec import AppSpec, build_spec
+from app.deployment import Application
+from app.exceptions import ServeError, ServeStartupError
+from app.handle import DeploymentHandle
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STARTUP_TIMEOUT_S = 180.0
+
+
+@dataclass
+class _Session:
+    """What this process started: shared by every `run` until `shutdown`."""
+
+    redis_url: str
+    group: ProcessGroup
+    gateway_url: str | None = None
+    workers: dict[str, set[str]] = field(default_factory=dict)  # app name -> process names
+
+
+_lock = threading.RLock()
+_session: _Session | None = None
+
+
+def deploy_spec(redis_url: str, spec: AppSpec) -> None:
+    """Write (or replace) an application's spec; gateways pick it up within a second."""
+    client = sync_client(redis_url)
+    for name in spec.deployments:
+        client.delete(_keys.deployment_error(spec.name, name))
+    client.hset(_keys.APPS, spec.name, spec.to_json())
+    client.publish(_keys.APPS_CHANGED, spec.name)
+
+
+def delete_app(redis_url: str, name: str) -> None:
+    client = sync_client(redis_url)
+    client.hdel(_keys.APPS, name)
+    client.publish(_keys.APPS_CHANGED, name)
+
+
+def run(
+    target: Application,
+    *,
+    name: str = "default",
+    route_prefix: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    redis_url: str | None = None,
+    blocking: bool = False,
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+    _source: str | None = None,
+) -> DeploymentHandle:
+    """Deploy an application and return a handle to its ingress deployment.
+
+    Starts an embedded Redis unless `redis_url` or `REDIS_URL` is given, the HTTP gateway on host:port
+    (unless this process already started one), and one worker pool per deployment. Running an
+    application again under the same name replaces it.
+    """
+    if os.environ.get("CELERY_SERVE_REPLICA"):
+        raise ServeError(
+            "run() was called while a worker imported your application: put the run() call under "
+            "`if __name__ == '__main__':` (workers import the module to find your deployments)"
+        )
+    global _session
+    spec = build_spec(target, name, route_prefix, source=_source)
+    with _lock:
+        if _session is None:
+            group = ProcessGroup()
+            url = redis_url or os.environ.get("REDIS_URL")
+            if url:
+                wait_for_redis(url, 15.0)
+            else:
+                url = start_embedded_redis(group)
+            _session = _Session(url, group)
+            atexit.register(shutdown)
+        session = _session
+        _context.set_redis_url(session.redis_url)
+        deploy_spec(session.redis_url, spec)
+        if session.gateway_url is None:
+            session.group.start("gateway", gateway_command(session.redis_url, host, port))
+            session.gateway_url = f"http://{host}:{port}"
+        old = session.workers.pop(spec.name, set())
+        if old:
+            session.group.stop(old)
+        names = set()
+        for dep in spec.deployments:
+            proc_name = f"worker {spec.name}.{dep}"
+            session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep))
+            names.add(proc_name)
+        session.workers[spec.name] = names
+    wait_until_ready(session, spec, startup_timeout_s)
+    handle = DeploymentHandle(spec.ingress, spec.name)
+    if blocking:
+        _block_until_interrupted()
+    return handle
+
+
+def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float) -> None:
+    """Wait for every deployment's replicas of this spec version, then for the gateway to route to it."""
+    client = sync_client(session.redis_url)
+    deadline = time.monotonic() + timeout_s
+    pending = dict(spec.deployments)
+    while pending:
+        for name, dep in list(pending.items()):
+            error = client.get(_keys.deployment_error(spec.name, name))
+            if error:
+                raise ServeStartupError(f"deployment '{name}' failed to start: {error.decode()}")
+            if ready_replicas(client, spec, name) >= int(dep.config["num_replicas"]):
+                del pending[name]
+        dead = [p.name for p in session.group.dead()]
+        if dead:
+            raise ServeStartupError(f"{', '.join(dead)} exited during start-up; see its log above")
+        if time.monotonic() > deadline:
+            raise ServeStartupError(
+                f"deployments {sorted(pending)} of '{spec.name}' were not ready within {timeout_s:.0f}s"
+            )
+        if pending:
+            time.sleep(0.05)
+    _wait_for_route(session, spec, deadline)
+
+
+def ready_replicas(client: object, spec: AppSpec, deployment: str) -> int:
+    """Replicas of this deployment that run this spec version and are alive."""
+    entries = client.hgetall(_keys.replicas(spec.name, deployment))  # type: ignore[attr-defined]
+    count = 0
+    for rid, raw in entries.items():
+        info = json.loads(raw)
+        if info.get("deployed_at") == spec.deployed_at and client.exists(_keys.replica_alive(rid.decode())):  # type: ignore[attr-defined]
+            count += 1
+    return count
+
+
+def _wait_for_route(session: _Session, spec: AppSpec, deadline: float) -> None:
+    url = f"{session.gateway_url}/-/routes"
+    last_error: Exception | None = None
+    with httpx.Client(timeout=2.0) as http:
+        while time.monotonic() < deadline:
+            try:
+                routes = http.get(url).json()
+                if routes.get(spec.route_prefix) == spec.ingress:
+                    return
+            except (httpx.HTTPError, ValueError) as exc:
+                last_error = exc
+            if session.group.dead():
+                break
+            time.sleep(0.05)
+    raise ServeStartupError(f"the gateway at {session.gateway_url} did not come up: {last_error}")
+
+
+def _block_until_interrupted() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown()
+
+
+def shutdown() -> None:
+    """Stop every process `run` started (workers first, then the gateway, then an embedded Redis)."""
+    global _session
+    with _lock:
+        session, _session = _session, None
+    if session is None:
+        return
+    _context.reset()
+    _context.set_redis_url(None)
+    try:
+        for app_name in session.workers:
+            delete_app(session.redis_url, app_name)
+    except Exception as exc:  # noqa: BLE001 - Redis may already be gone; stopping matters more
+        logger.warning("could not remove application specs from Redis: %s", exc)
+    session.group.stop()
+
+
+def redis_url() -> str:
+    """The Redis URL this process deployed to (or REDIS_URL)."""
+    return _session.redis_url if _session else _context.redis_url()

@@ -1,0 +1,238 @@
+"""An application's spec: the JSON written to Redis that gateways, workers and the scaler agree on.
+
+Workers never receive code over Redis: they import the user's module, as every machine has the user's
+code. The spec says where to import from: the application object (`module:attribute`, or a script's file
+path) when it is reachable, otherwise each deployment's class or function plus its JSON bind arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from app import _keys
+from app.config import DeploymentConfig, validate_route_prefix
+from app.deployment import Application, Deployment, flatten, iter_applications, name_of, replace_applications
+from app.exceptions import DeploymentConfigError
+
+_HANDLE_MARK = "__serve_handle__"
+_MAIN_ALIAS = "__serve_main__"
+
+
+@dataclass
+class DeploymentSpec:
+    name: str
+    app: str
+    config: dict[str, Any]
+    target: dict[str, Any]
+    is_function: bool
+    init: dict[str, Any] | None = None
+
+    @property
+    def queue(self) -> str:
+        return _keys.queue(self.app, self.name)
+
+    @property
+    def options(self) -> DeploymentConfig:
+        return DeploymentConfig(**self.config)
+
+
+@dataclass
+class AppSpec:
+    name: str
+    route_prefix: str
+    ingress: str
+    deployments: dict[str, DeploymentSpec]
+    source: dict[str, Any] | None = None
+    deployed_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "name": self.name,
+                "route_prefix": self.route_prefix,
+                "ingress": self.ingress,
+                "source": self.source,
+                "deployed_at": self.deployed_at,
+                "deployments": {
+                    name: {
+                        "config": d.config,
+                        "target": d.target,
+                        "is_function": d.is_function,
+                        "init": d.init,
+                    }
+                    for name, d in self.deployments.items()
+                },
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> AppSpec:
+        data = json.loads(raw)
+        deployments = {
+            name: DeploymentSpec(name=name, app=data["name"], **d) for name, d in data["deployments"].items()
+        }
+        return cls(
+            name=data["name"],
+            route_prefix=data["route_prefix"],
+            ingress=data["ingress"],
+            deployments=deployments,
+            source=data.get("source"),
+            deployed_at=data.get("deployed_at", 0.0),
+        )
+
+
+def validate_app_name(name: str) -> str:
+    if not name or not all(ch.isalnum() or ch in "_-" for ch in name) or len(name) > 100:
+        raise DeploymentConfigError(f"application name must be letters, digits, '_' or '-', got {name!r}")
+    return name
+
+
+def build_spec(root: Application, name: str, route_prefix: str | None, source: str | None = None) -> AppSpec:
+    """Describe an application graph; `source` is its import path (`module:attr`) when known."""
+    if not isinstance(root, Application):
+        raise DeploymentConfigError(
+            f"expected an application built with .bind(), got {type(root).__name__}; "
+            "for a deployment named X, pass X.bind()"
+        )
+    validate_app_name(name)
+    try:
+        prefix = validate_route_prefix(route_prefix or root.deployment.config.route_prefix or "/")
+    except ValueError as exc:
+        raise DeploymentConfigError(f"route_prefix {exc}, got {route_prefix!r}") from None
+    graph = flatten(root)
+    ingress = name_of(graph, root)
+    app_source = _source_from_path(source) if source else _find_app_source(root)
+    deployments = {}
+    for dep_name, node in graph.items():
+        config = node.deployment.config.model_dump()
+        config["name"] = dep_name
+        target = node.deployment.func_or_class
+        deployments[dep_name] = DeploymentSpec(
+            name=dep_name,
+            app=name,
+            config=config,
+            target=_target_source(target),
+            is_function=not inspect.isclass(target),
+            init=None if app_source else _json_init(graph, node, name),
+        )
+    return AppSpec(name=name, route_prefix=prefix or "/", ingress=ingress, deployments=deployments, source=app_source)
+
+
+def _target_source(target: Any) -> dict[str, Any]:
+    module = target.__module__
+    source: dict[str, Any] = {"module": module, "qualname": target.__qualname__}
+    if module == "__main__":
+        source["file"] = os.path.abspath(sys.modules["__main__"].__file__ or "")
+    return source
+
+
+def _source_from_path(path: str) -> dict[str, Any]:
+    module, _, attr = path.partition(":")
+    return {"module": module, "attr": attr or "app"}
+
+
+def _find_app_source(root: Application) -> dict[str, Any] | None:
+    """Find the module-level variable that holds this application, so workers can import it."""
+    module_name = root.deployment.func_or_class.__module__
+    module = sys.modules.get(module_name)
+    if module is None:
+        return None
+    for attr, value in vars(module).items():
+        if value is root:
+            source: dict[str, Any] = {"module": module_name, "attr": attr}
+            if module_name == "__main__":
+                source["file"] = os.path.abspath(module.__file__ or "")
+            return source
+    return None
+
+
+def _json_init(graph: dict[str, Application], node: Application, app_name: str) -> dict[str, Any]:
+    def to_mark(child: Application) -> dict[str, Any]:
+        return {_HANDLE_MARK: {"app": app_name, "deployment": name_of(graph, child)}}
+
+    init = {
+        "args": replace_applications(list(node.args), to_mark),
+        "kwargs": replace_applications(dict(node.kwargs), to_mark),
+    }
+    try:
+        json.dumps(init)
+    except (TypeError, ValueError) as exc:
+        raise DeploymentConfigError(
+            f"bind() arguments of '{node.deployment.name}' must be JSON-serializable when the application is not "
+            f"a module-level variable ({exc}); assign the application to a module-level name, e.g. app = ...bind()"
+        ) from None
+    return init
+
+
+def import_object(source: dict[str, Any], attr: str) -> Any:
+    """Import `attr` (dotted) from a spec's module or script file."""
+    file = source.get("file")
+    if file:
+        module = sys.modules.get(_MAIN_ALIAS)
+        if module is None or getattr(module, "__file__", None) != file:
+            spec = importlib.util.spec_from_file_location(_MAIN_ALIAS, file)
+            if spec is None or spec.loader is None:
+                raise DeploymentConfigError(f"cannot import the application's script {file}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[_MAIN_ALIAS] = module
+            spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(source["module"])
+    obj: Any = module
+    for part in attr.split("."):
+        if part == "<locals>":
+            raise DeploymentConfigError(
+                f"'{source.get('qualname', attr)}' is defined inside a function; define deployments at module "
+                "level so workers can import them"
+            )
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise DeploymentConfigError(f"'{attr}' not found in {file or source['module']}") from None
+    return obj
+
+
+def resolve_deployment(spec: AppSpec, dep_name: str, make_handle: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """Return (class or function, init args, init kwargs) for a deployment, with handles in place of apps."""
+    dep = spec.deployments[dep_name]
+    if spec.source:
+        root = import_object(spec.source, spec.source["attr"])
+        if not isinstance(root, Application):
+            raise DeploymentConfigError(f"{spec.source['module']}:{spec.source['attr']} is not an application (.bind())")
+        graph = flatten(root)
+        node = graph[dep_name]
+
+        def to_handle(child: Application) -> Any:
+            return make_handle(spec.name, name_of(graph, child))
+
+        args = replace_applications(node.args, to_handle)
+        kwargs = replace_applications(node.kwargs, to_handle)
+        return node.deployment.func_or_class, tuple(args), dict(kwargs)
+
+    obj = import_object(dep.target, dep.target["qualname"])
+    target = obj.func_or_class if isinstance(obj, Deployment) else obj
+    init = dep.init or {"args": [], "kwargs": {}}
+
+    def from_marks(value: Any) -> Any:
+        if isinstance(value, dict):
+            if set(value) == {_HANDLE_MARK}:
+                ref = value[_HANDLE_MARK]
+                return make_handle(ref["app"], ref["deployment"])
+            return {k: from_marks(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [from_marks(v) for v in value]
+        return value
+
+    return target, tuple(from_marks(init["args"])), from_marks(init["kwargs"])
+
+
+def has_applications(value: Any) -> bool:
+    return any(True for _ in iter_applications(value))

@@ -1,0 +1,119 @@
+"""The exceptions celery-serve raises.
+
+    ServeError                       base of everything below
+    ├── DeploymentConfigError        an invalid option or a bad application graph (also ValueError)
+    ├── DeploymentNotFoundError      no such application, deployment or route (HTTP 404)
+    ├── BadRequestError              the request cannot be read as sent (HTTP 400; also ValueError)
+    ├── PayloadTooLargeError         the body is over the gateway's limit (HTTP 413)
+    ├── BackpressureError            the deployment's queue is full (HTTP 503, retry later)
+    ├── RequestTimeoutError          no result before the request's deadline (HTTP 504; also TimeoutError)
+    ├── RemoteError                  user code raised; carries the remote type and message (HTTP 500)
+    └── ServeStartupError            something `run` needed did not come up
+
+Every exception is safe to cross a process boundary: it turns into a JSON dict with `to_dict()` and back
+with `error_from_dict()`, so the gateway, a handle and the client raise the same thing for the same failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServeError(Exception):
+    """Base class of every celery-serve error."""
+
+    http_status: int = 500
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message,))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"exc_type": type(self).__name__, "exc_message": self.message, "exc_module": __name__}
+
+
+class DeploymentConfigError(ServeError, ValueError):
+    """A deployment option or application graph is invalid; the message names the option and value."""
+
+
+class DeploymentNotFoundError(ServeError):
+    http_status = 404
+
+
+class BadRequestError(ServeError, ValueError):
+    http_status = 400
+
+
+class PayloadTooLargeError(ServeError):
+    http_status = 413
+
+
+class BackpressureError(ServeError):
+    """The deployment already has `max_queued_requests` waiting; retry after a short pause."""
+
+    http_status = 503
+
+
+class RequestTimeoutError(ServeError, TimeoutError):
+    http_status = 504
+
+
+class ServeStartupError(ServeError):
+    """A process `run` started (Redis, the gateway, a deployment's workers) did not come up."""
+
+
+class RemoteError(ServeError):
+    """User code raised an exception in a replica.
+
+    `remote_type` and `remote_message` carry the original exception's class name and message; the
+    traceback stays in the worker's log.
+    """
+
+    http_status = 500
+
+    def __init__(self, remote_type: str, remote_message: str, deployment: str = "") -> None:
+        where = f" in deployment '{deployment}'" if deployment else ""
+        super().__init__(f"{remote_type}{where}: {remote_message}")
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.deployment = deployment
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.remote_type, self.remote_message, self.deployment))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "exc_type": self.remote_type,
+            "exc_message": self.remote_message,
+            "exc_module": "remote",
+            "deployment": self.deployment,
+        }
+
+
+_SERVE_ERRORS: dict[str, type[ServeError]] = {
+    cls.__name__: cls
+    for cls in (
+        ServeError,
+        DeploymentConfigError,
+        DeploymentNotFoundError,
+        BadRequestError,
+        PayloadTooLargeError,
+        BackpressureError,
+        RequestTimeoutError,
+        ServeStartupError,
+    )
+}
+
+
+def error_from_dict(data: dict[str, Any], deployment: str = "") -> ServeError:
+    """Rebuild the exception a replica or the gateway recorded (Celery's JSON exception format)."""
+    exc_type = str(data.get("exc_type", "Exception"))
+    message = data.get("exc_message", "")
+    if isinstance(message, (list, tuple)):
+        message = " ".join(str(part) for part in message)
+    if data.get("exc_module") == __name__ and exc_type in _SERVE_ERRORS:
+        return _SERVE_ERRORS[exc_type](str(message))
+    return RemoteError(exc_type, str(message), str(data.get("deployment") or deployment))

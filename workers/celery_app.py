@@ -1,0 +1,47 @@
+"""The Celery app every celery-serve process shares: JSON only, late acknowledgement, Redis everywhere.
+
+Deployment requests are Celery task messages on per-deployment queues; replicas drain those queues
+themselves (see `workers.consumer`), so this app mostly carries Celery's own machinery: worker identity,
+heartbeats and remote control (Flower, `celery inspect`, `celery control pool_grow`), and it lets any
+Celery client call a deployment with `send_task`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from app._redis import redacted
+
+
+def make_celery(redis_url: str | None = None) -> Celery:
+    url = redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    celery = Celery("celery_serve", broker=url, backend=url, set_as_current=False)
+    celery.conf.update(
+        # Safe wire format: a message in any other content type is rejected, never unpickled.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        # Acknowledge after the work is done, and requeue when the process running it dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message at a time per process for Celery's own consumer: replicas do their own draining.
+        worker_prefetch_multiplier=1,
+        # Results live as long as celery-serve's job records (a day), not Celery's default.
+        result_expires=int(os.environ.get("SERVE_RESULT_TTL_S", 24 * 3600)),
+        # Messages that a dead consumer held come back after this long (kombu's own unacked restore);
+        # replicas use their own faster heartbeat-based restore.
+        broker_transport_options={"visibility_timeout": 3600},
+        # Keep retrying the broker at start-up instead of exiting when Redis is a moment late.
+        broker_connection_retry_on_startup=True,
+        # Workers describe themselves in Flower by deployment; task events are sent by replicas.
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+    )
+    celery.conf.serve_redis_url = url
+    celery.conf.serve_redis_display = redacted(url)
+    return celery

@@ -1,0 +1,281 @@
+"""The draining consumer: how a replica takes requests from its deployment's queue and answers them.
+
+A replica that becomes free takes what is waiting (up to what it can run soon) in one round trip, runs it,
+and stores all the results with one script call that also acknowledges the messages. When the queue is
+empty it blocks on the queue, so an idle replica costs nothing and a lone request starts at once.
+Messages stay in the replica's in-flight hash until acknowledged; if the replica dies, another replica's
+reaper puts them back on the queue (see `app._scripts`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis
+import redis.exceptions
+
+from app import _keys, _results, _scripts
+from app._envelope import Envelope, parse_message
+from app._redis import async_client, sync_client
+from app.exceptions import BadRequestError
+from workers.replica import Replica
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 2.0
+ALIVE_TTL_S = 10
+REAP_EVERY_S = 5.0
+RESULT_TTL_S = int(os.environ.get("SERVE_RESULT_TTL_S", 24 * 3600))
+REPLY_TTL_S = 3600
+_MAX_TAKE = 256
+_TAKE_BUDGET_S = 0.005  # take as many requests as this replica can finish in about this long
+
+
+class QueueOps:
+    """The Redis side of one replica: take, complete, register, restore."""
+
+    def __init__(self, url: str, app: str, deployment: str, replica_id: str) -> None:
+        self.queue = _keys.queue(app, deployment)
+        self.replica_id = replica_id
+        self.claim = _keys.replica_claim(replica_id)
+        self.inflight = _keys.replica_inflight(replica_id)
+        self.replicas = _keys.replicas(app, deployment)
+        self.redis = async_client(url)
+        self.blocking = async_client(url, single_connection=True)
+        self._drain = self.redis.register_script(_scripts.DRAIN)
+        self._complete = self.redis.register_script(_scripts.COMPLETE)
+        self._takes = 0
+
+    async def take(self, limit: int, block_s: float) -> list[tuple[str, bytes]]:
+        items = await self._take_now(limit)
+        if items:
+            return items
+        moved = await self.blocking.blmove(self.queue, self.claim, block_s, "RIGHT", "LEFT")
+        if moved is None:
+            return []
+        return await self._take_now(limit)
+
+    async def _take_now(self, limit: int) -> list[tuple[str, bytes]]:
+        self._takes += 1
+        flat = await self._drain(
+            keys=[self.queue, self.claim, self.inflight], args=[limit, f"{self._takes}:"]
+        )
+        return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    async def complete(self, done: list[tuple[str, str, str, str]]) -> None:
+        args: list[Any] = [RESULT_TTL_S, REPLY_TTL_S]
+        for item in done:
+            args.extend(item)
+        await self._complete(keys=[self.inflight], args=args)
+
+    async def close(self) -> None:
+        await self.blocking.aclose()
+        await self.redis.aclose()
+
+
+class Heartbeat(threading.Thread):
+    """Keeps the replica's alive key fresh and reaps replicas of the same deployment that died.
+
+    A thread with its own connection, so a long synchronous model call cannot make a live replica look dead.
+    """
+
+    def __init__(self, url: str, ops: QueueOps, info: dict[str, Any]) -> None:
+        super().__init__(name="celery-serve-heartbeat", daemon=True)
+        self.redis: redis.Redis = sync_client(url)
+        self.ops = ops
+        self.info = info
+        self.stopping = threading.Event()
+        self._restore = self.redis.register_script(_scripts.RESTORE)
+
+    def register(self) -> None:
+        pipe = self.redis.pipeline()
+        pipe.set(_keys.replica_alive(self.ops.replica_id), 1, ex=ALIVE_TTL_S)
+        pipe.hset(self.ops.replicas, self.ops.replica_id, json.dumps(self.info))
+        pipe.execute()
+
+    def run(self) -> None:
+        next_reap = 0.0
+        while not self.stopping.wait(HEARTBEAT_S):
+            try:
+                self.redis.set(_keys.replica_alive(self.ops.replica_id), 1, ex=ALIVE_TTL_S)
+                if time.monotonic() >= next_reap:
+                    self.reap()
+                    next_reap = time.monotonic() + REAP_EVERY_S
+            except redis.exceptions.RedisError as exc:
+                logger.warning("heartbeat failed: %s", exc)
+
+    def reap(self) -> int:
+        restored = 0
+        for raw_id in self.redis.hkeys(self.ops.replicas):
+            rid = raw_id.decode()
+            if rid == self.ops.replica_id:
+                continue
+            n = self.restore(rid, force=False)
+            if n >= 0:
+                logger.warning("replica %s stopped heartbeating; put %d unfinished requests back on %s", rid, n, self.ops.queue)
+                restored += n
+        return restored
+
+    def restore(self, replica_id: str, *, force: bool) -> int:
+        keys = [
+            self.ops.queue,
+            _keys.replica_claim(replica_id),
+            _keys.replica_inflight(replica_id),
+            _keys.replica_alive(replica_id),
+            self.ops.replicas,
+        ]
+        return int(self._restore(keys=keys, args=[replica_id, "1" if force else "0"]))
+
+    def unregister(self) -> int:
+        """Hand back whatever is still held and leave the deployment."""
+        self.stopping.set()
+        return self.restore(self.ops.replica_id, force=True)
+
+
+class ReplicaServer:
+    """Runs a replica: takes requests, runs them (sync inline, async concurrently), answers in batches."""
+
+    def __init__(self, url: str, replica: Replica, replica_id: str | None = None) -> None:
+        self.replica = replica
+        self.config = replica.spec.config
+        self.replica_id = replica_id or f"{replica.name}@{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.ops = QueueOps(url, replica.app.name, replica.name, self.replica_id)
+        self.heartbeat = Heartbeat(
+            url,
+            self.ops,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started_at": time.time(),
+                "deployed_at": replica.app.deployed_at,
+            },
+        )
+        self.max_ongoing = int(self.config.get("max_ongoing_requests") or 100)
+        self._ongoing: set[asyncio.Task[None]] = set()
+        self._done: list[tuple[str, str, str, str]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._slot = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._service_s = 0.0
+
+    async def run(self) -> None:
+        await self.replica.start()
+        self.heartbeat.register()
+        self.heartbeat.start()
+        logger.info("replica %s serving %s", self.replica_id, self.ops.queue)
+        try:
+            await self._loop()
+        finally:
+            await self._drain_ongoing()
+            handed_back = await asyncio.to_thread(self.heartbeat.unregister)
+            if handed_back:
+                logger.warning("replica %s handed %d unfinished requests back to %s", self.replica_id, handed_back, self.ops.queue)
+            await self.replica.stop()
+            await self.ops.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._slot.set()
+
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            free = self.max_ongoing - len(self._ongoing)
+            if free <= 0:
+                self._slot.clear()
+                await self._slot.wait()
+                continue
+            try:
+                items = await self.ops.take(min(free, self._take_limit()), block_s=1.0)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                logger.warning("replica %s lost Redis (%s); retrying", self.replica_id, exc)
+                await asyncio.sleep(0.5)
+                continue
+            if not items:
+                continue
+            started = time.perf_counter()
+            sync_count = 0
+            for token, raw in items:
+                sync_count += await self._dispatch(token, raw)
+            if sync_count:
+                self._observe((time.perf_counter() - started) / sync_count)
+            self._schedule_flush()
+
+    def _take_limit(self) -> int:
+        if self._service_s <= 0:
+            return 32 if self._ongoing else 1
+        return max(1, min(_MAX_TAKE, int(_TAKE_BUDGET_S / self._service_s)))
+
+    def _observe(self, seconds: float) -> None:
+        self._service_s = seconds if self._service_s == 0 else 0.8 * self._service_s + 0.2 * seconds
+
+    async def _dispatch(self, token: str, raw: bytes) -> int:
+        """Start one request; returns 1 when it ran inline (synchronously), 0 otherwise."""
+        try:
+            env = parse_message(raw)
+        except BadRequestError as exc:
+            logger.error("dropping an unreadable message from %s: %s", self.ops.queue, exc)
+            self._done.append((token, "", "", ""))
+            return 0
+        if env.deadline is not None and time.time() > env.deadline:
+            logger.info("skipping %s %s: its deadline passed before it started", env.task_name, env.task_id)
+            self._answer(token, env, _results.expired(env.task_id, self.replica.name))
+            return 0
+        if self._is_async(env):
+            task = asyncio.create_task(self._run_async(token, env))
+            self._ongoing.add(task)
+            task.add_done_callback(self._finished)
+            return 0
+        self._answer(token, env, await self.replica.handle(env))
+        return 1
+
+    def _is_async(self, env: Envelope) -> bool:
+        if env.http is not None and self.replica.ingress is not None and env.method == "__call__":
+            return True
+        try:
+            return self.replica.method(env.method).is_async
+        except Exception:  # noqa: BLE001 - the error is reported when the request runs
+            return False
+
+    async def _run_async(self, token: str, env: Envelope) -> None:
+        self._answer(token, env, await self.replica.handle(env))
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._ongoing.discard(task)
+        self._slot.set()
+        self._schedule_flush()
+
+    def _answer(self, token: str, env: Envelope, record: str) -> None:
+        reply = env.reply_to if env.reply_to and env.reply_to.startswith(_keys.REPLY_PREFIX) else ""
+        self._done.append((token, _keys.result(env.task_id), reply, record))
+
+    def _schedule_flush(self) -> None:
+        if self._done and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._done:
+            batch, self._done = self._done, []
+            delay = 0.1
+            while True:
+                try:
+                    await self.ops.complete(batch)
+                    break
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                    logger.warning("could not store %d results (%s); retrying", len(batch), exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+
+    async def _drain_ongoing(self) -> None:
+        if self._ongoing:
+            await asyncio.wait(self._ongoing, timeout=float(self.config.get("request_timeout_s", 60)))
+        self._schedule_flush()
+        if self._flushing is not None:
+            await self._flushing

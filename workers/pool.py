@@ -1,0 +1,203 @@
+"""`ReplicaPool`: a Celery worker pool whose processes are a deployment's replicas.
+
+It plugs into Celery's worker as its pool (`pool_cls`), so the worker's concurrency is the replica count
+and Celery's remote control resizes it (`celery control pool_grow/pool_shrink`, which the scaler uses).
+Unlike Celery's prefork pool, the parent never hands tasks to children: each replica drains the
+deployment's queue itself. The pool starts replicas, restarts those that die, and retires replicas
+gracefully (SIGTERM: finish or hand back what they hold).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery.concurrency.base import BasePool
+
+from app import _keys, _scripts
+from app._launcher import die_with_parent
+from app._redis import sync_client
+
+logger = logging.getLogger(__name__)
+
+_STOP_GRACE_S = 30.0
+_MAX_BACKOFF_S = 30.0
+
+
+@dataclass
+class _Slot:
+    proc: subprocess.Popen[bytes] | None = None
+    replica_id: str = ""
+    failures: int = 0
+    restart_at: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class ReplicaPool(BasePool):
+    """Celery pool of replica processes for one deployment (configured through `app.conf.serve_*`)."""
+
+    signal_safe = False
+    body_can_be_buffer = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots: list[_Slot] = []
+        self._retiring: list[subprocess.Popen[bytes]] = []
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._redis = sync_client(self.app.conf.serve_redis_url)
+        self._restore = self._redis.register_script(_scripts.RESTORE)
+
+    def _command(self, replica_id: str) -> list[str]:
+        conf = self.app.conf
+        return [
+            sys.executable,
+            "-m",
+            "workers.replica_main",
+            "--app",
+            conf.serve_app,
+            "--deployment",
+            conf.serve_deployment,
+            "--redis-url",
+            conf.serve_redis_url,
+            "--replica-id",
+            replica_id,
+        ]
+
+    def _spawn(self, slot: _Slot) -> None:
+        conf = self.app.conf
+        slot.replica_id = f"{conf.serve_deployment}@{conf.serve_hostname}-{uuid.uuid4().hex[:8]}"
+        slot.proc = subprocess.Popen(self._command(slot.replica_id), env=os.environ.copy(), preexec_fn=die_with_parent)
+        slot.started_at = time.monotonic()
+        logger.info("started replica pid %d of %s", slot.proc.pid, self.app.conf.serve_deployment)
+
+    def on_start(self) -> None:
+        with self._lock:
+            for _ in range(self.limit or 1):
+                slot = _Slot()
+                self._spawn(slot)
+                self._slots.append(slot)
+        self._supervisor = threading.Thread(target=self._supervise, name="replica-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.5):
+            with self._lock:
+                for slot in self._slots:
+                    self._check(slot)
+                self._retiring = [p for p in self._retiring if p.poll() is None]
+
+    def _check(self, slot: _Slot) -> None:
+        now = time.monotonic()
+        if slot.proc is not None and slot.proc.poll() is not None:
+            code = slot.proc.returncode
+            healthy_run = now - slot.started_at > 60
+            slot.failures = 0 if healthy_run else slot.failures + 1
+            delay = min(_MAX_BACKOFF_S, 0.5 * 2 ** max(slot.failures - 1, 0)) if slot.failures else 0.0
+            logger.warning(
+                "replica pid %d of %s exited with code %s; restarting in %.1fs",
+                slot.proc.pid,
+                self.app.conf.serve_deployment,
+                code,
+                delay,
+            )
+            slot.proc = None
+            slot.restart_at = now + delay
+            self._hand_back(slot.replica_id)
+        if slot.proc is None and now >= slot.restart_at:
+            self._spawn(slot)
+
+    def _hand_back(self, replica_id: str) -> None:
+        """Put what a dead replica held back on the queue at once (no need to wait for its heartbeat)."""
+        conf = self.app.conf
+        keys = [
+            _keys.queue(conf.serve_app, conf.serve_deployment),
+            _keys.replica_claim(replica_id),
+            _keys.replica_inflight(replica_id),
+            _keys.replica_alive(replica_id),
+            _keys.replicas(conf.serve_app, conf.serve_deployment),
+        ]
+        try:
+            restored = int(self._restore(keys=keys, args=[replica_id, "1"]))
+        except Exception as exc:  # noqa: BLE001 - the heartbeat reaper will restore it later
+            logger.warning("could not hand back requests of replica %s yet: %s", replica_id, exc)
+            return
+        if restored:
+            logger.warning("put %d unfinished requests of dead replica %s back on the queue", restored, replica_id)
+
+    def grow(self, n: int = 1) -> None:
+        with self._lock:
+            for _ in range(n):
+                slot = _Slot()
+                self._spawn(slot)
+                self._slots.append(slot)
+            self.limit = len(self._slots)
+
+    def shrink(self, n: int = 1) -> None:
+        with self._lock:
+            n = min(n, len(self._slots))
+            for _ in range(n):
+                slot = self._slots.pop()
+                if slot.proc is not None and slot.proc.poll() is None:
+                    slot.proc.send_signal(signal.SIGTERM)
+                    self._retiring.append(slot.proc)
+            self.limit = len(self._slots)
+
+    def on_stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            procs = [s.proc for s in self._slots if s.proc is not None] + self._retiring
+            self._slots.clear()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE_S
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("replica pid %d did not stop in %.0fs; killing it", proc.pid, _STOP_GRACE_S)
+                proc.kill()
+                proc.wait()
+
+    def on_terminate(self) -> None:
+        self.on_stop()
+
+    def on_apply(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("ReplicaPool does not run Celery tasks: replicas consume their queue directly")
+
+    def restart(self) -> None:
+        with self._lock:
+            for slot in self._slots:
+                if slot.proc is not None and slot.proc.poll() is None:
+                    slot.proc.send_signal(signal.SIGTERM)
+                    self._retiring.append(slot.proc)
+                    slot.proc = None
+                    slot.restart_at = time.monotonic()
+
+    @property
+    def num_processes(self) -> int:
+        return len(self._slots)
+
+    def _get_info(self) -> dict[str, Any]:
+        info = super()._get_info()
+        with self._lock:
+            pids = [s.proc.pid for s in self._slots if s.proc is not None and s.proc.poll() is None]
+        info.update(
+            {
+                "max-concurrency": len(self._slots),
+                "processes": pids,
+                "deployment": self.app.conf.serve_deployment,
+                "application": self.app.conf.serve_app,
+            }
+        )
+        return info

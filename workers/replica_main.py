@@ -1,0 +1,80 @@
+"""A replica process: `python -m workers.replica_main --app A --deployment D --redis-url URL`.
+
+Started by the deployment's worker pool (one process per replica, spawned, never forked, so no CUDA or
+Redis state leaks from the parent). Loads the application spec from Redis, imports and constructs the user's
+deployment once, then serves until SIGTERM, finishing or handing back what it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import traceback
+
+from app import _context, _keys
+from app._redis import sync_client
+from app._spec import AppSpec
+from workers.consumer import ReplicaServer
+from workers.replica import Replica
+
+logger = logging.getLogger("workers.replica")
+
+EXIT_CONFIG = 3
+
+
+def _load_spec(url: str, app: str) -> AppSpec:
+    raw = sync_client(url).hget(_keys.APPS, app)
+    if raw is None:
+        raise LookupError(f"application '{app}' is not deployed in this Redis")
+    return AppSpec.from_json(raw)
+
+
+async def _serve(url: str, spec: AppSpec, deployment: str, replica_id: str | None) -> None:
+    replica = Replica(spec, deployment)
+    server = ReplicaServer(url, replica, replica_id)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    await server.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="celery-serve replica")
+    parser.add_argument("--app", required=True)
+    parser.add_argument("--deployment", required=True)
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    parser.add_argument("--replica-id", default=None, help="given by the pool, so it can hand back our work")
+    parser.add_argument("--log-level", default=os.environ.get("SERVE_LOG_LEVEL", "WARNING"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s [{args.deployment} %(process)d] %(name)s: %(message)s"
+    )
+    os.environ["CELERY_SERVE_REPLICA"] = "1"
+    os.environ["REDIS_URL"] = args.redis_url
+    _context.set_redis_url(args.redis_url)
+    try:
+        spec = _load_spec(args.redis_url, args.app)
+        run = _serve(args.redis_url, spec, args.deployment, args.replica_id)
+        try:
+            import uvloop
+
+            uvloop.run(run)
+        except ImportError:
+            asyncio.run(run)
+    except Exception as exc:  # noqa: BLE001 - report why the replica could not start, then exit
+        logger.error("replica of %s.%s failed: %s", args.app, args.deployment, traceback.format_exc())
+        message = f"{type(exc).__name__}: {exc}"
+        try:
+            sync_client(args.redis_url).set(_keys.deployment_error(args.app, args.deployment), message, ex=60)
+        except Exception:  # noqa: BLE001 - Redis itself may be the problem; the log has it
+            pass
+        return EXIT_CONFIG
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
