@@ -10,6 +10,7 @@
 """
 
 from app._serve import run, shutdown
+from app.batch import batch
 from app.deployment import Application, Deployment, deployment, ingress
 from app.exceptions import (
     BackpressureError,
@@ -38,6 +39,7 @@ __all__ = [
     "RequestTimeoutError",
     "ServeError",
     "ServeStartupError",
+    "batch",
     "deployment",
     "ingress",
     "run",
