@@ -55,3 +55,8 @@ def replica_inflight(replica_id: str) -> str:
 def deployment_error(app: str, deployment: str) -> str:
     """Why the deployment's last replica failed to start (short TTL), so `run` can say it."""
     return f"serve:error:{app}:{deployment}"
+
+
+def replica_stats(app: str, deployment: str) -> str:
+    """Hash: replica id -> JSON counters (requests, batches, batch size histogram), refreshed by heartbeats."""
+    return f"serve:stats:{app}:{deployment}"

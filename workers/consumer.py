@@ -26,6 +26,7 @@ from app import _keys, _results, _scripts
 from app._envelope import Envelope, parse_message
 from app._redis import async_client, sync_client
 from app.exceptions import BadRequestError
+from workers.batching import ArrivalRate, wait_budget
 from workers.replica import Replica
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class QueueOps:
         self.claim = _keys.replica_claim(replica_id)
         self.inflight = _keys.replica_inflight(replica_id)
         self.replicas = _keys.replicas(app, deployment)
+        self.stats_key = _keys.replica_stats(app, deployment)
         self.redis = async_client(url)
         self.blocking = async_client(url, single_connection=True)
         self._drain = self.redis.register_script(_scripts.DRAIN)
@@ -81,17 +83,40 @@ class QueueOps:
         await self.redis.aclose()
 
 
+class ReplicaStats:
+    """What a replica has done: requests, and how they were grouped (batch sizes, for metrics)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.batches = 0
+        self.batch_sizes: dict[int, int] = {}
+
+    def record_batch(self, size: int) -> None:
+        self.requests += size
+        self.batches += 1
+        self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "batches": self.batches,
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "at": time.time(),
+        }
+
+
 class Heartbeat(threading.Thread):
     """Keeps the replica's alive key fresh and reaps replicas of the same deployment that died.
 
     A thread with its own connection, so a long synchronous model call cannot make a live replica look dead.
     """
 
-    def __init__(self, url: str, ops: QueueOps, info: dict[str, Any]) -> None:
+    def __init__(self, url: str, ops: QueueOps, info: dict[str, Any], stats: ReplicaStats) -> None:
         super().__init__(name="celery-serve-heartbeat", daemon=True)
         self.redis: redis.Redis = sync_client(url)
         self.ops = ops
         self.info = info
+        self.stats = stats
         self.stopping = threading.Event()
         self._restore = self.redis.register_script(_scripts.RESTORE)
 
@@ -105,7 +130,10 @@ class Heartbeat(threading.Thread):
         next_reap = 0.0
         while not self.stopping.wait(HEARTBEAT_S):
             try:
-                self.redis.set(_keys.replica_alive(self.ops.replica_id), 1, ex=ALIVE_TTL_S)
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.set(_keys.replica_alive(self.ops.replica_id), 1, ex=ALIVE_TTL_S)
+                pipe.hset(self.ops.stats_key, self.ops.replica_id, json.dumps(self.stats.snapshot()))
+                pipe.execute()
                 if time.monotonic() >= next_reap:
                     self.reap()
                     next_reap = time.monotonic() + REAP_EVERY_S
@@ -148,6 +176,7 @@ class ReplicaServer:
         self.config = replica.spec.config
         self.replica_id = replica_id or f"{replica.name}@{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ops = QueueOps(url, replica.app.name, replica.name, self.replica_id)
+        self.stats = ReplicaStats()
         self.heartbeat = Heartbeat(
             url,
             self.ops,
@@ -157,6 +186,7 @@ class ReplicaServer:
                 "started_at": time.time(),
                 "deployed_at": replica.app.deployed_at,
             },
+            self.stats,
         )
         self.max_ongoing = int(self.config.get("max_ongoing_requests") or 100)
         self._ongoing: set[asyncio.Task[None]] = set()
@@ -165,6 +195,7 @@ class ReplicaServer:
         self._slot = asyncio.Event()
         self._stopping = asyncio.Event()
         self._service_s = 0.0
+        self._arrivals = ArrivalRate()
 
     async def run(self) -> None:
         await self.replica.start()
@@ -198,36 +229,98 @@ class ReplicaServer:
                 logger.warning("replica %s lost Redis (%s); retrying", self.replica_id, exc)
                 await asyncio.sleep(0.5)
                 continue
-            if not items:
-                continue
-            started = time.perf_counter()
-            sync_count = 0
-            for token, raw in items:
-                sync_count += await self._dispatch(token, raw)
-            if sync_count:
-                self._observe((time.perf_counter() - started) / sync_count)
-            self._schedule_flush()
+            self._arrivals.observe(len(items))
+            if items:
+                await self._process(items)
+                self._schedule_flush()
 
     def _take_limit(self) -> int:
+        batch = self.replica.max_batch_size
         if self._service_s <= 0:
-            return 32 if self._ongoing else 1
-        return max(1, min(_MAX_TAKE, int(_TAKE_BUDGET_S / self._service_s)))
+            return max(batch, 32 if self._ongoing else 1)
+        return max(batch, min(_MAX_TAKE, int(_TAKE_BUDGET_S / self._service_s)))
 
     def _observe(self, seconds: float) -> None:
         self._service_s = seconds if self._service_s == 0 else 0.8 * self._service_s + 0.2 * seconds
 
-    async def _dispatch(self, token: str, raw: bytes) -> int:
-        """Start one request; returns 1 when it ran inline (synchronously), 0 otherwise."""
-        try:
-            env = parse_message(raw)
-        except BadRequestError as exc:
-            logger.error("dropping an unreadable message from %s: %s", self.ops.queue, exc)
-            self._done.append((token, "", "", ""))
-            return 0
-        if env.deadline is not None and time.time() > env.deadline:
-            logger.info("skipping %s %s: its deadline passed before it started", env.task_name, env.task_id)
-            self._answer(token, env, _results.expired(env.task_id, self.replica.name))
-            return 0
+    async def _process(self, items: list[tuple[str, bytes]]) -> None:
+        """Start everything one take brought: batched methods as batches, the rest one by one."""
+        groups: dict[str, list[tuple[str, Envelope]]] = {}
+        started = time.perf_counter()
+        inline = 0
+        for token, env in self._admit(items):
+            batch = self.replica.batch_config(env)
+            if batch is not None:
+                groups.setdefault(env.method, []).append((token, env))
+            else:
+                inline += await self._dispatch(token, env)
+        if inline:
+            self._observe((time.perf_counter() - started) / inline)
+        for method, group in groups.items():
+            await self._fill(method, group)
+            await self._run_batch(group)
+
+    def _admit(self, items: list[tuple[str, bytes]]) -> list[tuple[str, Envelope]]:
+        """Parse what was taken; answer unreadable and expired requests at once."""
+        admitted = []
+        now = time.time()
+        for token, raw in items:
+            try:
+                env = parse_message(raw)
+            except BadRequestError as exc:
+                logger.error("dropping an unreadable message from %s: %s", self.ops.queue, exc)
+                self._done.append((token, "", "", ""))
+                continue
+            if env.deadline is not None and now > env.deadline:
+                logger.info("skipping %s %s: its deadline passed before it started", env.task_name, env.task_id)
+                self._answer(token, env, _results.expired(env.task_id, self.replica.name))
+                continue
+            admitted.append((token, env))
+        return admitted
+
+    async def _fill(self, method: str, group: list[tuple[str, Envelope]]) -> None:
+        """Wait briefly for more requests to join a batch, when the arrival rate says some are coming."""
+        batch = self.replica.batch_config(group[0][1])
+        if batch is None:
+            return
+        window = wait_budget(len(group), batch.max_batch_size, batch.batch_wait_timeout_s, self._arrivals)
+        deadline = time.monotonic() + window
+        while len(group) < batch.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
+            more = await self.ops.take(batch.max_batch_size - len(group), block_s=remaining)
+            if not more:
+                break
+            for token, env in self._admit(more):
+                if env.method == method:
+                    group.append((token, env))
+                else:
+                    await self._dispatch_or_batch_alone(token, env)
+
+    async def _dispatch_or_batch_alone(self, token: str, env: Envelope) -> None:
+        if self.replica.batch_config(env) is not None:
+            await self._run_batch([(token, env)])
+        else:
+            await self._dispatch(token, env)
+
+    async def _run_batch(self, group: list[tuple[str, Envelope]]) -> None:
+        batch = self.replica.batch_config(group[0][1])
+        size = batch.max_batch_size if batch else len(group)
+        for start in range(0, len(group), size):
+            self.stats.record_batch(len(group[start : start + size]))
+        if self.replica.method(group[0][1].method).is_async:
+            task = asyncio.create_task(self._run_batch_now(group))
+            self._ongoing.add(task)
+            task.add_done_callback(self._finished)
+        else:
+            await self._run_batch_now(group)
+
+    async def _run_batch_now(self, group: list[tuple[str, Envelope]]) -> None:
+        records = await self.replica.handle_batch([env for _, env in group])
+        for (token, env), record in zip(group, records, strict=True):
+            self._answer(token, env, record)
+
+    async def _dispatch(self, token: str, env: Envelope) -> int:
+        """Start one request; returns 1 when it ran inline (synchronously), 0 when it runs as a task."""
+        self.stats.record_batch(1)
         if self._is_async(env):
             task = asyncio.create_task(self._run_async(token, env))
             self._ongoing.add(task)

@@ -13,21 +13,26 @@ from typing import Any
 
 from app import _results
 from app._envelope import Envelope
+from app.batch import BatchConfig, batch_config
 from app._spec import AppSpec, resolve_deployment
 from app.exceptions import DeploymentNotFoundError, ServeError
 from app.handle import DeploymentHandle
 from workers.http import ServeRequest, body_of, build_scope, encode_result, run_asgi, to_jsonable
+from workers.batching import Item, form_batches, run_batch_async
 from workers.ingress import bind_ingress
 
 logger = logging.getLogger(__name__)
 
 
 class _Method:
-    __slots__ = ("call", "is_async", "takes_request")
+    __slots__ = ("call", "is_async", "takes_request", "batch")
 
-    def __init__(self, call: Callable[..., Any]) -> None:
+    def __init__(self, call: Callable[..., Any], max_batch_size: int | None = None) -> None:
         self.call = call
         self.is_async = inspect.iscoroutinefunction(call)
+        self.batch: BatchConfig | None = batch_config(call)
+        if self.batch is not None and max_batch_size:
+            self.batch = BatchConfig(max_batch_size, self.batch.batch_wait_timeout_s)
         try:
             params = [
                 p
@@ -55,6 +60,7 @@ class Replica:
         self.ingress = bind_ingress(ingress_app, target, self.instance) if ingress_app is not None else None
         self._methods: dict[str, _Method] = {}
         self._lifespan: Any = None
+        self.max_batch_size = self._largest_batch()
 
     async def start(self) -> None:
         """Run what must happen before the first request: the ingress app's lifespan, user_config."""
@@ -87,8 +93,61 @@ class Replica:
                 raise DeploymentNotFoundError(
                     f"deployment '{self.name}' has no method '{name}' (public methods: {', '.join(public) or 'none'})"
                 )
-        found = self._methods[name] = _Method(call)
+        found = self._methods[name] = _Method(call, self.spec.config.get("max_batch_size"))
         return found
+
+    def batch_config(self, env: Envelope) -> BatchConfig | None:
+        """The `@batch` options of the method this request calls (None: run it on its own)."""
+        if env.http is not None and self.ingress is not None and env.method == "__call__":
+            return None
+        try:
+            return self.method(env.method).batch
+        except DeploymentNotFoundError:
+            return None
+
+    def _largest_batch(self) -> int:
+        """The largest batch any batched method of this deployment takes (1 when none is batched)."""
+        if self.is_function:
+            names = ["__call__"]
+        else:
+            names = [n for n in dir(type(self.instance)) if n == "__call__" or not n.startswith("_")]
+        sizes = [1]
+        for name in names:
+            owner = self.target if self.is_function else getattr(type(self.instance), name, None)
+            if callable(owner) and batch_config(owner) is not None:
+                batch = self.method(name).batch
+                sizes.append(batch.max_batch_size if batch else 1)
+        return max(sizes)
+
+    async def handle_batch(self, envs: list[Envelope]) -> list[str]:
+        """Run requests for one batched method as batches; returns their records in the same order."""
+        method = self.method(envs[0].method)
+        max_size = method.batch.max_batch_size if method.batch else 1
+        items: list[Item[int]] = []
+        records: list[str] = [""] * len(envs)
+        for i, env in enumerate(envs):
+            if env.http is not None:
+                request = ServeRequest(build_scope(env.http), body_of(env.http))
+                items.append(Item(i, (request,), {}, env.deadline))
+            else:
+                items.append(Item(i, tuple(env.args), dict(env.kwargs), env.deadline))
+        for batch in form_batches(items, max_size):
+            logger.debug("%s: batch of %d", envs[0].task_name, len(batch))
+            outcomes = await run_batch_async(method.call, batch)
+            for item, outcome in zip(batch, outcomes, strict=True):
+                env = envs[item.key]
+                if outcome.error is not None:
+                    error = outcome.error if isinstance(outcome.error, Exception) else Exception(repr(outcome.error))
+                    records[item.key] = self._failure(env, error)
+                    continue
+                try:
+                    value = outcome.value
+                    if env.http is not None:
+                        value = await encode_result(value, item.args[0].scope)
+                    records[item.key] = self._success(env, value)
+                except Exception as exc:  # noqa: BLE001 - an unencodable result fails only its item
+                    records[item.key] = self._failure(env, exc)
+        return records
 
     async def handle(self, env: Envelope) -> str:
         """Run one request; returns its result record (success or failure), never raises."""
@@ -100,12 +159,15 @@ class Replica:
                 value = method.call(*env.args, **env.kwargs)
                 if inspect.isawaitable(value):
                     value = await value
-            try:
-                return _results.success(env.task_id, value)
-            except (TypeError, ValueError):
-                return _results.success(env.task_id, to_jsonable(value))
+            return self._success(env, value)
         except Exception as exc:  # noqa: BLE001 - every user error becomes the caller's error
             return self._failure(env, exc)
+
+    def _success(self, env: Envelope, value: Any) -> str:
+        try:
+            return _results.success(env.task_id, value)
+        except (TypeError, ValueError):
+            return _results.success(env.task_id, to_jsonable(value))
 
     async def _handle_http(self, env: Envelope) -> Any:
         http = env.http or {}

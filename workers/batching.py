@@ -1,0 +1,166 @@
+"""The batching core: which requests run together, how long to wait for company, who gets what back.
+
+Plain Python, no Redis and no Celery, so every rule is unit-tested in microseconds; `workers.consumer`
+connects it to the queue.
+
+Rules:
+- Items whose deadline passed, or that were cancelled, are dropped before the batch runs.
+- A batch holds items of one shape (same number of positional arguments, same keyword names), in
+  arrival order, at most `max_batch_size` of them.
+- The function receives one list per argument (the common case: one list of items) and must return a list
+  of the same length. If it raises, every item gets that error; a list of the wrong length fails every
+  item with an error naming both lengths; an exception instance in the list fails only its item.
+- Waiting for company is adaptive: a replica waits up to `batch_wait_timeout_s` for more items only when
+  requests have lately been arriving fast enough that one more is expected within that window; otherwise
+  a lone request runs at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from app.exceptions import ServeError
+
+K = TypeVar("K")
+
+
+class BatchSizeMismatchError(ServeError):
+    """A batched function returned a different number of results than it was given items."""
+
+
+@dataclass
+class Item(Generic[K]):
+    """One caller's request waiting for a batch; `key` is whatever the caller uses to answer it."""
+
+    key: K
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    deadline: float | None = None
+    cancelled: bool = False
+
+    @property
+    def shape(self) -> tuple[int, tuple[str, ...]]:
+        return len(self.args), tuple(sorted(self.kwargs))
+
+
+@dataclass
+class Outcome:
+    """What one item gets back: a value, or an error."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def drop_stale(items: Sequence[Item[K]], now: float | None = None) -> tuple[list[Item[K]], list[Item[K]], list[Item[K]]]:
+    """Split into (live, expired, cancelled)."""
+    now = time.time() if now is None else now
+    live: list[Item[K]] = []
+    expired: list[Item[K]] = []
+    cancelled: list[Item[K]] = []
+    for item in items:
+        if item.cancelled:
+            cancelled.append(item)
+        elif item.deadline is not None and now > item.deadline:
+            expired.append(item)
+        else:
+            live.append(item)
+    return live, expired, cancelled
+
+
+def form_batches(items: Sequence[Item[K]], max_batch_size: int) -> list[list[Item[K]]]:
+    """Group items by shape, keeping arrival order within each group, in chunks of `max_batch_size`."""
+    groups: dict[tuple[int, tuple[str, ...]], list[Item[K]]] = {}
+    for item in items:
+        groups.setdefault(item.shape, []).append(item)
+    batches: list[list[Item[K]]] = []
+    for group in groups.values():
+        for start in range(0, len(group), max_batch_size):
+            batches.append(group[start : start + max_batch_size])
+    return batches
+
+
+def batch_arguments(batch: Sequence[Item[Any]]) -> tuple[list[Any], dict[str, list[Any]]]:
+    """The call for a batch: one list per positional argument and per keyword."""
+    nargs, names = batch[0].shape
+    args = [[item.args[i] for item in batch] for i in range(nargs)]
+    kwargs = {name: [item.kwargs[name] for item in batch] for name in names}
+    return args, kwargs
+
+
+def distribute(batch: Sequence[Item[Any]], results: Any) -> list[Outcome]:
+    """Match a batched function's return value to its items, applying the failure rules."""
+    if isinstance(results, BaseException):
+        return [Outcome(error=results) for _ in batch]
+    if not isinstance(results, (list, tuple)):
+        error = BatchSizeMismatchError(
+            f"a @batch function must return a list with one result per item; it got {len(batch)} items "
+            f"and returned {type(results).__name__}"
+        )
+        return [Outcome(error=error) for _ in batch]
+    if len(results) != len(batch):
+        error = BatchSizeMismatchError(
+            f"a @batch function must return one result per item: it got {len(batch)} items and returned "
+            f"{len(results)} results"
+        )
+        return [Outcome(error=error) for _ in batch]
+    return [Outcome(error=r) if isinstance(r, BaseException) else Outcome(value=r) for r in results]
+
+
+def run_batch(func: Callable[..., Any], batch: Sequence[Item[Any]]) -> list[Outcome]:
+    """Call a synchronous batched function once for the batch."""
+    args, kwargs = batch_arguments(batch)
+    try:
+        results = func(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the rule: every item gets the error
+        return [Outcome(error=exc) for _ in batch]
+    return distribute(batch, results)
+
+
+async def run_batch_async(func: Callable[..., Any], batch: Sequence[Item[Any]]) -> list[Outcome]:
+    """Call a batched function (async, or sync returning an awaitable) once for the batch."""
+    args, kwargs = batch_arguments(batch)
+    try:
+        results = func(*args, **kwargs)
+        if inspect.isawaitable(results):
+            results = await results
+    except Exception as exc:  # noqa: BLE001 - the rule: every item gets the error
+        return [Outcome(error=exc) for _ in batch]
+    return distribute(batch, results)
+
+
+class ArrivalRate:
+    """Recent request arrival rate (per second), from how many items each take found and when."""
+
+    def __init__(self, half_life_s: float = 1.0) -> None:
+        self.half_life_s = half_life_s
+        self.rate = 0.0
+        self._last: float | None = None
+
+    def observe(self, count: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self._last is None:
+            self._last = now
+            return
+        elapsed = max(now - self._last, 1e-6)
+        self._last = now
+        weight = 0.5 ** (elapsed / self.half_life_s)
+        self.rate = weight * self.rate + (1 - weight) * (count / elapsed)
+
+    def expect_more_within(self, window_s: float) -> bool:
+        """Is at least one more arrival expected within `window_s`?"""
+        return window_s > 0 and self.rate * window_s >= 1.0
+
+
+def wait_budget(have: int, max_batch_size: int, window_s: float, rate: ArrivalRate) -> float:
+    """How long to wait for more items: 0 when the batch is full or company is not expected."""
+    if have >= max_batch_size or not rate.expect_more_within(window_s):
+        return 0.0
+    return window_s
