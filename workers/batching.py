@@ -139,7 +139,7 @@ async def run_batch_async(func: Callable[..., Any], batch: Sequence[Item[Any]]) 
 class ArrivalRate:
     """Recent request arrival rate (per second), from how many items each take found and when."""
 
-    def __init__(self, half_life_s: float = 1.0) -> None:
+    def __init__(self, half_life_s: float = 0.25) -> None:
         self.half_life_s = half_life_s
         self.rate = 0.0
         self._last: float | None = None
