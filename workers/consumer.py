@@ -233,6 +233,7 @@ class ReplicaServer:
             if items:
                 await self._process(items)
                 self._schedule_flush()
+                await asyncio.sleep(0)  # let the results go out before the next take is sent
 
     def _take_limit(self) -> int:
         batch = self.replica.max_batch_size
