@@ -1,6 +1,7 @@
 """The HTTP gateway: FastAPI for its own endpoints, the proxy for everything the applications serve.
 
     /-/healthz, /-/routes, /docs, /openapi.json   -> the FastAPI control app below
+    /jobs/...                                      -> api.jobs (submit, poll, cancel)
     anything else                                  -> api.proxy.Proxy (route prefix -> deployment queue)
 """
 
@@ -17,8 +18,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
+from app._jobs import JobStore
 from app._transport import QueueTransport
 from app.config import ServeSettings
+from api.jobs import jobs_router
 from api.proxy import Proxy
 from api.routes import RouteTable
 
@@ -37,6 +40,7 @@ class Gateway:
         self.transport = QueueTransport(settings.redis_url)
         self.routes = RouteTable(self.transport.redis)
         self.proxy = Proxy(self.transport, self.routes, settings.max_body_bytes)
+        self.jobs = JobStore(self.transport.redis)
         self.control = self._control_app()
 
     @contextlib.asynccontextmanager
@@ -51,6 +55,7 @@ class Gateway:
             yield
         finally:
             refresher.cancel()
+            await self.jobs.close()
             await self.transport.close()
 
     def _control_app(self) -> FastAPI:
@@ -73,6 +78,7 @@ class Gateway:
             await self.routes.refresh()
             return self.routes.routes
 
+        control.include_router(jobs_router(self.transport, self.routes, self.jobs, self.settings.max_body_bytes))
         return control
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,7 +86,7 @@ class Gateway:
             await self.control(scope, receive, send)
             return
         path = scope.get("path", "")
-        if path.startswith("/-/") or path in _CONTROL_PATHS:
+        if path.startswith(("/-/", "/jobs/")) or path in _CONTROL_PATHS:
             await self.control(scope, receive, send)
         else:
             await self.proxy(scope, receive, send)

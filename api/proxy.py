@@ -3,6 +3,10 @@
 Plain ASGI rather than a FastAPI route, because this path runs for every request and needs control that
 routing would hide: the body is refused as soon as it passes the size limit (before it is read whole),
 and the response is written from the replica's result record exactly as the replica built it.
+
+Every request is also a job: its id comes back in `X-Request-ID`, and `GET /jobs/{id}` finds its result
+if the connection broke. `Prefer: respond-async, wait=N` turns a request still running after N seconds
+into a `202` with the job's address.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 from typing import Any
 
 import redis.exceptions
@@ -17,20 +22,18 @@ from starlette.types import Receive, Scope, Send
 
 from app import _results
 from app._envelope import new_task_id
-from app._transport import QueueTransport
-from app.exceptions import (
-    BackpressureError,
-    PayloadTooLargeError,
-    RequestTimeoutError,
-    ServeError,
-)
+from app._spec import DeploymentSpec
+from app._transport import QueueTransport, Submitted
+from app.exceptions import BackpressureError, PayloadTooLargeError, RequestTimeoutError, ServeError
 from api.routes import RouteTable
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = b"x-request-id"
 _CALL_METHOD_HEADER = b"x-serve-call-method"
+_PREFER_HEADER = b"prefer"
 _JSON = (b"content-type", b"application/json")
+_PREFER_WAIT = re.compile(r"\bwait\s*=\s*(\d+(?:\.\d+)?)")
 
 
 async def send_json(send: Send, status: int, payload: Any, extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -45,6 +48,54 @@ def error_payload(exc: ServeError, request_id: str | None = None, **extra: Any) 
     if request_id:
         payload["request_id"] = request_id
     return payload
+
+
+def accepted_payload(job_id: str) -> tuple[dict[str, Any], list[tuple[bytes, bytes]]]:
+    """The body and headers of a `202 Accepted` for a job."""
+    url = f"/jobs/{job_id}"
+    return {"job_id": job_id, "status_url": url, "status": "queued"}, [(b"location", url.encode()), (REQUEST_ID_HEADER, job_id.encode())]
+
+
+async def read_body(receive: Receive, content_length: bytes | None, limit: int) -> bytes:
+    """Read the request body, refusing it as soon as it is known to pass `limit` bytes."""
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            raise PayloadTooLargeError(f"request body is {declared} bytes; the limit is {limit} bytes (SERVE_MAX_BODY_BYTES)")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body passed the limit of {limit} bytes (SERVE_MAX_BODY_BYTES)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def http_envelope(scope: Scope, body: bytes, *, path: str | None = None, method: str | None = None) -> dict[str, Any]:
+    """The HTTP request as it travels in the task message (the replica rebuilds a Starlette Request)."""
+    client = scope.get("client")
+    server = scope.get("server")
+    return {
+        "method": method or scope["method"],
+        "path": path or scope["path"],
+        "query_string": scope.get("query_string", b"").decode("latin-1"),
+        "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],
+        "body": base64.b64encode(body).decode() if body else "",
+        "scheme": scope.get("scheme", "http"),
+        "http_version": scope.get("http_version", "1.1"),
+        "client": list(client) if client else None,
+        "server": list(server) if server else None,
+    }
 
 
 class Proxy:
@@ -70,42 +121,32 @@ class Proxy:
                 },
             )
             return
-        app_spec, dep = found
+        _, dep = found
         method = "__call__"
-        content_length = None
-        headers: list[list[str]] = []
+        content_length = prefer = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 content_length = value
             elif name == _CALL_METHOD_HEADER:
                 method = value.decode("latin-1").strip()
-            headers.append([name.decode("latin-1"), value.decode("latin-1")])
+            elif name == _PREFER_HEADER:
+                prefer = value.decode("latin-1")
         try:
-            body = await self._read_body(receive, content_length)
+            body = await read_body(receive, content_length, self.max_body_bytes)
         except PayloadTooLargeError as exc:
             await send_json(send, 413, error_payload(exc), [(b"connection", b"close")])
             return
+        await self.forward(send, dep, method, http_envelope(scope, body), spill_after_s=_spill_after(prefer))
 
+    async def forward(self, send: Send, dep: DeploymentSpec, method: str, http: dict[str, Any], spill_after_s: float | None = None) -> None:
+        """Enqueue one HTTP request for a deployment and answer with its result."""
         task_id = new_task_id()
         id_header = (REQUEST_ID_HEADER, task_id.encode())
-        client = scope.get("client")
-        server = scope.get("server")
-        http = {
-            "method": scope["method"],
-            "path": path,
-            "query_string": scope.get("query_string", b"").decode("latin-1"),
-            "headers": headers,
-            "body": base64.b64encode(body).decode() if body else "",
-            "scheme": scope.get("scheme", "http"),
-            "http_version": scope.get("http_version", "1.1"),
-            "client": list(client) if client else None,
-            "server": list(server) if server else None,
-        }
         try:
-            _, fut, deadline = await self.transport.submit(dep, method, http=http, task_id=task_id)
-            record = await self.transport.wait(task_id, fut, deadline, dep.name)
+            sub = await self.transport.submit(dep, method, http=http, task_id=task_id)
+            record = await self.transport.wait(sub, dep.name, timeout_s=spill_after_s)
         except redis.exceptions.RedisError as exc:
-            logger.error("Redis unavailable for %s: %s", path, exc)
+            logger.error("Redis unavailable for %s: %s", http["path"], exc)
             unavailable = ServeError(f"the queue service (Redis) is unavailable: {exc}; retry shortly")
             await send_json(send, 503, error_payload(unavailable, task_id), [(b"retry-after", b"1"), id_header])
             return
@@ -115,50 +156,42 @@ class Proxy:
         except RequestTimeoutError as exc:
             await send_json(send, 504, error_payload(exc, task_id), [id_header])
             return
-        await self._respond(send, record, id_header, app_spec.name, dep.name)
-
-    async def _read_body(self, receive: Receive, content_length: bytes | None) -> bytes:
-        limit = self.max_body_bytes
-        if content_length is not None:
-            try:
-                declared = int(content_length)
-            except ValueError:
-                declared = 0
-            if declared > limit:
-                raise PayloadTooLargeError(
-                    f"request body is {declared} bytes; the limit is {limit} bytes (SERVE_MAX_BODY_BYTES)"
-                )
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLargeError(f"request body passed the limit of {limit} bytes (SERVE_MAX_BODY_BYTES)")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
-    async def _respond(self, send: Send, record: dict[str, Any], id_header: tuple[bytes, bytes], app: str, dep: str) -> None:
-        if record["status"] == _results.SUCCESS:
-            response = record["result"]
-            body = response["body"].encode() if response["body_encoding"] == "utf-8" else base64.b64decode(response["body"])
-            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response["headers"] if k.lower() != "content-length"]
-            headers.append((b"content-length", str(len(body)).encode()))
-            headers.append(id_header)
-            await send({"type": "http.response.start", "status": response["status_code"], "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+        if record is None:
+            await self._accepted(send, sub)
             return
-        error = record.get("result") or {}
-        status = int(record.get("http_status") or 500)
-        payload = {
-            "error": error.get("exc_type", "Exception"),
-            "message": error.get("exc_message", ""),
-            "deployment": error.get("deployment", dep),
-            "request_id": record.get("task_id"),
-        }
-        await send_json(send, status, payload, [id_header])
+        await send_record(send, record, id_header, dep.name)
+
+    async def _accepted(self, send: Send, sub: Submitted) -> None:
+        payload, headers = accepted_payload(sub.task_id)
+        del payload["status"]  # queued or already running: GET the status_url to know
+        await send_json(send, 202, payload, headers)
+
+
+async def send_record(send: Send, record: dict[str, Any], id_header: tuple[bytes, bytes], dep: str) -> None:
+    """Write a result record as the HTTP response the replica built (or the error it carries)."""
+    if record["status"] == _results.SUCCESS:
+        response = record["result"]
+        body = response["body"].encode() if response["body_encoding"] == "utf-8" else base64.b64decode(response["body"])
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response["headers"] if k.lower() != "content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        headers.append(id_header)
+        await send({"type": "http.response.start", "status": response["status_code"], "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
+    error = record.get("result") or {}
+    status = int(record.get("http_status") or 500)
+    payload = {
+        "error": error.get("exc_type", "Exception"),
+        "message": error.get("exc_message", ""),
+        "deployment": error.get("deployment", dep),
+        "request_id": record.get("task_id"),
+    }
+    await send_json(send, status, payload, [id_header])
+
+
+def _spill_after(prefer: str | None) -> float | None:
+    """`Prefer: respond-async, wait=N` -> N (seconds); None when the caller did not ask to spill."""
+    if not prefer or "respond-async" not in prefer:
+        return None
+    match = _PREFER_WAIT.search(prefer)
+    return float(match.group(1)) if match else 0.0

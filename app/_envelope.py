@@ -23,6 +23,7 @@ from app import _keys
 from app.exceptions import BadRequestError
 
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
+DEFAULT_RETENTION_S = 24 * 3600  # for messages from plain Celery clients, which carry no retention
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
@@ -44,6 +45,7 @@ class Envelope:
     http: dict[str, Any] | None
     embed: dict[str, Any]
     headers: dict[str, Any]
+    retention_s: int = DEFAULT_RETENTION_S
 
 
 def build_message(
@@ -57,6 +59,7 @@ def build_message(
     deadline: float | None = None,
     reply_to: str | None = None,
     http: dict[str, Any] | None = None,
+    retention_s: int = DEFAULT_RETENTION_S,
 ) -> str:
     """Encode one request as the JSON string kombu's Redis transport keeps on the queue."""
     queue = _keys.queue(app, deployment)
@@ -86,6 +89,7 @@ def build_message(
         "ignore_result": False,
         "stamped_headers": None,
         "stamps": {},
+        "serve_retention_s": retention_s,
     }
     if http is not None:
         headers["serve_http"] = http
@@ -133,6 +137,7 @@ def parse_message(raw: bytes | str) -> Envelope:
             http=headers.get("serve_http"),
             embed=embed or {},
             headers=headers,
+            retention_s=int(headers.get("serve_retention_s") or DEFAULT_RETENTION_S),
         )
     except BadRequestError:
         raise

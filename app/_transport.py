@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import redis.exceptions
@@ -95,6 +96,16 @@ class ResultWaiter:
             fut.set_result(record)
 
 
+@dataclass
+class Submitted:
+    """A request on its way: its id, the future its result arrives on, and its deadline."""
+
+    task_id: str
+    future: asyncio.Future[dict[str, Any]]
+    deadline: float
+    existing: bool = False  # an idempotency key matched an earlier job; nothing new was queued
+
+
 class QueueTransport:
     """Enqueue a request for a deployment and await its result record."""
 
@@ -147,15 +158,22 @@ class QueueTransport:
         task_id: str | None = None,
         timeout_s: float | None = None,
         expect_reply: bool = True,
-    ) -> tuple[str, asyncio.Future[dict[str, Any]], float]:
-        """Put one request on the deployment's queue; returns (task id, result future, deadline).
+        job: bool = False,
+        idempotency_key: str | None = None,
+    ) -> Submitted:
+        """Put one request on the deployment's queue.
 
-        With `expect_reply=False` the future is never resolved here (the result is only stored).
+        Every request is a job (`GET /jobs/{id}` finds it); `job=True` marks an asynchronous job, kept
+        for the deployment's `job_retention_s` instead of `request_retention_s`. With an idempotency key,
+        a repeated submit returns the first job's id and enqueues nothing. With `expect_reply=False` the
+        future is never resolved here (the result is only stored).
         """
         config = dep.config
         timeout = timeout_s if timeout_s is not None else config["request_timeout_s"]
+        retention = int(config.get("job_retention_s" if job else "request_retention_s") or 86400)
         task_id = task_id or new_task_id()
-        deadline = time.time() + timeout
+        now = time.time()
+        deadline = now + timeout
         message = build_message(
             task_id=task_id,
             app=dep.app,
@@ -166,32 +184,58 @@ class QueueTransport:
             deadline=deadline,
             reply_to=self.waiter.reply_key if expect_reply else None,
             http=http,
+            retention_s=retention,
         )
         fut = self.waiter.expect(task_id) if expect_reply else asyncio.get_running_loop().create_future()
+        idem_key = _keys.idempotency(dep.app, dep.name, idempotency_key) if idempotency_key else _keys.queue(dep.app, dep.name)
         try:
-            depth = await self._enqueue(keys=[dep.queue], args=[config["max_queued_requests"], message])
+            depth, job_id = await self._enqueue(
+                keys=[dep.queue, _keys.job(task_id), idem_key],
+                args=[
+                    config["max_queued_requests"],
+                    message,
+                    task_id,
+                    now,
+                    retention,
+                    dep.app,
+                    dep.name,
+                    method,
+                    deadline,
+                    1 if idempotency_key else 0,
+                    self.waiter.reply_key if expect_reply else "",
+                    "async" if job else "sync",
+                ],
+            )
         except BaseException:
             self.waiter.discard(task_id)
             raise
+        if depth == 0:
+            self.waiter.discard(task_id)
+            return Submitted(job_id.decode(), fut, deadline, existing=True)
         if depth == -1:
             self.waiter.discard(task_id)
             raise BackpressureError(
                 f"deployment '{dep.name}' already has {config['max_queued_requests']} requests waiting; "
                 "retry shortly or raise max_queued_requests / num_replicas"
             )
-        return task_id, fut, deadline
+        return Submitted(task_id, fut, deadline)
 
-    async def wait(self, task_id: str, fut: asyncio.Future[dict[str, Any]], deadline: float, dep: str) -> dict[str, Any]:
+    async def wait(self, sub: Submitted, dep: str, timeout_s: float | None = None) -> dict[str, Any] | None:
+        """The result record; `RequestTimeoutError` at the request's deadline; None when `timeout_s`
+        (shorter than the deadline) passed first, while the request goes on."""
+        remaining = max(sub.deadline - time.time(), 0.0)
+        early = timeout_s is not None and timeout_s < remaining
         try:
-            async with asyncio.timeout(max(deadline - time.time(), 0.0)):
-                return await fut
+            async with asyncio.timeout(timeout_s if early else remaining):
+                return await sub.future
         except TimeoutError:
-            self.waiter.discard(task_id)
+            if early:
+                return None
             raise RequestTimeoutError(
-                f"no result from deployment '{dep}' within its request timeout (request {task_id})"
+                f"no result from deployment '{dep}' within its request timeout (request {sub.task_id})"
             ) from None
         finally:
-            self.waiter.discard(task_id)
+            self.waiter.discard(sub.task_id)
 
     async def call(
         self,
@@ -201,5 +245,8 @@ class QueueTransport:
         kwargs: dict[str, Any] | None = None,
         **options: Any,
     ) -> dict[str, Any]:
-        task_id, fut, deadline = await self.submit(dep, method, args, kwargs, **options)
-        return await self.wait(task_id, fut, deadline, dep.name)
+        sub = await self.submit(dep, method, args, kwargs, **options)
+        record = await self.wait(sub, dep.name)
+        if record is None:  # unreachable without timeout_s; keeps the type checker honest
+            raise RequestTimeoutError(f"no result from deployment '{dep.name}' (request {sub.task_id})")
+        return record

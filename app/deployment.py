@@ -90,7 +90,8 @@ def deployment(_target: Callable[..., Any] | None = None, **options: Any) -> Any
     """Turn a class or a function into a `Deployment`; works bare (`@deployment`) or with options.
 
     Options: name, num_replicas, route_prefix, max_queued_requests, max_ongoing_requests,
-    request_timeout_s, num_cpus, num_gpus, max_batch_size, user_config, version.
+    request_timeout_s, num_cpus, num_gpus, max_batch_size, user_config, version, job_retention_s
+    (how long async job results are kept), request_retention_s (the same for synchronous requests).
     """
     if _target is not None and not callable(_target):
         raise DeploymentConfigError(

@@ -7,6 +7,7 @@
     ├── PayloadTooLargeError         the body is over the gateway's limit (HTTP 413)
     ├── BackpressureError            the deployment's queue is full (HTTP 503, retry later)
     ├── RequestTimeoutError          no result before the request's deadline (HTTP 504; also TimeoutError)
+    ├── JobCancelledError            the job was cancelled before it finished (HTTP 409)
     ├── RemoteError                  user code raised; carries the remote type and message (HTTP 500)
     └── ServeStartupError            something `run` needed did not come up
 
@@ -61,6 +62,10 @@ class RequestTimeoutError(ServeError, TimeoutError):
     http_status = 504
 
 
+class JobCancelledError(ServeError):
+    http_status = 409
+
+
 class ServeStartupError(ServeError):
     """A process `run` started (Redis, the gateway, a deployment's workers) did not come up."""
 
@@ -103,6 +108,7 @@ _SERVE_ERRORS: dict[str, type[ServeError]] = {
         PayloadTooLargeError,
         BackpressureError,
         RequestTimeoutError,
+        JobCancelledError,
         ServeStartupError,
     )
 }

@@ -24,7 +24,7 @@ import redis.exceptions
 
 from app import _keys, _results, _scripts
 from app._envelope import Envelope, parse_message
-from app._redis import async_client, sync_client
+from app._redis import BLOCK_S, async_client, sync_client
 from app.exceptions import BadRequestError
 from workers.batching import ArrivalRate, wait_budget
 from workers.replica import Replica
@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
 ALIVE_TTL_S = 10
 REAP_EVERY_S = 5.0
-RESULT_TTL_S = int(os.environ.get("SERVE_RESULT_TTL_S", 24 * 3600))
 REPLY_TTL_S = 3600
 _MAX_TAKE = 256
 _TAKE_BUDGET_S = 0.005  # take as many requests as this replica can finish in about this long
@@ -68,12 +67,13 @@ class QueueOps:
     async def _take_now(self, limit: int) -> list[tuple[str, bytes]]:
         self._takes += 1
         flat = await self._drain(
-            keys=[self.queue, self.claim, self.inflight], args=[limit, f"{self._takes}:"]
+            keys=[self.queue, self.claim, self.inflight], args=[limit, f"{self._takes}:", time.time()]
         )
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
-    async def complete(self, done: list[tuple[str, str, str, str]]) -> None:
-        args: list[Any] = [RESULT_TTL_S, REPLY_TTL_S]
+    async def complete(self, done: list[tuple[str, str, str, str, str, int]]) -> None:
+        """Store results and acknowledge: items are (token, task id, reply list, record, job status, ttl)."""
+        args: list[Any] = [time.time(), REPLY_TTL_S]
         for item in done:
             args.extend(item)
         await self._complete(keys=[self.inflight], args=args)
@@ -190,7 +190,8 @@ class ReplicaServer:
         )
         self.max_ongoing = int(self.config.get("max_ongoing_requests") or 100)
         self._ongoing: set[asyncio.Task[None]] = set()
-        self._done: list[tuple[str, str, str, str]] = []
+        self._done: list[tuple[str, str, str, str, str, int]] = []
+        self._running: dict[str, asyncio.Task[None]] = {}
         self._flushing: asyncio.Task[None] | None = None
         self._slot = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -202,9 +203,11 @@ class ReplicaServer:
         self.heartbeat.register()
         self.heartbeat.start()
         logger.info("replica %s serving %s", self.replica_id, self.ops.queue)
+        cancels = asyncio.create_task(self._listen_for_cancels())
         try:
             await self._loop()
         finally:
+            cancels.cancel()
             await self._drain_ongoing()
             handed_back = await asyncio.to_thread(self.heartbeat.unregister)
             if handed_back:
@@ -270,7 +273,7 @@ class ReplicaServer:
                 env = parse_message(raw)
             except BadRequestError as exc:
                 logger.error("dropping an unreadable message from %s: %s", self.ops.queue, exc)
-                self._done.append((token, "", "", ""))
+                self._done.append((token, "", "", "", "", 0))
                 continue
             if env.deadline is not None and now > env.deadline:
                 logger.info("skipping %s %s: its deadline passed before it started", env.task_name, env.task_id)
@@ -325,6 +328,7 @@ class ReplicaServer:
         if self._is_async(env):
             task = asyncio.create_task(self._run_async(token, env))
             self._ongoing.add(task)
+            self._running[env.task_id] = task
             task.add_done_callback(self._finished)
             return 0
         self._answer(token, env, await self.replica.handle(env))
@@ -339,7 +343,34 @@ class ReplicaServer:
             return False
 
     async def _run_async(self, token: str, env: Envelope) -> None:
-        self._answer(token, env, await self.replica.handle(env))
+        try:
+            record = await self.replica.handle(env)
+        except asyncio.CancelledError:
+            logger.info("%s %s cancelled while running", env.task_name, env.task_id)
+            record = _results.cancelled(env.task_id)
+        finally:
+            self._running.pop(env.task_id, None)
+        self._answer(token, env, record)
+
+    async def _listen_for_cancels(self) -> None:
+        """Cancel running async requests whose job was cancelled (sync work cannot be interrupted)."""
+        pubsub = self.ops.redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(_keys.cancel_channel(self.replica.app.name, self.replica.name))
+        try:
+            while True:
+                try:
+                    message = await pubsub.get_message(timeout=BLOCK_S)
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                    logger.warning("cancel listener lost Redis (%s); retrying", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                if message is None:
+                    continue
+                task = self._running.get(message["data"].decode())
+                if task is not None:
+                    task.cancel()
+        finally:
+            await pubsub.aclose()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._ongoing.discard(task)
@@ -348,7 +379,7 @@ class ReplicaServer:
 
     def _answer(self, token: str, env: Envelope, record: str) -> None:
         reply = env.reply_to if env.reply_to and env.reply_to.startswith(_keys.REPLY_PREFIX) else ""
-        self._done.append((token, _keys.result(env.task_id), reply, record))
+        self._done.append((token, env.task_id, reply, record, _results.job_status(record), env.retention_s))
 
     def _schedule_flush(self) -> None:
         if self._done and (self._flushing is None or self._flushing.done()):

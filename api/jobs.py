@@ -1,0 +1,133 @@
+"""Async jobs over HTTP: submit and get `202` at once, poll or long-poll, cancel.
+
+    POST   /jobs/<deployment>[/<method>]   JSON body: {"args": [...], "kwargs": {...}} or one argument;
+                                           for an ingress deployment, the HTTP request its route takes
+    POST   /jobs/<route path>              the same request a synchronous call to that path takes
+    GET    /jobs/{id}[?wait=N]             status, and the result or error once it ended
+    DELETE /jobs/{id}                      cancel: unstarted work never runs; running async work is stopped
+
+A deployment name is tried first, then the route table (an application's ingress serves the path).
+`Idempotency-Key` makes a repeated submit return the first job instead of running it again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis.exceptions
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+
+from app._jobs import TERMINAL, JobStore
+from app._spec import DeploymentSpec
+from app._transport import QueueTransport
+from app.exceptions import BackpressureError, BadRequestError, DeploymentNotFoundError, ServeError
+from api.proxy import accepted_payload, http_envelope, read_body
+from api.routes import RouteTable
+
+MAX_WAIT_S = 300.0
+_METHOD_OVERRIDE = "x-http-method-override"
+
+
+def _error(exc: ServeError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if isinstance(exc, BackpressureError) else None
+    return JSONResponse({"error": type(exc).__name__, "message": exc.message}, status_code=exc.http_status, headers=headers)
+
+
+def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, max_body_bytes: int) -> APIRouter:
+    router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+    def find_deployment(name: str, app: str | None) -> DeploymentSpec | None:
+        matches = [spec.deployments[name] for spec in routes.apps if name in spec.deployments and app in (None, spec.name)]
+        if len(matches) > 1:
+            apps = ", ".join(d.app for d in matches)
+            raise BadRequestError(f"deployment '{name}' exists in several applications ({apps}); add ?app=NAME")
+        return matches[0] if matches else None
+
+    @router.post("/{target:path}", status_code=202, summary="Submit a job; answers 202 with its id at once")
+    async def submit(target: str, request: Request, app: str | None = Query(None, description="application, when names clash")) -> Any:
+        try:
+            body = await read_body(request.receive, request.headers.get("content-length", "").encode() or None, max_body_bytes)
+            await routes.refresh()
+            name, _, rest = target.strip("/").partition("/")
+            dep = find_deployment(name, app)
+            key = request.headers.get("idempotency-key")
+            if dep is not None and dep.name != _ingress_of(routes, dep):
+                args, kwargs = _call_arguments(body)
+                sub = await transport.submit(dep, rest or "__call__", args, kwargs, job=True, idempotency_key=key, expect_reply=False)
+            else:
+                if dep is None:  # a path some application serves, exactly as a synchronous call
+                    path, method = "/" + target.strip("/"), request.headers.get("x-serve-call-method", "__call__")
+                else:  # an ingress by name: its route, the method named in the path
+                    path, method = _route_of(routes, dep), rest or "__call__"
+                found = routes.match(path)
+                if found is None:
+                    raise DeploymentNotFoundError(
+                        f"no deployment named '{name}' and no application serves {path}; see /-/routes"
+                    )
+                _, dep = found
+                verb = request.headers.get(_METHOD_OVERRIDE, "POST").upper()
+                http = http_envelope(request.scope, body, path=path, method=verb)
+                sub = await transport.submit(dep, method, http=http, job=True, idempotency_key=key, expect_reply=False)
+        except redis.exceptions.RedisError as exc:
+            message = f"the queue service (Redis) is unavailable: {exc}; retry shortly"
+            return JSONResponse({"error": "ServeError", "message": message}, status_code=503, headers={"Retry-After": "1"})
+        except ServeError as exc:
+            return _error(exc)
+        payload, headers = accepted_payload(sub.task_id)
+        response_headers = {k.decode(): v.decode() for k, v in headers}
+        if sub.existing:
+            response_headers["Idempotent-Replayed"] = "true"
+            payload["status"] = (await jobs.get(sub.task_id))["status"]
+        return JSONResponse(payload, status_code=202, headers=response_headers)
+
+    @router.get("/{job_id}", summary="A job's status, and its result or error once it ended")
+    async def get(job_id: str, wait: float = Query(0, ge=0, le=MAX_WAIT_S, description="long-poll up to this many seconds")) -> Any:
+        try:
+            return await (jobs.wait(job_id, wait) if wait > 0 else jobs.get(job_id))
+        except ServeError as exc:
+            return _error(exc)
+
+    @router.delete("/{job_id}", summary="Cancel a job")
+    async def cancel(job_id: str) -> Any:
+        try:
+            job = await jobs.cancel(job_id)
+        except ServeError as exc:
+            return _error(exc)
+        if job["was"] in TERMINAL and job["was"] != "cancelled":
+            raise HTTPException(409, f"job {job_id} already {job['was']}; nothing to cancel")
+        return job
+
+    return router
+
+
+def _ingress_of(routes: RouteTable, dep: DeploymentSpec) -> str | None:
+    for spec in routes.apps:
+        if spec.name == dep.app:
+            return spec.ingress
+    return None
+
+
+def _route_of(routes: RouteTable, dep: DeploymentSpec) -> str:
+    for spec in routes.apps:
+        if spec.name == dep.app:
+            return spec.route_prefix
+    return "/"
+
+
+def _call_arguments(body: bytes) -> tuple[list[Any], dict[str, Any]]:
+    """A job body for a deployment: {"args": [...], "kwargs": {...}}, or any JSON value as the one argument."""
+    if not body.strip():
+        return [], {}
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise BadRequestError(f"job body is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and set(data) <= {"args", "kwargs"} and data:
+        args, kwargs = data.get("args", []), data.get("kwargs", {})
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise BadRequestError('"args" must be a JSON list and "kwargs" a JSON object')
+        return args, kwargs
+    return [data], {}
+

@@ -1,0 +1,197 @@
+"""Jobs: every request's record in Redis, read, long-polled and cancelled from any gateway or client.
+
+A job is the hash the enqueue script writes (`serve:job:<id>`) plus, once it ends, its Celery-format
+result record. Everything lives in Redis, so a job outlives the gateway that accepted it. Waiting for a
+job subscribes to its result key's channel (the completing script publishes there): no polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from app import _keys, _results, _scripts
+from app._redis import BLOCK_S
+from app.exceptions import BadRequestError, DeploymentNotFoundError
+
+logger = logging.getLogger(__name__)
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
+
+
+def check_job_id(job_id: str) -> str:
+    try:
+        return str(uuid.UUID(job_id))
+    except (ValueError, AttributeError, TypeError):
+        raise BadRequestError(f"'{job_id}' is not a job id: job ids are UUIDs like 3f0c5a8e-...") from None
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value is not None else None
+
+
+def _number(value: bytes | None) -> float | None:
+    return float(value) if value not in (None, b"") else None
+
+
+def result_value(result: Any) -> Any:
+    """A stored result as a caller sees it: an HTTP response becomes its body (JSON decoded when JSON)."""
+    if isinstance(result, dict) and {"status_code", "headers", "body", "body_encoding"} <= result.keys():
+        body = result["body"]
+        if result["body_encoding"] == "base64":
+            return base64.b64decode(body).decode("latin-1")
+        content_type = next((v for k, v in result["headers"] if k.lower() == "content-type"), "")
+        if content_type.startswith("application/json"):
+            try:
+                return json.loads(body)
+            except ValueError:
+                return body
+        return body
+    return result
+
+
+def describe(job_id: str, fields: dict[bytes, bytes], record: dict[str, Any] | None) -> dict[str, Any]:
+    """The JSON a job reads as over HTTP and in the client."""
+    status = _text(fields.get(b"status")) or ("succeeded" if record and record["status"] == _results.SUCCESS else "failed")
+    job: dict[str, Any] = {
+        "job_id": job_id,
+        "status": status,
+        "application": _text(fields.get(b"app")),
+        "deployment": _text(fields.get(b"deployment")),
+        "method": _text(fields.get(b"method")),
+        "created_at": _number(fields.get(b"created_at")),
+        "started_at": _number(fields.get(b"started_at")),
+        "finished_at": _number(fields.get(b"finished_at")),
+        "deadline": _number(fields.get(b"deadline")),
+    }
+    if record is not None and status in TERMINAL:
+        if record["status"] == _results.SUCCESS:
+            job["result"] = result_value(record["result"])
+            if isinstance(record["result"], dict) and "status_code" in record["result"]:
+                job["status_code"] = record["result"]["status_code"]
+        else:
+            error = record.get("result") or {}
+            job["error"] = {"type": error.get("exc_type", "Exception"), "message": error.get("exc_message", "")}
+    return job
+
+
+class JobStore:
+    """Job reads, cancels and long-polls on one Redis client (one pub/sub connection for all waits)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self._finish = client.register_script(_scripts.FINISH)
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        job_id = check_job_id(job_id)
+        fields, raw = await self._read(job_id)
+        if not fields and raw is None:
+            raise DeploymentNotFoundError(
+                f"no job {job_id}: it never existed, or it finished longer ago than its retention period"
+            )
+        status = _text(fields.get(b"status"))
+        deadline = _number(fields.get(b"deadline"))
+        if status == "queued" and deadline is not None and time.time() > deadline:
+            await self.finish(job_id, "expired", only_if_queued=True, fields=fields)
+            fields, raw = await self._read(job_id)
+        return describe(job_id, fields, _results.decode(raw) if raw is not None else None)
+
+    async def _read(self, job_id: str) -> tuple[dict[bytes, bytes], bytes | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(_keys.job(job_id))
+        pipe.get(_keys.result(job_id))
+        fields, raw = await pipe.execute()
+        return fields, raw
+
+    async def finish(self, job_id: str, status: str, *, only_if_queued: bool = False, fields: dict[bytes, bytes] | None = None) -> str:
+        """End an unfinished job as cancelled or expired; returns its status before the call."""
+        if fields is None:
+            fields = await self.redis.hgetall(_keys.job(job_id))
+        if status == "cancelled":
+            record = _results.cancelled(job_id)
+        else:
+            record = _results.expired(job_id, _text(fields.get(b"deployment")) or "")
+        retention = int(_number(fields.get(b"retention_s")) or 86400)
+        before = await self._finish(
+            keys=[_keys.job(job_id), _keys.result(job_id)],
+            args=[time.time(), record, retention, status, 1 if only_if_queued else 0],
+        )
+        return before.decode() if isinstance(before, bytes) else str(before)
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job: unstarted work never runs; running async work is asked to stop."""
+        job_id = check_job_id(job_id)
+        before = await self.finish(job_id, "cancelled")
+        if before == "missing":
+            raise DeploymentNotFoundError(f"no job {job_id} to cancel (unknown, or past its retention period)")
+        job = await self.get(job_id)
+        job["was"] = before
+        return job
+
+    async def wait(self, job_id: str, timeout_s: float) -> dict[str, Any]:
+        """The job once it reaches a terminal state, or as it is after `timeout_s`."""
+        job_id = check_job_id(job_id)
+        channel = _keys.result(job_id)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._subscribe(channel, fut)
+        try:
+            job = await self.get(job_id)  # after subscribing, so a result published meanwhile is not missed
+            if job["status"] in TERMINAL or timeout_s <= 0:
+                return job
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await fut
+            except TimeoutError:
+                pass
+            return await self.get(job_id)
+        finally:
+            await self._unsubscribe(channel, fut)
+
+    async def _subscribe(self, channel: str, fut: asyncio.Future[None]) -> None:
+        if self._pubsub is None:
+            self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.subscribe("serve:jobs:keepalive")
+            self._reader = asyncio.create_task(self._read_messages(), name="job-waits")
+        first = channel not in self._waiting
+        self._waiting.setdefault(channel, []).append(fut)
+        if first:
+            await self._pubsub.subscribe(channel)
+
+    async def _unsubscribe(self, channel: str, fut: asyncio.Future[None]) -> None:
+        waiters = self._waiting.get(channel, [])
+        if fut in waiters:
+            waiters.remove(fut)
+        if not waiters and channel in self._waiting:
+            del self._waiting[channel]
+            await self._pubsub.unsubscribe(channel)
+
+    async def _read_messages(self) -> None:
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=BLOCK_S)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                logger.warning("job long-poll listener lost Redis (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if message is None:
+                continue
+            for fut in self._waiting.get(message["channel"].decode(), []):
+                if not fut.done():
+                    fut.set_result(None)
