@@ -1,8 +1,9 @@
 """Async jobs over HTTP: submit and get `202` at once, poll or long-poll, cancel.
 
-    POST   /jobs/<deployment>[/<method>]   JSON body: {"args": [...], "kwargs": {...}} or one argument;
-                                           for an ingress deployment, the HTTP request its route takes
-    POST   /jobs/<route path>              the same request a synchronous call to that path takes
+    POST   /jobs/<deployment>[/<method>]   a call with arguments, as through a handle; JSON body:
+                                           {"args": [...], "kwargs": {...}}, or any JSON value as the one argument
+    POST   /jobs/<route path>              the same HTTP request a synchronous call to that path takes
+                                           (X-HTTP-Method-Override picks GET/PUT/...; default POST)
     GET    /jobs/{id}[?wait=N]             status, and the result or error once it ended
     DELETE /jobs/{id}                      cancel: unstarted work never runs; running async work is stopped
 
@@ -53,22 +54,18 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
             name, _, rest = target.strip("/").partition("/")
             dep = find_deployment(name, app)
             key = request.headers.get("idempotency-key")
-            if dep is not None and dep.name != _ingress_of(routes, dep):
+            if dep is not None:  # a deployment by name: a call with arguments, as through a handle
                 args, kwargs = _call_arguments(body)
                 sub = await transport.submit(dep, rest or "__call__", args, kwargs, job=True, idempotency_key=key, expect_reply=False)
-            else:
-                if dep is None:  # a path some application serves, exactly as a synchronous call
-                    path, method = "/" + target.strip("/"), request.headers.get("x-serve-call-method", "__call__")
-                else:  # an ingress by name: its route, the method named in the path
-                    path, method = _route_of(routes, dep), rest or "__call__"
+            else:  # a path some application serves: the same HTTP request a synchronous call takes
+                path = "/" + target.strip("/")
                 found = routes.match(path)
                 if found is None:
-                    raise DeploymentNotFoundError(
-                        f"no deployment named '{name}' and no application serves {path}; see /-/routes"
-                    )
+                    raise DeploymentNotFoundError(f"no deployment named '{name}' and no application serves {path}; see /-/routes")
                 _, dep = found
                 verb = request.headers.get(_METHOD_OVERRIDE, "POST").upper()
                 http = http_envelope(request.scope, body, path=path, method=verb)
+                method = request.headers.get("x-serve-call-method", "__call__")
                 sub = await transport.submit(dep, method, http=http, job=True, idempotency_key=key, expect_reply=False)
         except redis.exceptions.RedisError as exc:
             message = f"the queue service (Redis) is unavailable: {exc}; retry shortly"
@@ -100,20 +97,6 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
         return job
 
     return router
-
-
-def _ingress_of(routes: RouteTable, dep: DeploymentSpec) -> str | None:
-    for spec in routes.apps:
-        if spec.name == dep.app:
-            return spec.ingress
-    return None
-
-
-def _route_of(routes: RouteTable, dep: DeploymentSpec) -> str:
-    for spec in routes.apps:
-        if spec.name == dep.app:
-            return spec.route_prefix
-    return "/"
 
 
 def _call_arguments(body: bytes) -> tuple[list[Any], dict[str, Any]]:

@@ -11,12 +11,14 @@
 
 from app._serve import run, shutdown
 from app.batch import batch
+from app.client import AsyncClient, Client, Job, get_deployment_handle
 from app.deployment import Application, Deployment, deployment, ingress
 from app.exceptions import (
     BackpressureError,
     BadRequestError,
     DeploymentConfigError,
     DeploymentNotFoundError,
+    JobCancelledError,
     PayloadTooLargeError,
     RemoteError,
     RequestTimeoutError,
@@ -27,6 +29,10 @@ from app.handle import DeploymentHandle, DeploymentResponse
 
 __all__ = [
     "Application",
+    "AsyncClient",
+    "Client",
+    "Job",
+    "JobCancelledError",
     "BackpressureError",
     "BadRequestError",
     "Deployment",
@@ -41,6 +47,7 @@ __all__ = [
     "ServeStartupError",
     "batch",
     "deployment",
+    "get_deployment_handle",
     "ingress",
     "run",
     "shutdown",

@@ -40,25 +40,38 @@ def redis_url() -> str:
     return url
 
 
-class _IOLoop:
-    def __init__(self, url: str) -> None:
-        self.url = url
+class BackgroundLoop:
+    """An asyncio event loop on a daemon thread, for synchronous callers."""
+
+    def __init__(self, name: str = "celery-serve-io") -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="celery-serve-io", daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
-        self.transport = QueueTransport(url)
-        self.run(self.transport.start()).result()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.run(coro).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+class _IOLoop(BackgroundLoop):
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+        self.transport = QueueTransport(url)
+        self.run_sync(self.transport.start())
 
     def close(self) -> None:
         try:
             self.run(self.transport.close()).result(timeout=5)
         except Exception:  # noqa: BLE001 - closing on the way out; nothing to report to
             pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
+        self.stop()
 
 
 def io_loop() -> _IOLoop:

@@ -96,6 +96,7 @@ class JobStore:
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
+            await asyncio.wait([self._reader], timeout=1.0)
         if self._pubsub is not None:
             await self._pubsub.aclose()
 

@@ -52,10 +52,7 @@ class ResultWaiter:
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait([self._task], timeout=1.0)
         await self._conn.aclose()
         for fut in self._futures.values():
             fut.cancel()
