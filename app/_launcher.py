@@ -7,15 +7,18 @@ each process given time to finish what it holds.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +39,45 @@ except (OSError, AttributeError):
 
 
 def die_with_parent() -> None:
-    """Runs in the child before exec: ask the kernel to SIGTERM it when the parent exits (Linux)."""
+    """Runs in the child before exec: ask the kernel to SIGTERM it when the parent exits (Linux).
+
+    The kernel sends it when the parent *thread* that started the child exits, so children that must
+    outlive their starter's thread are started with `spawn`.
+    """
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_spawn_lock = threading.Lock()
+_spawn_requests: queue.SimpleQueue[tuple[list[str], dict, concurrent.futures.Future]] | None = None
+
+
+def spawn(cmd: list[str], **popen_kwargs: object) -> subprocess.Popen[bytes]:
+    """`Popen(cmd, preexec_fn=die_with_parent)` from one daemon thread that lives as long as the process.
+
+    So a child dies with this process, not with the thread that asked for it (`run()` may be called
+    from a short-lived thread, such as a thread pool's).
+    """
+    global _spawn_requests
+    with _spawn_lock:
+        if _spawn_requests is None:
+            _spawn_requests = queue.SimpleQueue()
+            spawner = threading.Thread(
+                target=_spawn_loop, args=(_spawn_requests,), name="celery-serve-spawner", daemon=True
+            )
+            spawner.start()
+    future: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
+    _spawn_requests.put((cmd, popen_kwargs, future))
+    return future.result()
+
+
+def _spawn_loop(requests: queue.SimpleQueue[tuple[list[str], dict, concurrent.futures.Future]]) -> None:
+    while True:
+        cmd, popen_kwargs, future = requests.get()
+        try:
+            future.set_result(subprocess.Popen(cmd, preexec_fn=die_with_parent, **popen_kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
+            future.set_exception(exc)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -104,7 +143,7 @@ class ProcessGroup:
 
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> ManagedProcess:
         out = subprocess.DEVNULL if quiet else None
-        proc = subprocess.Popen(cmd, env=env or child_env(), stdout=out, stderr=out, preexec_fn=die_with_parent)
+        proc = spawn(cmd, env=env or child_env(), stdout=out, stderr=out)
         managed = ManagedProcess(name, proc)
         self.processes.append(managed)
         logger.info("started %s (pid %d)", name, proc.pid)
