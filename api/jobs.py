@@ -21,7 +21,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from app._jobs import TERMINAL, JobStore
-from app._spec import DeploymentSpec
+from app._spec import AppSpec, DeploymentSpec
 from app._transport import QueueTransport
 from app.exceptions import BackpressureError, BadRequestError, DeploymentNotFoundError, ServeError
 from api.proxy import accepted_payload, http_envelope, read_body
@@ -39,10 +39,13 @@ def _error(exc: ServeError) -> JSONResponse:
 def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, max_body_bytes: int) -> APIRouter:
     router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-    def find_deployment(name: str, app: str | None) -> DeploymentSpec | None:
-        matches = [spec.deployments[name] for spec in routes.apps if name in spec.deployments and app in (None, spec.name)]
+    def find_deployment(name: str, app: str | None) -> DeploymentSpec | AppSpec | None:
+        matches: list[DeploymentSpec | AppSpec] = [
+            spec.deployments[name] for spec in routes.apps if name in spec.deployments and app in (None, spec.name)
+        ]
+        matches += [spec for spec in routes.apps if spec.is_pipeline and name == spec.name and app in (None, spec.name)]
         if len(matches) > 1:
-            apps = ", ".join(d.app for d in matches)
+            apps = ", ".join(d.app if isinstance(d, DeploymentSpec) else d.name for d in matches)
             raise BadRequestError(f"deployment '{name}' exists in several applications ({apps}); add ?app=NAME")
         return matches[0] if matches else None
 

@@ -22,8 +22,8 @@ from starlette.types import Receive, Scope, Send
 
 from app import _results
 from app._envelope import new_task_id
-from app._spec import DeploymentSpec
-from app._transport import QueueTransport, Submitted
+from app._spec import AppSpec, DeploymentSpec
+from app._transport import QueueTransport, Submitted, target_name
 from app.exceptions import BackpressureError, PayloadTooLargeError, RequestTimeoutError, ServeError
 from api.routes import RouteTable
 
@@ -109,7 +109,11 @@ class Proxy:
             await send({"type": "websocket.close", "code": 1003})
             return
         path = scope["path"]
-        found = await self.routes.match_fresh(path)
+        try:
+            found = await self.routes.match_fresh(path)  # a path no cached route matches reads Redis
+        except redis.exceptions.RedisError as exc:
+            await send_unavailable(send, path, exc)
+            return
         if found is None:
             await send_json(
                 send,
@@ -138,17 +142,17 @@ class Proxy:
             return
         await self.forward(send, dep, method, http_envelope(scope, body), spill_after_s=_spill_after(prefer))
 
-    async def forward(self, send: Send, dep: DeploymentSpec, method: str, http: dict[str, Any], spill_after_s: float | None = None) -> None:
+    async def forward(
+        self, send: Send, dep: DeploymentSpec | AppSpec, method: str, http: dict[str, Any], spill_after_s: float | None = None
+    ) -> None:
         """Enqueue one HTTP request for a deployment and answer with its result."""
         task_id = new_task_id()
         id_header = (REQUEST_ID_HEADER, task_id.encode())
         try:
             sub = await self.transport.submit(dep, method, http=http, task_id=task_id)
-            record = await self.transport.wait(sub, dep.name, timeout_s=spill_after_s)
+            record = await self.transport.wait(sub, target_name(dep), timeout_s=spill_after_s)
         except redis.exceptions.RedisError as exc:
-            logger.error("Redis unavailable for %s: %s", http["path"], exc)
-            unavailable = ServeError(f"the queue service (Redis) is unavailable: {exc}; retry shortly")
-            await send_json(send, 503, error_payload(unavailable, task_id), [(b"retry-after", b"1"), id_header])
+            await send_unavailable(send, http["path"], exc, task_id)
             return
         except BackpressureError as exc:
             await send_json(send, 503, error_payload(exc, task_id), [(b"retry-after", b"1"), id_header])
@@ -159,12 +163,21 @@ class Proxy:
         if record is None:
             await self._accepted(send, sub)
             return
-        await send_record(send, record, id_header, dep.name)
+        await send_record(send, record, id_header, target_name(dep))
 
     async def _accepted(self, send: Send, sub: Submitted) -> None:
         payload, headers = accepted_payload(sub.task_id)
         del payload["status"]  # queued or already running: GET the status_url to know
         await send_json(send, 202, payload, headers)
+
+
+async def send_unavailable(send: Send, path: str, exc: Exception, task_id: str | None = None) -> None:
+    logger.error("Redis unavailable for %s: %s", path, exc)
+    unavailable = ServeError(f"the queue service (Redis) is unavailable: {exc}; retry shortly")
+    headers = [(b"retry-after", b"1")]
+    if task_id:
+        headers.append((REQUEST_ID_HEADER, task_id.encode()))
+    await send_json(send, 503, error_payload(unavailable, task_id), headers)
 
 
 async def send_record(send: Send, record: dict[str, Any], id_header: tuple[bytes, bytes], dep: str) -> None:

@@ -54,13 +54,14 @@ class RouteTable:
                 logger.warning("could not refresh routes from Redis: %s", exc)
             await asyncio.sleep(REFRESH_S)
 
-    def match(self, path: str) -> tuple[AppSpec, DeploymentSpec] | None:
+    def match(self, path: str) -> tuple[AppSpec, DeploymentSpec | AppSpec] | None:
+        """The application serving `path`, and where its requests go: the ingress, or the pipeline."""
         for prefix, spec in self._routes:
             if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
-                return spec, spec.deployments[spec.ingress]
+                return spec, spec if spec.is_pipeline else spec.deployments[spec.ingress]
         return None
 
-    async def match_fresh(self, path: str) -> tuple[AppSpec, DeploymentSpec] | None:
+    async def match_fresh(self, path: str) -> tuple[AppSpec, DeploymentSpec | AppSpec] | None:
         found = self.match(path)
         if found is None and time.monotonic() - self._refreshed_at > _MISS_REFRESH_MIN_S:
             await self.refresh()

@@ -46,6 +46,36 @@ class Envelope:
     embed: dict[str, Any]
     headers: dict[str, Any]
     retention_s: int = DEFAULT_RETENTION_S
+    job_id: str = ""  # the id the caller waits on: this task's id, or a pipeline's job id
+    http_reply: bool = False  # answer with an HTTP response (the pipeline was called over HTTP)
+    chord: dict[str, Any] | None = None  # for one branch of a parallel step: {"key", "index", "size"}
+
+    @property
+    def in_pipeline(self) -> bool:
+        return bool(self.embed.get("chain")) or self.chord is not None or self.job_id != self.task_id
+
+    @property
+    def chain(self) -> list[dict[str, Any]]:
+        """The pipeline stages still to run after this one, the next one last (Celery's convention)."""
+        return list(self.embed.get("chain") or [])
+
+
+def signature(task_id: str, app: str, deployment: str, queue: str, method: str = "__call__") -> dict[str, Any]:
+    """One pipeline step, as a Celery signature (plus where it runs)."""
+    return {
+        "task": _keys.task_name(app, deployment, method),
+        "args": [],
+        "kwargs": {},
+        "options": {"task_id": task_id, "queue": queue},
+        "subtask_type": None,
+        "immutable": False,
+        "serve": {"app": app, "deployment": deployment, "method": method},
+    }
+
+
+def parallel_signature(group_id: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """A parallel pipeline step: its branches' signatures; the next stage gets their results as a list."""
+    return {"subtask_type": "serve_parallel", "tasks": steps, "options": {"group_id": group_id}}
 
 
 def build_message(
@@ -60,12 +90,18 @@ def build_message(
     reply_to: str | None = None,
     http: dict[str, Any] | None = None,
     retention_s: int = DEFAULT_RETENTION_S,
+    job_id: str | None = None,
+    chain: list[dict[str, Any]] | None = None,
+    chord: dict[str, Any] | None = None,
+    http_reply: bool = False,
+    queue: str | None = None,
 ) -> str:
     """Encode one request as the JSON string kombu's Redis transport keeps on the queue."""
-    queue = _keys.queue(app, deployment)
+    queue = queue or _keys.queue(app, deployment)
     kwargs = kwargs or {}
+    embed = _EMBED if not chain else {**_EMBED, "chain": chain}
     try:
-        body = json.dumps([list(args), kwargs, _EMBED], separators=(",", ":"))
+        body = json.dumps([list(args), kwargs, embed], separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise BadRequestError(
             f"arguments for {deployment}.{method} must be JSON-serializable (celery-serve sends JSON only): {exc}"
@@ -90,7 +126,12 @@ def build_message(
         "stamped_headers": None,
         "stamps": {},
         "serve_retention_s": retention_s,
+        "serve_job": job_id or task_id,
     }
+    if chord is not None:
+        headers["serve_chord"] = chord
+    if http_reply:
+        headers["serve_http_reply"] = True
     if http is not None:
         headers["serve_http"] = http
     message = {
@@ -138,6 +179,9 @@ def parse_message(raw: bytes | str) -> Envelope:
             embed=embed or {},
             headers=headers,
             retention_s=int(headers.get("serve_retention_s") or DEFAULT_RETENTION_S),
+            job_id=headers.get("serve_job") or headers["id"],
+            http_reply=bool(headers.get("serve_http_reply") or headers.get("serve_http")),
+            chord=headers.get("serve_chord"),
         )
     except BadRequestError:
         raise

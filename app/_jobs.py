@@ -58,9 +58,18 @@ def result_value(result: Any) -> Any:
     return result
 
 
+def _status_of(record: dict[str, Any] | None) -> str:
+    """The terminal state a result record stands for (when the job hash itself is gone)."""
+    if record is None or record["status"] == _results.FAILURE:
+        return "failed"
+    if record["status"] == _results.SUCCESS:
+        return "succeeded"
+    return "cancelled" if (record.get("result") or {}).get("exc_type") == "JobCancelledError" else "expired"
+
+
 def describe(job_id: str, fields: dict[bytes, bytes], record: dict[str, Any] | None) -> dict[str, Any]:
     """The JSON a job reads as over HTTP and in the client."""
-    status = _text(fields.get(b"status")) or ("succeeded" if record and record["status"] == _results.SUCCESS else "failed")
+    status = _text(fields.get(b"status")) or _status_of(record)
     job: dict[str, Any] = {
         "job_id": job_id,
         "status": status,
@@ -147,21 +156,24 @@ class JobStore:
         return job
 
     async def wait(self, job_id: str, timeout_s: float) -> dict[str, Any]:
-        """The job once it reaches a terminal state, or as it is after `timeout_s`."""
+        """The job once it reaches a terminal state, or as it is after `timeout_s`.
+
+        A job still queued at its deadline is read again then (nothing is published when a job
+        expires in the queue), so it reads `expired` at its deadline, not when `timeout_s` ends.
+        """
         job_id = check_job_id(job_id)
         channel = _keys.result(job_id)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self._subscribe(channel, fut)
         try:
             job = await self.get(job_id)  # after subscribing, so a result published meanwhile is not missed
-            if job["status"] in TERMINAL or timeout_s <= 0:
-                return job
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await fut
-            except TimeoutError:
-                pass
-            return await self.get(job_id)
+            until = time.monotonic() + timeout_s
+            while job["status"] not in TERMINAL and not fut.done() and (remaining := until - time.monotonic()) > 0:
+                if job["status"] == "queued" and job["deadline"] is not None:
+                    remaining = min(remaining, max(job["deadline"] - time.time(), 0.0) + 0.05)
+                await asyncio.wait([fut], timeout=remaining)
+                job = await self.get(job_id)
+            return job
         finally:
             await self._unsubscribe(channel, fut)
 

@@ -13,8 +13,9 @@ GATEWAYS = "serve:gateways"  # hash: gateway id -> JSON {url, started_at}
 RESULT_PREFIX = "celery-task-meta-"
 
 
-def queue(app: str, deployment: str) -> str:
-    return f"serve.{app}.{deployment}"
+def queue(app: str, deployment: str, gpu: bool = False) -> str:
+    """A deployment's queue; GPU deployments get their own kind, consumed only by GPU workers."""
+    return f"serve.gpu.{app}.{deployment}" if gpu else f"serve.{app}.{deployment}"
 
 
 def task_name(app: str, deployment: str, method: str) -> str:
@@ -74,3 +75,8 @@ def idempotency(app: str, deployment: str, key: str) -> str:
 def cancel_channel(app: str, deployment: str) -> str:
     """Pub/sub channel on which replicas hear that a running job was cancelled."""
     return f"serve:cancel:{app}:{deployment}"
+
+
+def chord(job_id: str, group_id: str) -> str:
+    """Hash: the results of a parallel pipeline step's branches (r0, r1, ...) and whether it fired."""
+    return f"serve:chord:{job_id}:{group_id}"

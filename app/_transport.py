@@ -20,7 +20,7 @@ from typing import Any
 import redis.exceptions
 
 from app import _keys, _scripts
-from app._envelope import build_message, new_task_id
+from app._envelope import build_message, new_task_id, parallel_signature, signature
 from app._redis import BLOCK_S, async_client
 from app._spec import AppSpec, DeploymentSpec
 from app.exceptions import BackpressureError, DeploymentNotFoundError, RequestTimeoutError
@@ -82,8 +82,8 @@ class ResultWaiter:
                         self._resolve(raw)
                     if len(more) < _DRAIN:
                         break
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-                logger.warning("reply listener lost Redis (%s); reconnecting", exc)
+            except (redis.exceptions.RedisError, OSError, KeyError) as exc:  # KeyError: redis-py on a dropped connection
+                logger.warning("reply listener lost Redis (%r); reconnecting", exc)
                 await asyncio.sleep(0.5)
 
     def _resolve(self, raw: bytes) -> None:
@@ -101,6 +101,66 @@ class Submitted:
     future: asyncio.Future[dict[str, Any]]
     deadline: float
     existing: bool = False  # an idempotency key matched an earlier job; nothing new was queued
+
+
+def target_name(target: DeploymentSpec | AppSpec) -> str:
+    """A deployment's name, or a pipeline's ('A >> B >> C')."""
+    return target.ingress if isinstance(target, AppSpec) else target.name
+
+
+def _deployments_of(target: DeploymentSpec | AppSpec) -> list[DeploymentSpec]:
+    if isinstance(target, AppSpec):
+        return [target.deployments[name] for stage in target.pipeline or [] for name in stage]
+    return [target]
+
+
+def _queue_limit(configs: list[dict[str, Any]]) -> int:
+    """The tightest `max_queued_requests` among the deployments a request enters (-1: unbounded)."""
+    bounded = [int(c["max_queued_requests"]) for c in configs if int(c["max_queued_requests"]) >= 0]
+    return min(bounded) if bounded else -1
+
+
+def _pipeline_messages(spec: AppSpec, job_id: str, common: dict[str, Any]) -> list[tuple[str, str]]:
+    """The first step's message(s) of a pipeline request, each carrying the rest of the chain."""
+    stages = []
+    for stage in spec.pipeline or []:
+        steps = [signature(new_task_id(), spec.name, name, spec.deployments[name].queue) for name in stage]
+        stages.append(steps[0] if len(steps) == 1 else parallel_signature(new_task_id(), steps))
+    first, chain = stages[0], list(reversed(stages[1:]))
+    if first.get("subtask_type") != "serve_parallel":
+        return [
+            (
+                first["options"]["queue"],
+                build_message(
+                    task_id=job_id,
+                    app=spec.name,
+                    deployment=first["serve"]["deployment"],
+                    queue=first["options"]["queue"],
+                    job_id=job_id,
+                    chain=chain,
+                    method="__call__",
+                    **common,
+                ),
+            )
+        ]
+    key = _keys.chord(job_id, first["options"]["group_id"])
+    return [
+        (
+            step["options"]["queue"],
+            build_message(
+                task_id=step["options"]["task_id"],
+                app=spec.name,
+                deployment=step["serve"]["deployment"],
+                queue=step["options"]["queue"],
+                method="__call__",
+                job_id=job_id,
+                chain=chain,
+                chord={"key": key, "index": index, "size": len(first["tasks"])},
+                **common,
+            ),
+        )
+        for index, step in enumerate(first["tasks"])
+    ]
 
 
 class QueueTransport:
@@ -132,6 +192,13 @@ class QueueTransport:
         self._specs[app] = (time.monotonic(), spec)
         return spec
 
+    async def target(self, app: str, name: str) -> DeploymentSpec | AppSpec:
+        """A deployment by name, or the application itself when `name` is its pipeline."""
+        spec = await self.app_spec(app)
+        if spec.is_pipeline and name == spec.ingress:
+            return spec
+        return await self.deployment(app, name)
+
     async def deployment(self, app: str, name: str) -> DeploymentSpec:
         spec = await self.app_spec(app)
         if name not in spec.deployments:
@@ -146,8 +213,8 @@ class QueueTransport:
 
     async def submit(
         self,
-        dep: DeploymentSpec,
-        method: str,
+        target: DeploymentSpec | AppSpec,
+        method: str = "__call__",
         args: list[Any] | tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
         *,
@@ -158,64 +225,55 @@ class QueueTransport:
         job: bool = False,
         idempotency_key: str | None = None,
     ) -> Submitted:
-        """Put one request on the deployment's queue.
+        """Put one request on its deployment's queue (for a pipeline, on its first step's queues).
 
         Every request is a job (`GET /jobs/{id}` finds it); `job=True` marks an asynchronous job, kept
         for the deployment's `job_retention_s` instead of `request_retention_s`. With an idempotency key,
         a repeated submit returns the first job's id and enqueues nothing. With `expect_reply=False` the
         future is never resolved here (the result is only stored).
         """
-        config = dep.config
-        timeout = timeout_s if timeout_s is not None else config["request_timeout_s"]
-        retention = int(config.get("job_retention_s" if job else "request_retention_s") or 86400)
-        task_id = task_id or new_task_id()
+        configs = [d.config for d in _deployments_of(target)]
+        timeout = timeout_s if timeout_s is not None else max(c["request_timeout_s"] for c in configs)
+        retention = max(int(c.get("job_retention_s" if job else "request_retention_s") or 86400) for c in configs)
+        limit = _queue_limit(configs)
+        job_id = task_id or new_task_id()
         now = time.time()
         deadline = now + timeout
-        message = build_message(
-            task_id=task_id,
-            app=dep.app,
-            deployment=dep.name,
-            method=method,
-            args=args,
-            kwargs=kwargs,
-            deadline=deadline,
-            reply_to=self.waiter.reply_key if expect_reply else None,
-            http=http,
-            retention_s=retention,
-        )
-        fut = self.waiter.expect(task_id) if expect_reply else asyncio.get_running_loop().create_future()
-        idem_key = _keys.idempotency(dep.app, dep.name, idempotency_key) if idempotency_key else _keys.queue(dep.app, dep.name)
+        reply = self.waiter.reply_key if expect_reply else None
+        common = {"args": args, "kwargs": kwargs, "deadline": deadline, "reply_to": reply, "http": http, "retention_s": retention}
+        if isinstance(target, AppSpec):
+            messages = _pipeline_messages(target, job_id, common)
+            name, method = target.ingress, "__call__"
+        else:
+            messages = [
+                (target.queue, build_message(task_id=job_id, app=target.app, deployment=target.name, method=method, queue=target.queue, **common))
+            ]
+            name = target.name
+        fut = self.waiter.expect(job_id) if expect_reply else asyncio.get_running_loop().create_future()
+        app = target.name if isinstance(target, AppSpec) else target.app
+        idem_key = _keys.idempotency(app, name, idempotency_key) if idempotency_key else _keys.job(job_id)
         try:
-            depth, job_id = await self._enqueue(
-                keys=[dep.queue, _keys.job(task_id), idem_key],
+            depth, existing = await self._enqueue(
+                keys=[_keys.job(job_id), idem_key, *(q for q, _ in messages)],
                 args=[
-                    config["max_queued_requests"],
-                    message,
-                    task_id,
-                    now,
-                    retention,
-                    dep.app,
-                    dep.name,
-                    method,
-                    deadline,
-                    1 if idempotency_key else 0,
-                    self.waiter.reply_key if expect_reply else "",
-                    "async" if job else "sync",
+                    limit, job_id, now, retention, app, name, method, deadline,
+                    1 if idempotency_key else 0, reply or "", "async" if job else "sync",
+                    *(m for _, m in messages),
                 ],
-            )
+            )  # fmt: skip
         except BaseException:
-            self.waiter.discard(task_id)
+            self.waiter.discard(job_id)
             raise
         if depth == 0:
-            self.waiter.discard(task_id)
-            return Submitted(job_id.decode(), fut, deadline, existing=True)
+            self.waiter.discard(job_id)
+            return Submitted(existing.decode(), fut, deadline, existing=True)
         if depth == -1:
-            self.waiter.discard(task_id)
+            self.waiter.discard(job_id)
             raise BackpressureError(
-                f"deployment '{dep.name}' already has {config['max_queued_requests']} requests waiting; "
+                f"deployment '{name}' already has {limit} requests waiting; "
                 "retry shortly or raise max_queued_requests / num_replicas"
             )
-        return Submitted(task_id, fut, deadline)
+        return Submitted(job_id, fut, deadline)
 
     async def wait(self, sub: Submitted, dep: str, timeout_s: float | None = None) -> dict[str, Any] | None:
         """The result record; `RequestTimeoutError` at the request's deadline; None when `timeout_s`
@@ -236,14 +294,14 @@ class QueueTransport:
 
     async def call(
         self,
-        dep: DeploymentSpec,
-        method: str,
+        dep: DeploymentSpec | AppSpec,
+        method: str = "__call__",
         args: list[Any] | tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
         **options: Any,
     ) -> dict[str, Any]:
         sub = await self.submit(dep, method, args, kwargs, **options)
-        record = await self.wait(sub, dep.name)
+        record = await self.wait(sub, target_name(dep))
         if record is None:  # unreachable without timeout_s; keeps the type checker honest
-            raise RequestTimeoutError(f"no result from deployment '{dep.name}' (request {sub.task_id})")
+            raise RequestTimeoutError(f"no result from deployment '{target_name(dep)}' (request {sub.task_id})")
         return record

@@ -136,12 +136,12 @@ class _RedisTransport:
         from app import _results
 
         await self._start()
-        dep = await self.queue.deployment(app, deployment)
-        return _results.unwrap(await self.queue.call(dep, method, list(args), kwargs), deployment)
+        target = await self.queue.target(app, deployment)
+        return _results.unwrap(await self.queue.call(target, method, list(args), kwargs), deployment)
 
     async def submit(self, app: str, deployment: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], key: str | None) -> str:
-        dep = await self.queue.deployment(app, deployment)
-        sub = await self.queue.submit(dep, method, list(args), kwargs, job=True, idempotency_key=key, expect_reply=False)
+        target = await self.queue.target(app, deployment)
+        sub = await self.queue.submit(target, method, list(args), kwargs, job=True, idempotency_key=key, expect_reply=False)
         return sub.task_id
 
     async def job(self, job_id: str, wait_s: float = 0) -> dict[str, Any]:

@@ -74,6 +74,12 @@ class Application:
         self.args = args
         self.kwargs = kwargs
 
+    def __rshift__(self, other: Any) -> Any:
+        """`A.bind() >> B.bind()`: a pipeline (see `app.pipeline`)."""
+        from app.pipeline import Pipeline
+
+        return Pipeline([[self]]) >> other
+
     def __repr__(self) -> str:
         return f"Application({self.deployment.name!r})"
 
@@ -153,8 +159,9 @@ def replace_applications(value: Any, replace: Callable[[Application], Any]) -> A
     return value
 
 
-def flatten(root: Application) -> dict[str, Application]:
-    """Name every Application in the graph, ingress last; repeated names get a `_1`, `_2` suffix.
+def flatten(root: Application | list[Application]) -> dict[str, Application]:
+    """Name every Application in the graph (or graphs), roots after what they bind; repeated names get a
+    `_1`, `_2` suffix.
 
     The order and names are deterministic, so a worker that imports the same application finds the same
     deployment under the same name.
@@ -177,7 +184,8 @@ def flatten(root: Application) -> dict[str, Application]:
         names[id(node)] = name
         ordered[name] = node
 
-    visit(root, ())
+    for node in root if isinstance(root, list) else [root]:
+        visit(node, ())
     return ordered
 
 

@@ -92,6 +92,6 @@ async def _resolve(value: Any) -> Any:
 async def _call(transport: Any, app: str, deployment: str, method: str, args: Any, kwargs: Any) -> Any:
     args = [await _resolve(a) for a in args]
     kwargs = {k: await _resolve(v) for k, v in kwargs.items()}
-    dep = await transport.deployment(app, deployment)
-    record = await transport.call(dep, method, args, kwargs)
+    target = await transport.target(app, deployment)
+    record = await transport.call(target, method, args, kwargs)
     return _results.unwrap(record, deployment)

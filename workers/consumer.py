@@ -23,10 +23,12 @@ import redis
 import redis.exceptions
 
 from app import _keys, _results, _scripts
-from app._envelope import Envelope, parse_message
+from app._envelope import Envelope, build_message, parse_message
 from app._redis import BLOCK_S, async_client, sync_client
+from app._spec import DeploymentSpec
 from app.exceptions import BadRequestError
-from workers.batching import ArrivalRate, wait_budget
+from workers.batching import ArrivalRate, Outcome, wait_budget
+from workers.http import to_jsonable
 from workers.replica import Replica
 
 logger = logging.getLogger(__name__)
@@ -42,8 +44,9 @@ _TAKE_BUDGET_S = 0.005  # take as many requests as this replica can finish in ab
 class QueueOps:
     """The Redis side of one replica: take, complete, register, restore."""
 
-    def __init__(self, url: str, app: str, deployment: str, replica_id: str) -> None:
-        self.queue = _keys.queue(app, deployment)
+    def __init__(self, url: str, spec: DeploymentSpec, replica_id: str) -> None:
+        app, deployment = spec.app, spec.name
+        self.queue = spec.queue
         self.replica_id = replica_id
         self.claim = _keys.replica_claim(replica_id)
         self.inflight = _keys.replica_inflight(replica_id)
@@ -53,6 +56,8 @@ class QueueOps:
         self.blocking = async_client(url, single_connection=True)
         self._drain = self.redis.register_script(_scripts.DRAIN)
         self._complete = self.redis.register_script(_scripts.COMPLETE)
+        self._forward = self.redis.register_script(_scripts.FORWARD)
+        self._chord_add = self.redis.register_script(_scripts.CHORD_ADD)
         self._takes = 0
 
     async def take(self, limit: int, block_s: float) -> list[tuple[str, bytes]]:
@@ -70,6 +75,18 @@ class QueueOps:
             keys=[self.queue, self.claim, self.inflight], args=[limit, f"{self._takes}:", time.time()]
         )
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    async def forward(self, token: str, messages: list[tuple[str, str]], fire_key: str = "") -> bool:
+        """Queue a pipeline's next step(s) and acknowledge this message, in one step."""
+        args: list[Any] = [token, "1" if fire_key else "0"]
+        for queue, message in messages:
+            args.extend((queue, message))
+        return bool(await self._forward(keys=[self.inflight, fire_key or self.inflight], args=args))
+
+    async def chord_add(self, chord: dict[str, Any], value: Any, ttl: int) -> list[Any] | None:
+        """Record one parallel branch's result; all branches' results, in order, once every one is in."""
+        raw = await self._chord_add(keys=[chord["key"]], args=[chord["index"], chord["size"], json.dumps(to_jsonable(value)), ttl])
+        return None if raw is None else [json.loads(r) for r in raw]
 
     async def complete(self, done: list[tuple[str, str, str, str, str, int]]) -> None:
         """Store results and acknowledge: items are (token, task id, reply list, record, job status, ttl)."""
@@ -175,7 +192,7 @@ class ReplicaServer:
         self.replica = replica
         self.config = replica.spec.config
         self.replica_id = replica_id or f"{replica.name}@{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.ops = QueueOps(url, replica.app.name, replica.name, self.replica_id)
+        self.ops = QueueOps(url, replica.spec, self.replica_id)
         self.stats = ReplicaStats()
         self.heartbeat = Heartbeat(
             url,
@@ -277,7 +294,7 @@ class ReplicaServer:
                 continue
             if env.deadline is not None and now > env.deadline:
                 logger.info("skipping %s %s: its deadline passed before it started", env.task_name, env.task_id)
-                self._answer(token, env, _results.expired(env.task_id, self.replica.name))
+                self._answer(token, env, _results.expired(env.job_id, self.replica.name))
                 continue
             admitted.append((token, env))
         return admitted
@@ -318,9 +335,9 @@ class ReplicaServer:
             await self._run_batch_now(group)
 
     async def _run_batch_now(self, group: list[tuple[str, Envelope]]) -> None:
-        records = await self.replica.handle_batch([env for _, env in group])
-        for (token, env), record in zip(group, records, strict=True):
-            self._answer(token, env, record)
+        outcomes = await self.replica.run_batch([env for _, env in group])
+        for (token, env), outcome in zip(group, outcomes, strict=True):
+            await self._finish(token, env, outcome)
 
     async def _dispatch(self, token: str, env: Envelope) -> int:
         """Start one request; returns 1 when it ran inline (synchronously), 0 when it runs as a task."""
@@ -328,10 +345,10 @@ class ReplicaServer:
         if self._is_async(env):
             task = asyncio.create_task(self._run_async(token, env))
             self._ongoing.add(task)
-            self._running[env.task_id] = task
+            self._running[env.job_id] = task
             task.add_done_callback(self._finished)
             return 0
-        self._answer(token, env, await self.replica.handle(env))
+        await self._finish(token, env, await self.replica.run(env))
         return 1
 
     def _is_async(self, env: Envelope) -> bool:
@@ -344,13 +361,68 @@ class ReplicaServer:
 
     async def _run_async(self, token: str, env: Envelope) -> None:
         try:
-            record = await self.replica.handle(env)
+            outcome = await self.replica.run(env)
         except asyncio.CancelledError:
             logger.info("%s %s cancelled while running", env.task_name, env.task_id)
-            record = _results.cancelled(env.task_id)
+            self._answer(token, env, _results.cancelled(env.job_id))
+            return
         finally:
-            self._running.pop(env.task_id, None)
-        self._answer(token, env, record)
+            self._running.pop(env.job_id, None)
+        await self._finish(token, env, outcome)
+
+    async def _finish(self, token: str, env: Envelope, outcome: Outcome) -> None:
+        """Answer the caller, or, for a pipeline step that succeeded, hand the result to the next step."""
+        if outcome.ok and (env.chain or env.chord):
+            try:
+                await self._forward(token, env, outcome.value)
+                return
+            except Exception as exc:  # noqa: BLE001 - e.g. a result that is not JSON: the request fails
+                outcome = Outcome(error=exc)
+        self._answer(token, env, await self.replica.record(env, outcome))
+
+    async def _forward(self, token: str, env: Envelope, value: Any) -> None:
+        fire_key = ""
+        if env.chord:
+            results = await self.ops.chord_add(env.chord, value, env.retention_s)
+            if results is None:  # other branches still running: the last one to finish goes on
+                self._done.append((token, "", "", "", "", 0))
+                return
+            value, fire_key = results, env.chord["key"]
+        chain = env.chain
+        if not chain:
+            self._answer(token, env, await self.replica.record(env, Outcome(value=value)))
+            return
+        stage, rest = chain[-1], chain[:-1]
+        steps = stage["tasks"] if stage.get("subtask_type") == "serve_parallel" else [stage]
+        chord = (
+            {"key": _keys.chord(env.job_id, stage["options"]["group_id"]), "size": len(steps)}
+            if len(steps) > 1 or stage.get("subtask_type") == "serve_parallel"
+            else None
+        )
+        messages = []
+        for index, step in enumerate(steps):
+            target = step["serve"]
+            messages.append(
+                (
+                    step["options"]["queue"],
+                    build_message(
+                        task_id=step["options"]["task_id"],
+                        app=target["app"],
+                        deployment=target["deployment"],
+                        method=target["method"],
+                        queue=step["options"]["queue"],
+                        args=[value],
+                        deadline=env.deadline,
+                        reply_to=env.reply_to,
+                        retention_s=env.retention_s,
+                        job_id=env.job_id,
+                        chain=rest,
+                        chord={**chord, "index": index} if chord else None,
+                        http_reply=env.http_reply,
+                    ),
+                )
+            )
+        await self.ops.forward(token, messages, fire_key)
 
     async def _listen_for_cancels(self) -> None:
         """Cancel running async requests whose job was cancelled (sync work cannot be interrupted)."""
@@ -379,7 +451,7 @@ class ReplicaServer:
 
     def _answer(self, token: str, env: Envelope, record: str) -> None:
         reply = env.reply_to if env.reply_to and env.reply_to.startswith(_keys.REPLY_PREFIX) else ""
-        self._done.append((token, env.task_id, reply, record, _results.job_status(record), env.retention_s))
+        self._done.append((token, env.job_id, reply, record, _results.job_status(record), env.retention_s))
 
     def _schedule_flush(self) -> None:
         if self._done and (self._flushing is None or self._flushing.done()):

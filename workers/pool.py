@@ -120,7 +120,7 @@ class ReplicaPool(BasePool):
         """Put what a dead replica held back on the queue at once (no need to wait for its heartbeat)."""
         conf = self.app.conf
         keys = [
-            _keys.queue(conf.serve_app, conf.serve_deployment),
+            conf.serve_queue,
             _keys.replica_claim(replica_id),
             _keys.replica_inflight(replica_id),
             _keys.replica_alive(replica_id),

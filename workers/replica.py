@@ -18,7 +18,7 @@ from app._spec import AppSpec, resolve_deployment
 from app.exceptions import DeploymentNotFoundError, ServeError
 from app.handle import DeploymentHandle
 from workers.http import ServeRequest, body_of, build_scope, encode_result, run_asgi, to_jsonable
-from workers.batching import Item, form_batches, run_batch_async
+from workers.batching import Item, Outcome, form_batches, run_batch_async
 from workers.ingress import bind_ingress
 
 logger = logging.getLogger(__name__)
@@ -119,63 +119,62 @@ class Replica:
                 sizes.append(batch.max_batch_size if batch else 1)
         return max(sizes)
 
-    async def handle_batch(self, envs: list[Envelope]) -> list[str]:
-        """Run requests for one batched method as batches; returns their records in the same order."""
+    async def run_batch(self, envs: list[Envelope]) -> list[Outcome]:
+        """Run requests for one batched method as batches; outcomes come back in the same order."""
         method = self.method(envs[0].method)
         max_size = method.batch.max_batch_size if method.batch else 1
         items: list[Item[int]] = []
-        records: list[str] = [""] * len(envs)
+        outcomes: list[Outcome] = [Outcome()] * len(envs)
         for i, env in enumerate(envs):
             if env.http is not None:
-                request = ServeRequest(build_scope(env.http), body_of(env.http))
-                items.append(Item(i, (request,), {}, env.deadline))
+                items.append(Item(i, (ServeRequest(build_scope(env.http), body_of(env.http)),), {}, env.deadline))
             else:
                 items.append(Item(i, tuple(env.args), dict(env.kwargs), env.deadline))
         for batch in form_batches(items, max_size):
             logger.debug("%s: batch of %d", envs[0].task_name, len(batch))
-            outcomes = await run_batch_async(method.call, batch)
-            for item, outcome in zip(batch, outcomes, strict=True):
-                env = envs[item.key]
-                if outcome.error is not None:
-                    error = outcome.error if isinstance(outcome.error, Exception) else Exception(repr(outcome.error))
-                    records[item.key] = self._failure(env, error)
-                    continue
-                try:
-                    value = outcome.value
-                    if env.http is not None:
-                        value = await encode_result(value, item.args[0].scope)
-                    records[item.key] = self._success(env, value)
-                except Exception as exc:  # noqa: BLE001 - an unencodable result fails only its item
-                    records[item.key] = self._failure(env, exc)
-        return records
+            for item, outcome in zip(batch, await run_batch_async(method.call, batch), strict=True):
+                outcomes[item.key] = outcome
+        return outcomes
+
+    async def run(self, env: Envelope) -> Outcome:
+        """Call the user's code for one request; never raises (an error is the outcome)."""
+        try:
+            if env.http is not None:
+                return Outcome(value=await self._call_http(env))
+            method = self.method(env.method)
+            value = method.call(*env.args, **env.kwargs)
+            if inspect.isawaitable(value):
+                value = await value
+            return Outcome(value=value)
+        except Exception as exc:  # noqa: BLE001 - every user error becomes the caller's error
+            return Outcome(error=exc)
 
     async def handle(self, env: Envelope) -> str:
         """Run one request; returns its result record (success or failure), never raises."""
+        return await self.record(env, await self.run(env))
+
+    async def record(self, env: Envelope, outcome: Outcome) -> str:
+        """The result record for the caller: the value (as an HTTP response for an HTTP caller) or the error."""
+        if outcome.error is not None:
+            error = outcome.error if isinstance(outcome.error, Exception) else Exception(repr(outcome.error))
+            return self._failure(env, error)
+        value = outcome.value
         try:
-            if env.http is not None:
-                value = await self._handle_http(env)
-            else:
-                method = self.method(env.method)
-                value = method.call(*env.args, **env.kwargs)
-                if inspect.isawaitable(value):
-                    value = await value
-            return self._success(env, value)
-        except Exception as exc:  # noqa: BLE001 - every user error becomes the caller's error
+            if env.http_reply and not _is_response_dict(value):
+                value = await encode_result(value, build_scope(env.http or _PLAIN_HTTP))
+            try:
+                return _results.success(env.job_id, value)
+            except (TypeError, ValueError):
+                return _results.success(env.job_id, to_jsonable(value))
+        except Exception as exc:  # noqa: BLE001 - an unencodable result fails only its request
             return self._failure(env, exc)
 
-    def _success(self, env: Envelope, value: Any) -> str:
-        try:
-            return _results.success(env.task_id, value)
-        except (TypeError, ValueError):
-            return _results.success(env.task_id, to_jsonable(value))
-
-    async def _handle_http(self, env: Envelope) -> Any:
+    async def _call_http(self, env: Envelope) -> Any:
         http = env.http or {}
         if self.ingress is not None and env.method == "__call__":
             return await run_asgi(self.ingress, build_scope(http, root_path=self.root_path), body_of(http))
         method = self.method(env.method)
-        scope = build_scope(http)
-        request = ServeRequest(scope, body_of(http))
+        request = ServeRequest(build_scope(http), body_of(http))
         if method.takes_request:
             if not method.is_async and request.is_form:
                 await request.form()
@@ -184,7 +183,7 @@ class Replica:
             value = method.call()
         if inspect.isawaitable(value):
             value = await value
-        return await encode_result(value, scope)
+        return value
 
     def _failure(self, env: Envelope, exc: Exception) -> str:
         if isinstance(exc, ServeError):
@@ -196,7 +195,18 @@ class Replica:
             error = {"exc_type": type(exc).__name__, "exc_message": str(exc), "exc_module": type(exc).__module__}
             logger.error("%s %s raised %s", env.task_name, env.task_id, type(exc).__name__, exc_info=exc)
         error["deployment"] = self.name
-        return _results.failure(env.task_id, error, status)
+        if env.in_pipeline:  # a pipeline step: say which one failed
+            error["step"] = self.name
+            error["exc_message"] = f"step '{self.name}' failed: {error['exc_message']}"
+        return _results.failure(env.job_id, error, status)
+
+
+_PLAIN_HTTP: dict[str, Any] = {"method": "POST", "path": "/"}
+
+
+def _is_response_dict(value: Any) -> bool:
+    """Already an HTTP response (a FastAPI ingress's, captured in the replica)."""
+    return isinstance(value, dict) and value.keys() == {"status_code", "headers", "body", "body_encoding"}
 
 
 def _make_handle(app: str, deployment: str) -> DeploymentHandle:

@@ -55,6 +55,7 @@ def run_worker(url: str, app: str, deployment: str, replicas: int | None = None,
     celery.conf.serve_app = app
     celery.conf.serve_deployment = deployment
     celery.conf.serve_hostname = socket.gethostname()
+    celery.conf.serve_queue = spec.deployments[deployment].queue
     os.environ["REDIS_URL"] = url
     worker = celery.Worker(
         hostname=f"{app}.{deployment}.{os.getpid()}@{socket.gethostname()}",
