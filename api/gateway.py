@@ -18,12 +18,12 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from app._jobs import JobStore
-from app._transport import QueueTransport
-from app.config import ServeSettings
 from api.jobs import jobs_router
 from api.proxy import Proxy
 from api.routes import RouteTable
+from app._jobs import JobStore
+from app._transport import QueueTransport
+from app.config import ServeSettings
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import os
 
 import uvicorn
 
-from app.config import ServeSettings
 from api.gateway import create_gateway
+from app.config import ServeSettings
 
 
 def serve(settings: ServeSettings) -> None:

@@ -20,12 +20,12 @@ from typing import Any
 import redis.exceptions
 from starlette.types import Receive, Scope, Send
 
+from api.routes import RouteTable
 from app import _results
 from app._envelope import new_task_id
 from app._spec import AppSpec, DeploymentSpec
 from app._transport import QueueTransport, Submitted, target_name
 from app.exceptions import BackpressureError, PayloadTooLargeError, RequestTimeoutError, ServeError
-from api.routes import RouteTable
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@
 from app._serve import run, shutdown
 from app.batch import batch
 from app.client import AsyncClient, Client, Job, get_deployment_handle
+from app.context import ReplicaContext, get_replica_context
 from app.deployment import Application, Deployment, deployment, ingress
 from app.exceptions import (
     BackpressureError,
@@ -26,29 +27,36 @@ from app.exceptions import (
     ServeStartupError,
 )
 from app.handle import DeploymentHandle, DeploymentResponse
+from app.pipeline import Parallel, Pipeline, parallel, pipeline
 
 __all__ = [
     "Application",
     "AsyncClient",
-    "Client",
-    "Job",
-    "JobCancelledError",
     "BackpressureError",
     "BadRequestError",
+    "Client",
     "Deployment",
     "DeploymentConfigError",
     "DeploymentHandle",
     "DeploymentNotFoundError",
     "DeploymentResponse",
+    "Job",
+    "JobCancelledError",
+    "Parallel",
     "PayloadTooLargeError",
+    "Pipeline",
     "RemoteError",
+    "ReplicaContext",
     "RequestTimeoutError",
     "ServeError",
     "ServeStartupError",
     "batch",
     "deployment",
     "get_deployment_handle",
+    "get_replica_context",
     "ingress",
+    "parallel",
+    "pipeline",
     "run",
     "shutdown",
 ]

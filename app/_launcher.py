@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import json
 import logging
 import os
 import queue
@@ -200,10 +201,11 @@ def gateway_command(redis_url: str, host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "api.main", "--redis-url", redis_url, "--host", host, "--port", str(port), "--log-level", log_level]
 
 
-def worker_command(redis_url: str, app: str, deployment: str) -> list[str]:
+def worker_command(redis_url: str, app: str, deployment: str, placement: list[list[str]] | None = None) -> list[str]:
     log_level = os.environ.get("SERVE_LOG_LEVEL", "WARNING")
+    extra = ["--placement", json.dumps(placement)] if placement else []
     return [
-        sys.executable, "-m", "app.cli", "worker",
+        sys.executable, "-m", "app.cli", "worker", *extra,
         "--app-name", app,
         "--deployment", deployment,
         "--redis-url", redis_url,

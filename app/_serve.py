@@ -96,6 +96,7 @@ def run(
             atexit.register(shutdown)
         session = _session
         _context.set_redis_url(session.redis_url)
+        placements = plan_gpus(spec)
         deploy_spec(session.redis_url, spec)
         if session.gateway_url is None:
             session.group.start("gateway", gateway_command(session.redis_url, host, port))
@@ -106,14 +107,55 @@ def run(
         names = set()
         for dep in spec.deployments:
             proc_name = f"worker {spec.name}.{dep}"
-            session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep))
+            session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep, placements.get(dep)))
             names.add(proc_name)
         session.workers[spec.name] = names
-    wait_until_ready(session, spec, startup_timeout_s)
+    try:
+        wait_until_ready(session, spec, startup_timeout_s)
+    except ServeStartupError:
+        with _lock:
+            session.group.stop(session.workers.pop(spec.name, set()))
+        delete_app(session.redis_url, spec.name)
+        raise
     handle = DeploymentHandle(spec.ingress, spec.name)
     if blocking:
         _block_until_interrupted()
     return handle
+
+
+def plan_gpus(spec: AppSpec, devices: list[str] | None = None) -> dict[str, list[list[str]]]:
+    """Place every GPU deployment's replicas on this machine's GPUs together, so that fractional
+    deployments share devices without oversubscribing them. Deployments left out run where their worker
+    decides (CPU fallback, or a clear error)."""
+    from workers.gpus import PlacementError, discover_devices, plan_placement
+
+    gpu_deployments = [d for d in spec.deployments.values() if float(d.config.get("num_gpus") or 0) > 0]
+    if not gpu_deployments:
+        return {}
+    devices = discover_devices() if devices is None else devices
+    used: dict[str, float] = {}
+    plans: dict[str, list[list[str]]] = {}
+    for dep in gpu_deployments:
+        num_gpus = float(dep.config["num_gpus"])
+        if not devices:
+            if dep.config.get("allow_cpu_fallback"):
+                continue
+            raise PlacementError(
+                f"deployment '{dep.name}' needs GPUs (num_gpus={num_gpus}) but this machine has none "
+                "(nvidia-smi finds no device; SERVE_GPU_DEVICES can name them); for development, set "
+                "allow_cpu_fallback=True on the deployment to run it on the CPU"
+            )
+        try:
+            plan = plan_placement(int(dep.config["num_replicas"]), num_gpus, devices, used)
+        except PlacementError:
+            if dep.config.get("allow_cpu_fallback"):
+                continue
+            raise
+        for replica_devices in plan:
+            for device in replica_devices:
+                used[device] = used.get(device, 0.0) + min(num_gpus, 1.0)
+        plans[dep.name] = plan
+    return plans
 
 
 def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float) -> None:
@@ -128,7 +170,8 @@ def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float) -> None
                 raise ServeStartupError(f"deployment '{name}' failed to start: {error.decode()}")
             if ready_replicas(client, spec, name) >= int(dep.config["num_replicas"]):
                 del pending[name]
-        dead = [p.name for p in session.group.dead()]
+        mine = session.workers.get(spec.name, set()) | {"gateway", "redis"}
+        dead = [p.name for p in session.group.dead() if p.name in mine]
         if dead:
             raise ServeStartupError(f"{', '.join(dead)} exited during start-up; see its log above")
         if time.monotonic() > deadline:

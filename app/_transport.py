@@ -40,6 +40,7 @@ class ResultWaiter:
         self._url = url
         self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def pending(self) -> int:
@@ -50,9 +51,14 @@ class ResultWaiter:
         self._task = asyncio.create_task(self._listen(), name=f"reply-listener {self.reply_key}")
 
     async def close(self) -> None:
+        # Disconnecting ends the blocked BLPOP at once (cancelling a blocked read in redis-py can hang).
+        self._closing = True
         if self._task:
-            self._task.cancel()
+            connection = self._conn.connection
+            if connection is not None:
+                await connection.disconnect(nowait=True)
             await asyncio.wait([self._task], timeout=1.0)
+            self._task.cancel()
         await self._conn.aclose()
         for fut in self._futures.values():
             fut.cancel()
@@ -68,7 +74,7 @@ class ResultWaiter:
 
     async def _listen(self) -> None:
         conn = self._conn
-        while True:
+        while not self._closing:
             try:
                 got = await conn.blpop([self.reply_key], timeout=BLOCK_S)
                 if got is None:
@@ -83,6 +89,8 @@ class ResultWaiter:
                     if len(more) < _DRAIN:
                         break
             except (redis.exceptions.RedisError, OSError, KeyError) as exc:  # KeyError: redis-py on a dropped connection
+                if self._closing:
+                    return
                 logger.warning("reply listener lost Redis (%r); reconnecting", exc)
                 await asyncio.sleep(0.5)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import signal
@@ -113,16 +114,36 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    url = _require_redis(args)
+    try:
+        _run_worker(args, url)
+    except ServeError as exc:
+        from app import _keys
+        from app._redis import sync_client
+
+        sync_client(url).set(_keys.deployment_error(args.app_name, args.deployment), str(exc), ex=60)
+        raise
+    return 0
+
+
+def _run_worker(args: argparse.Namespace, url: str) -> None:
+    from workers.gpus import parse_devices
     from workers.worker import run_worker
 
-    url = _require_redis(args)
     if args.target:
         from app import _serve
         from app._spec import build_spec
 
         _serve.deploy_spec(url, build_spec(import_application(args.target), args.app_name, args.route_prefix, source=_source(args.target)))
-    run_worker(url, args.app_name, args.deployment, replicas=args.replicas, log_level=args.log_level)
-    return 0
+    run_worker(
+        url,
+        args.app_name,
+        args.deployment,
+        replicas=args.replicas,
+        log_level=args.log_level,
+        devices=parse_devices(args.devices) if args.devices is not None else None,
+        placement=json.loads(args.placement) if args.placement else None,
+    )
 
 
 def _source(target: str) -> str:
@@ -177,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--deployment", required=True)
     worker.add_argument("--replicas", type=int, default=None, help="override num_replicas")
     worker.add_argument("--route-prefix", default=None)
+    worker.add_argument("--devices", default=None, help="GPU ids this worker may use, e.g. 0,1 (default: all found)")
+    worker.add_argument("--placement", default=None, help=argparse.SUPPRESS)  # per-replica devices, from `run`
     common(worker)
     worker.set_defaults(func=cmd_worker)
     return parser

@@ -34,6 +34,7 @@ class DeploymentConfig(BaseModel):
     max_batch_size: int | None = Field(default=None, ge=1, le=100_000)
     user_config: dict[str, Any] | None = None
     version: str | None = None
+    allow_cpu_fallback: bool = False
     job_retention_s: int = Field(default=24 * 3600, ge=1, le=90 * 24 * 3600)
     request_retention_s: int = Field(default=600, ge=1, le=90 * 24 * 3600)
 

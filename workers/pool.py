@@ -25,6 +25,7 @@ from celery.concurrency.base import BasePool
 from app import _keys, _scripts
 from app._launcher import die_with_parent
 from app._redis import sync_client
+from workers.gpus import plan_placement, replica_env
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ _MAX_BACKOFF_S = 30.0
 class _Slot:
     proc: subprocess.Popen[bytes] | None = None
     replica_id: str = ""
+    devices: list[str] = field(default_factory=list)
     failures: int = 0
     restart_at: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
@@ -76,14 +78,29 @@ class ReplicaPool(BasePool):
     def _spawn(self, slot: _Slot) -> None:
         conf = self.app.conf
         slot.replica_id = f"{conf.serve_deployment}@{conf.serve_hostname}-{uuid.uuid4().hex[:8]}"
-        slot.proc = subprocess.Popen(self._command(slot.replica_id), env=os.environ.copy(), preexec_fn=die_with_parent)
+        env = os.environ.copy()
+        env.update(replica_env(slot.devices, conf.serve_cpu_fallback))
+        env.update(conf.serve_replica_env)
+        slot.proc = subprocess.Popen(self._command(slot.replica_id), env=env, preexec_fn=die_with_parent)
         slot.started_at = time.monotonic()
         logger.info("started replica pid %d of %s", slot.proc.pid, self.app.conf.serve_deployment)
 
+    def _new_slots(self, n: int) -> list[_Slot]:
+        """Slots for n more replicas, each with its GPU devices (none for a CPU deployment)."""
+        conf = self.app.conf
+        given = conf.serve_placement[len(self._slots) :] if conf.serve_placement else []
+        used: dict[str, float] = {}
+        for slot in self._slots:
+            for device in slot.devices:
+                used[device] = used.get(device, 0.0) + min(conf.serve_num_gpus, 1.0)
+        planned = given[:n]
+        if len(planned) < n:
+            planned += plan_placement(n - len(planned), conf.serve_num_gpus if conf.serve_devices else 0, conf.serve_devices, used)
+        return [_Slot(devices=list(devices)) for devices in planned]
+
     def on_start(self) -> None:
         with self._lock:
-            for _ in range(self.limit or 1):
-                slot = _Slot()
+            for slot in self._new_slots(self.limit or 1):
                 self._spawn(slot)
                 self._slots.append(slot)
         self._supervisor = threading.Thread(target=self._supervise, name="replica-supervisor", daemon=True)
@@ -136,8 +153,7 @@ class ReplicaPool(BasePool):
 
     def grow(self, n: int = 1) -> None:
         with self._lock:
-            for _ in range(n):
-                slot = _Slot()
+            for slot in self._new_slots(n):
                 self._spawn(slot)
                 self._slots.append(slot)
             self.limit = len(self._slots)
@@ -198,6 +214,7 @@ class ReplicaPool(BasePool):
                 "processes": pids,
                 "deployment": self.app.conf.serve_deployment,
                 "application": self.app.conf.serve_app,
+                "devices": [s.devices for s in self._slots],
             }
         )
         return info

@@ -13,12 +13,12 @@ from typing import Any
 
 from app import _results
 from app._envelope import Envelope
-from app.batch import BatchConfig, batch_config
 from app._spec import AppSpec, resolve_deployment
+from app.batch import BatchConfig, batch_config
 from app.exceptions import DeploymentNotFoundError, ServeError
 from app.handle import DeploymentHandle
-from workers.http import ServeRequest, body_of, build_scope, encode_result, run_asgi, to_jsonable
 from workers.batching import Item, Outcome, form_batches, run_batch_async
+from workers.http import ServeRequest, body_of, build_scope, encode_result, run_asgi, to_jsonable
 from workers.ingress import bind_ingress
 
 logger = logging.getLogger(__name__)

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ["CELERY_SERVE_REPLICA"] = "1"
     os.environ["REDIS_URL"] = args.redis_url
+    os.environ["SERVE_APP"] = args.app
+    os.environ["SERVE_DEPLOYMENT"] = args.deployment
+    os.environ["SERVE_REPLICA_ID"] = args.replica_id or ""
     _context.set_redis_url(args.redis_url)
     try:
         spec = _load_spec(args.redis_url, args.app)
