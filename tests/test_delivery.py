@@ -1,0 +1,111 @@
+"""Wire format and delivery: pickle is never decoded, messages are acknowledged after the work (a killed
+replica's request runs again), and every message carries its deadline."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from app import DeploymentHandle, RequestTimeoutError, deployment
+from app._envelope import build_message, parse_message
+from app._keys import queue, replica_inflight, replicas, result
+from app._serve import delete_app, deploy_spec
+from app._spec import build_spec
+from tests.conftest import Served, wait_until
+from tests.deployments import executions_key, pids_key
+
+
+class _Trap:
+    """Unpickling this creates a directory: proof that a pickle body was (or was not) decoded."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (os.mkdir, (self.path,))
+
+
+def _inflight_messages(client: redis.Redis, app: str, dep: str) -> list[bytes]:
+    held = []
+    for replica_id in client.hkeys(replicas(app, dep)):
+        held.extend(client.hvals(replica_inflight(replica_id.decode())))
+    return held
+
+
+def test_a_pickle_message_is_dropped_unread_and_the_replica_keeps_serving(
+    served: Served, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    marker = tmp_path / "unpickled"
+    task_id = f"pickle-{uuid.uuid4().hex}"
+    message = json.loads(
+        build_message(task_id=task_id, app="probe", deployment="Calc", method="add", args=[1, 2])
+    )
+    message["content-type"] = "application/x-python-serialize"
+    message["content-encoding"] = "binary"
+    message["body"] = base64.b64encode(pickle.dumps(([_Trap(str(marker))], {}, {}))).decode()
+    redis_client.lpush(queue("probe", "Calc"), json.dumps(message))
+
+    # The same replica takes messages in order, so once a later request is answered the pickle one was handled.
+    assert DeploymentHandle("Calc", "probe").add.remote(2, 2).result(timeout_s=60) == 4
+    assert not marker.exists(), "the pickle body was unpickled"
+    assert redis_client.llen(queue("probe", "Calc")) == 0
+    assert not any(task_id.encode() in m for m in _inflight_messages(redis_client, "probe", "Calc"))
+    assert redis_client.get(result(task_id)) is None  # dropped: nothing ran, nothing answered
+
+
+def test_a_request_whose_replica_is_killed_is_delivered_again_and_succeeds(
+    served: Served, redis_client: redis.Redis
+) -> None:
+    registered = {
+        json.loads(v)["pid"]: k.decode()
+        for k, v in redis_client.hgetall(replicas("probe", "Fragile")).items()
+    }
+    tag = f"kill-{uuid.uuid4().hex[:8]}"
+    response = DeploymentHandle("Fragile", "probe").work.remote(tag, 3.0)
+    first_pid = int(wait_until(lambda: redis_client.lindex(pids_key(tag), 0), what="the request to start"))
+    assert first_pid in registered, f"pid {first_pid} is not one of the registered replicas {registered}"
+    # Taken but not acknowledged while it runs: the message sits in the replica's in-flight hash.
+    held = redis_client.hvals(replica_inflight(registered[first_pid]))
+    assert any(tag.encode() in m for m in held)
+
+    os.kill(first_pid, signal.SIGKILL)
+    second_pid = response.result(timeout_s=120)
+
+    assert second_pid != first_pid
+    assert [int(p) for p in redis_client.lrange(pids_key(tag), 0, -1)] == [first_pid, second_pid]
+    assert redis_client.get(executions_key(tag)) == b"2"
+    new_replicas = {json.loads(v)["pid"] for v in redis_client.hvals(replicas("probe", "Fragile"))}
+    assert second_pid in new_replicas and first_pid not in new_replicas
+    assert _inflight_messages(redis_client, "probe", "Fragile") == []
+
+
+@deployment(request_timeout_s=1.5)
+class Unserved:
+    """Deployed without workers, so a handle's message stays on the queue to be read."""
+
+
+def test_a_handle_call_carries_its_deadline_as_the_expires_header(
+    served: Served, redis_client: redis.Redis
+) -> None:
+    deploy_spec(served.redis_url, build_spec(Unserved.bind(), "unserved", "/unserved-test"))
+    try:
+        before = time.time()
+        with pytest.raises(RequestTimeoutError):
+            DeploymentHandle("Unserved", "unserved").remote(1).result(timeout_s=60)
+        (raw,) = redis_client.lrange(queue("unserved", "Unserved"), 0, -1)
+        envelope = parse_message(raw)
+        assert envelope.headers["expires"] is not None
+        assert envelope.deadline is not None
+        assert before + 1.5 <= envelope.deadline <= time.time() + 0.1
+    finally:
+        delete_app(served.redis_url, "unserved")
+        redis_client.delete(queue("unserved", "Unserved"))

@@ -1,0 +1,46 @@
+"""The public API is what `app/__init__.py` exports; this test pins it (as httpx's does)."""
+
+from __future__ import annotations
+
+import types
+
+import app
+
+EXPECTED = [
+    "Application",
+    "BackpressureError",
+    "BadRequestError",
+    "Deployment",
+    "DeploymentConfigError",
+    "DeploymentHandle",
+    "DeploymentNotFoundError",
+    "DeploymentResponse",
+    "PayloadTooLargeError",
+    "RemoteError",
+    "RequestTimeoutError",
+    "ServeError",
+    "ServeStartupError",
+    "batch",
+    "deployment",
+    "ingress",
+    "run",
+    "shutdown",
+]
+
+
+def test_all_is_pinned() -> None:
+    assert sorted(app.__all__) == EXPECTED
+
+
+def test_every_exported_name_exists() -> None:
+    missing = [name for name in app.__all__ if not hasattr(app, name)]
+    assert missing == []
+
+
+def test_nothing_public_is_left_out_of_all() -> None:
+    public = {
+        name
+        for name, value in vars(app).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public == set(app.__all__)
