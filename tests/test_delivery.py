@@ -54,7 +54,7 @@ def test_a_pickle_message_is_dropped_unread_and_the_replica_keeps_serving(
     message["body"] = base64.b64encode(pickle.dumps(([_Trap(str(marker))], {}, {}))).decode()
     redis_client.lpush(queue("probe", "Calc"), json.dumps(message))
 
-    # The same replica takes messages in order, so once a later request is answered the pickle one was handled.
+    # One replica takes messages in order: once a later request is answered, the pickle one was handled.
     assert DeploymentHandle("Calc", "probe").add.remote(2, 2).result(timeout_s=60) == 4
     assert not marker.exists(), "the pickle body was unpickled"
     assert redis_client.llen(queue("probe", "Calc")) == 0
