@@ -168,7 +168,9 @@ class JobStore:
         try:
             job = await self.get(job_id)  # after subscribing, so a result published meanwhile is not missed
             until = time.monotonic() + timeout_s
-            while job["status"] not in TERMINAL and not fut.done() and (remaining := until - time.monotonic()) > 0:
+            while job["status"] not in TERMINAL and (remaining := until - time.monotonic()) > 0:
+                if fut.done():  # the result was published after the read above: read it
+                    return await self.get(job_id)
                 if job["status"] == "queued" and job["deadline"] is not None:
                     remaining = min(remaining, max(job["deadline"] - time.time(), 0.0) + 0.05)
                 await asyncio.wait([fut], timeout=remaining)
