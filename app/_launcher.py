@@ -144,7 +144,9 @@ class ProcessGroup:
 
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> ManagedProcess:
         out = subprocess.DEVNULL if quiet else None
-        proc = spawn(cmd, env=env or child_env(), stdout=out, stderr=out)
+        # A session of its own: Ctrl-C in a terminal reaches only us, and we stop children in order (workers
+        # hand back their work while Redis is still up); the parent-death signal covers our own death.
+        proc = spawn(cmd, env=env or child_env(), stdout=out, stderr=out, start_new_session=True)
         managed = ManagedProcess(name, proc)
         self.processes.append(managed)
         logger.info("started %s (pid %d)", name, proc.pid)

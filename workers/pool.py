@@ -23,7 +23,7 @@ from typing import Any
 from celery.concurrency.base import BasePool
 
 from app import _keys, _scripts
-from app._launcher import die_with_parent
+from app._launcher import spawn
 from app._redis import sync_client
 from workers.gpus import plan_placement, replica_env
 
@@ -81,7 +81,7 @@ class ReplicaPool(BasePool):
         env = os.environ.copy()
         env.update(replica_env(slot.devices, conf.serve_cpu_fallback))
         env.update(conf.serve_replica_env)
-        slot.proc = subprocess.Popen(self._command(slot.replica_id), env=env, preexec_fn=die_with_parent)
+        slot.proc = spawn(self._command(slot.replica_id), env=env, start_new_session=True)
         slot.started_at = time.monotonic()
         logger.info("started replica pid %d of %s", slot.proc.pid, self.app.conf.serve_deployment)
 
