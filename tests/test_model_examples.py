@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +26,6 @@ from fastapi.testclient import TestClient
 
 from app._launcher import free_port
 from examples._model import EMBEDDING_DIM, missing_dependencies
-from tests.conftest import wait_until
 
 _MISSING = missing_dependencies()
 pytestmark = [pytest.mark.model, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
@@ -74,6 +74,14 @@ class Cli:
                 self.proc.wait()
 
 
+def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.1)
+
+
 def _celery_serve() -> list[str]:
     script = Path(sys.executable).with_name("celery-serve")
     return [str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]
@@ -99,7 +107,7 @@ def clis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Cli]]:
             started[name] = start_cli(f"examples.{name}:app", logs / f"{name}.log")
         for name, cli in started.items():
             what = f"`celery-serve run examples.{name}:app`"
-            wait_until(cli.ready, timeout_s=STARTUP_TIMEOUT_S, interval_s=0.1, what=what)
+            wait_until(cli.ready, timeout_s=STARTUP_TIMEOUT_S, what=what)
         yield started
     finally:
         for cli in started.values():
