@@ -202,7 +202,9 @@ def job_status(http: httpx.Client, job_id: str) -> str:
 
 def submit(http: httpx.Client, target: str, *args: Any, headers: dict[str, str] | None = None) -> str:
     """POST /jobs/<target> with these arguments; returns the job id."""
-    response = http.post(f"/jobs/{target}", params={"app": APP_NAME}, json={"args": list(args)}, headers=headers)
+    response = http.post(
+        f"/jobs/{target}", params={"app": APP_NAME}, json={"args": list(args)}, headers=headers
+    )
     assert response.status_code == 202, response.text
     return str(response.json()["job_id"])
 
@@ -228,7 +230,9 @@ def held(http: httpx.Client, client: redis.Redis, deployment: str = "Gate") -> I
     tag = unique("hold")
     job_id = submit(http, f"{deployment}/hold", tag)
     try:
-        status = wait_until(lambda: (s := job_status(http, job_id)) != "queued" and s, what=f"{deployment} to take the hold")
+        status = wait_until(
+            lambda: (s := job_status(http, job_id)) != "queued" and s, what=f"{deployment} to take the hold"
+        )
         assert status == "running", f"the hold job on {deployment} is {status}, not running"
         wait_until(lambda: executions(client, tag) == 1, what="the hold to start")
         yield job_id
