@@ -24,6 +24,7 @@ def serve(settings: ServeSettings) -> None:
         access_log=False,  # one line per request is too much at thousands of requests per second
         log_level=settings.log_level.lower(),
         timeout_keep_alive=30,  # load balancers and benchmark clients keep connections open
+        timeout_graceful_shutdown=5,  # on SIGTERM, give in-flight requests 5 s (their jobs stay in Redis)
         backlog=4096,  # thousands of clients may connect at once
     )
     uvicorn.Server(config).run()
