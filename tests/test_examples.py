@@ -1,0 +1,171 @@
+"""Every example runs with the real CLI (`celery-serve run examples.X:app`), answers over HTTP, and stops
+every process it started on SIGTERM or Ctrl-C: no orphans, embedded Redis included."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from app._launcher import free_port
+from tests.conftest import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_LINE = "Press Ctrl-C to stop."
+
+
+def cli_command(*args: str) -> list[str]:
+    """The installed `celery-serve` script (what users run), or the module when it is not on this venv."""
+    script = Path(sys.executable).parent / "celery-serve"
+    if script.exists():
+        return [str(script), *args]
+    found = shutil.which("celery-serve")
+    return [found, *args] if found else [sys.executable, "-m", "app.cli", *args]
+
+
+@dataclass
+class CliProcess:
+    """A `celery-serve` command running in its own process group, its output collected line by line."""
+
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, *args: str, env: dict[str, str] | None = None) -> CliProcess:
+        proc = subprocess.Popen(
+            cli_command(*args),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own process group: Ctrl-C can be sent to it as a terminal would
+        )
+        cli = cls(proc)
+        threading.Thread(target=cli._read, daemon=True).start()
+        return cli
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, text: str, timeout_s: float) -> None:
+        def seen() -> bool:
+            if self.proc.poll() is not None and not any(text in line for line in self.lines):
+                raise AssertionError(f"{self.proc.args} exited with {self.proc.returncode}:\n{self.output}")
+            return any(text in line for line in self.lines)
+
+        wait_until(seen, timeout_s=timeout_s, interval_s=0.05, what=f"{text!r} from {self.proc.args}")
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def kill_everything(self) -> None:
+        """Clean-up after a failed test: the whole process group, by its id."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def gone(processes: list[psutil.Process]) -> bool:
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            continue
+    return True
+
+
+def env_without_redis() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("REDIS_URL", None)  # the CLI starts its own embedded Redis
+    env["SERVE_LOG_LEVEL"] = "WARNING"
+    return env
+
+
+def check_hello(base: str) -> None:
+    assert httpx.get(f"{base}/", params={"name": "Ada"}).text == "Hello Ada!"
+    assert httpx.get(f"{base}/").text == "Hello world!"
+
+
+def check_counter(base: str) -> None:
+    counts = [httpx.get(f"{base}{path}").json() for path in ("/", "/incr", "/incr", "/decr")]
+    assert counts == [{"count": 0}, {"count": 1}, {"count": 2}, {"count": 1}]
+
+
+def check_composition(base: str) -> None:
+    response = httpx.get(f"{base}/")
+    assert (response.status_code, response.text) == (200, "Hello world!")
+
+
+def sigterm_the_cli(cli: CliProcess) -> None:
+    cli.proc.send_signal(signal.SIGTERM)
+
+
+def ctrl_c_in_a_terminal(cli: CliProcess) -> None:
+    os.killpg(cli.proc.pid, signal.SIGINT)  # a terminal sends SIGINT to the whole foreground group
+
+
+def sigint_the_cli(cli: CliProcess) -> None:
+    cli.proc.send_signal(signal.SIGINT)
+
+
+@pytest.fixture
+def cli_processes() -> Iterator[list[CliProcess]]:
+    started: list[CliProcess] = []
+    yield started
+    for cli in started:
+        if cli.proc.poll() is None:
+            cli.kill_everything()
+
+
+@pytest.mark.parametrize(
+    ("target", "check", "stop"),
+    [
+        ("examples.hello:app", check_hello, sigterm_the_cli),
+        ("examples.counter:app", check_counter, ctrl_c_in_a_terminal),
+        ("examples.composition:app", check_composition, sigint_the_cli),
+    ],
+    ids=["hello-SIGTERM", "counter-Ctrl-C", "composition-SIGINT"],
+)
+def test_example_runs_with_the_cli_and_stops_cleanly(
+    cli_processes: list[CliProcess],
+    target: str,
+    check: Callable[[str], None],
+    stop: Callable[[CliProcess], None],
+) -> None:
+    port = free_port()
+    cli = CliProcess.start("run", target, "--port", str(port), env=env_without_redis())
+    cli_processes.append(cli)
+    cli.wait_for_line(READY_LINE, timeout_s=150)
+    assert f"http://127.0.0.1:{port}" in cli.output and "(embedded)" in cli.output
+
+    children = cli.descendants()
+    commands = [" ".join(p.cmdline()) for p in children]
+    for part in ("redis-server", "api.main", "app.cli worker", "workers.replica_main"):
+        assert any(part in c for c in commands), f"no {part} among the CLI's processes: {commands}"
+
+    check(f"http://127.0.0.1:{port}")
+
+    stop(cli)
+    assert cli.proc.wait(timeout=120) == 0, cli.output
+    assert "stopping" in cli.output
+    wait_until(lambda: gone(children), timeout_s=30, what="every process the CLI started to exit")
