@@ -241,7 +241,8 @@ class QueueTransport:
         future is never resolved here (the result is only stored).
         """
         configs = [d.config for d in _deployments_of(target)]
-        timeout = timeout_s if timeout_s is not None else max(c["request_timeout_s"] for c in configs)
+        # One deadline for the whole request: a pipeline gets its strictest step's timeout.
+        timeout = timeout_s if timeout_s is not None else min(c["request_timeout_s"] for c in configs)
         retention = max(int(c.get("job_retention_s" if job else "request_retention_s") or 86400) for c in configs)
         limit = _queue_limit(configs)
         job_id = task_id or new_task_id()
