@@ -6,9 +6,11 @@ errors name the option and the value so the user knows what to change.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.exceptions import DeploymentConfigError
@@ -16,6 +18,53 @@ from app.exceptions import DeploymentConfigError
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
 DEFAULT_MAX_QUEUED_REQUESTS = 10_000
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+AUTO_MAX_REPLICAS = 8  # `num_replicas="auto"`: at most this many (and never more than the machines fit)
+
+
+class AutoscalingConfig(BaseModel):
+    """How a deployment's replica count follows its load (`autoscaling_config=` or `num_replicas="auto"`).
+
+    The load is what waits in the deployment's queue plus what replicas have taken and not finished; the
+    scaler runs `ceil(load / target_ongoing_requests)` replicas, within [min_replicas, max_replicas], after
+    the load has asked for more (fewer) for `upscale_delay_s` (`downscale_delay_s`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(default=1, ge=0, le=1024)
+    max_replicas: int = Field(default=AUTO_MAX_REPLICAS, ge=1, le=1024)
+    initial_replicas: int | None = Field(default=None, ge=0, le=1024)
+    target_ongoing_requests: float = Field(default=2.0, gt=0, le=1_000_000)
+    upscale_delay_s: float = Field(default=3.0, ge=0, le=24 * 3600)
+    downscale_delay_s: float = Field(default=60.0, ge=0, le=24 * 3600)
+    metrics_interval_s: float = Field(default=1.0, ge=0.05, le=3600)
+
+    @field_validator("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s", "metrics_interval_s")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas must be >= min_replicas, got max_replicas={self.max_replicas} and "
+                f"min_replicas={self.min_replicas}"
+            )
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas must be between min_replicas ({self.min_replicas}) and max_replicas "
+                f"({self.max_replicas}), got initial_replicas={initial}"
+            )
+        return self
+
+    @property
+    def start_replicas(self) -> int:
+        """How many replicas a deployment starts with."""
+        return self.min_replicas if self.initial_replicas is None else self.initial_replicas
 
 
 class DeploymentConfig(BaseModel):
@@ -24,7 +73,7 @@ class DeploymentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_\-]+$")
-    num_replicas: int = Field(default=1, ge=1, le=1024)
+    num_replicas: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1
     route_prefix: str | None = None
     max_queued_requests: int = Field(default=DEFAULT_MAX_QUEUED_REQUESTS, ge=-1)
     max_ongoing_requests: int = Field(default=100, ge=1, le=100_000)
@@ -37,6 +86,34 @@ class DeploymentConfig(BaseModel):
     allow_cpu_fallback: bool = False
     job_retention_s: int = Field(default=24 * 3600, ge=1, le=90 * 24 * 3600)
     request_retention_s: int = Field(default=600, ge=1, le=90 * 24 * 3600)
+    autoscaling_config: AutoscalingConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_replicas(cls, data: Any) -> Any:
+        """`num_replicas="auto"` means autoscaling (defaults unless a config is given), and a config means
+        `"auto"`; a fixed count other than the default cannot be combined with an autoscaling config."""
+        if not isinstance(data, dict):
+            return data
+        scaling, count = data.get("autoscaling_config"), data.get("num_replicas", 1)
+        if count == "auto":
+            return {**data, "autoscaling_config": AutoscalingConfig() if scaling is None else scaling}
+        if scaling is not None:
+            if count not in (1, None):
+                raise ValueError(
+                    "num_replicas cannot be combined with autoscaling_config (use one or the other; pass "
+                    f"autoscaling_config=None for a fixed count), got num_replicas={count!r}"
+                )
+            return {**data, "num_replicas": "auto"}
+        return data
+
+    @field_validator("num_replicas", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024):
+            return value
+        hint = " (to scale to zero, use autoscaling_config={'min_replicas': 0, ...})" if value == 0 else ""
+        raise ValueError(f"must be an integer from 1 to 1024, or 'auto' for autoscaling{hint}")
 
     @field_validator("route_prefix")
     @classmethod
@@ -56,6 +133,19 @@ class DeploymentConfig(BaseModel):
         if value > 1 and value != int(value):
             raise ValueError("must be a fraction of one GPU (0 < n <= 1) or a whole number of GPUs")
         return value
+
+
+def autoscaling_of(config: Mapping[str, Any]) -> AutoscalingConfig | None:
+    """A spec's deployment config (a dict) -> its autoscaling config, or None for a fixed count."""
+    raw = config.get("autoscaling_config")
+    return None if raw is None else AutoscalingConfig(**raw)
+
+
+def start_replicas(config: Mapping[str, Any]) -> int:
+    """How many replicas a deployment (a spec's config dict) starts with: `num_replicas`, or for an
+    autoscaled deployment `initial_replicas` (default `min_replicas`, which may be 0)."""
+    scaling = autoscaling_of(config)
+    return scaling.start_replicas if scaling is not None else int(config["num_replicas"])
 
 
 def validate_route_prefix(value: str | None) -> str | None:
@@ -86,7 +176,8 @@ def describe_validation_error(exc: ValidationError) -> str:
             parts.append(f"unknown deployment option '{option}' (got {err['input']!r})")
             continue
         message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{option} {message[0].lower()}{message[1:]}, got {err.get('input')!r}")
+        message = f"{option} {message[0].lower()}{message[1:]}" if option != "options" else message
+        parts.append(message if ", got " in message else f"{message}, got {err.get('input')!r}")
     return "invalid deployment options: " + "; ".join(parts)
 
 
