@@ -53,9 +53,10 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
     async def submit(target: str, request: Request, app: str | None = Query(None, description="application, when names clash")) -> Any:
         try:
             body = await read_body(request.receive, request.headers.get("content-length", "").encode() or None, max_body_bytes)
-            await routes.refresh()
             name, _, rest = target.strip("/").partition("/")
             dep = find_deployment(name, app)
+            if dep is None and await routes.refresh_on_miss():  # deployed a moment ago?
+                dep = find_deployment(name, app)
             key = request.headers.get("idempotency-key")
             if dep is not None:  # a deployment by name: a call with arguments, as through a handle
                 args, kwargs = _call_arguments(body)

@@ -63,7 +63,13 @@ class RouteTable:
 
     async def match_fresh(self, path: str) -> tuple[AppSpec, DeploymentSpec | AppSpec] | None:
         found = self.match(path)
-        if found is None and time.monotonic() - self._refreshed_at > _MISS_REFRESH_MIN_S:
-            await self.refresh()
+        if found is None and await self.refresh_on_miss():
             found = self.match(path)
         return found
+
+    async def refresh_on_miss(self) -> bool:
+        """Read the specs again after a lookup found nothing, unless that was just done; True if it was."""
+        if time.monotonic() - self._refreshed_at <= _MISS_REFRESH_MIN_S:
+            return False
+        await self.refresh()
+        return True

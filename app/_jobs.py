@@ -161,13 +161,16 @@ class JobStore:
         A job still queued at its deadline is read again then (nothing is published when a job
         expires in the queue), so it reads `expired` at its deadline, not when `timeout_s` ends.
         """
-        job_id = check_job_id(job_id)
+        job = await self.get(job_id)
+        if job["status"] in TERMINAL or timeout_s <= 0:  # most fetches: nothing to subscribe to
+            return job
+        job_id = job["job_id"]
+        until = time.monotonic() + timeout_s
         channel = _keys.result(job_id)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self._subscribe(channel, fut)
         try:
-            job = await self.get(job_id)  # after subscribing, so a result published meanwhile is not missed
-            until = time.monotonic() + timeout_s
+            job = await self.get(job_id)  # again once subscribed: a result published meanwhile is seen
             while job["status"] not in TERMINAL and (remaining := until - time.monotonic()) > 0:
                 if fut.done():  # the result was published after the read above: read it
                     return await self.get(job_id)
