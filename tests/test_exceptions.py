@@ -12,6 +12,7 @@ from app import (
     BadRequestError,
     DeploymentConfigError,
     DeploymentNotFoundError,
+    JobCancelledError,
     PayloadTooLargeError,
     RemoteError,
     RequestTimeoutError,
@@ -28,6 +29,7 @@ SERVE_ERRORS = [
     PayloadTooLargeError,
     BackpressureError,
     RequestTimeoutError,
+    JobCancelledError,
     ServeStartupError,
 ]
 
