@@ -76,11 +76,16 @@ class CliProcess:
         return psutil.Process(self.proc.pid).children(recursive=True)
 
     def kill_everything(self) -> None:
-        """Clean-up after a failed test: the whole process group, by its id."""
+        """Clean-up after a failed test: this command and every process it started, by their ids."""
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            descendants = self.descendants()
+        except psutil.NoSuchProcess:
+            descendants = []
+        for process in [psutil.Process(self.proc.pid), *descendants]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
         self.proc.wait()
 
 
