@@ -15,7 +15,7 @@ import pytest
 from app._launcher import ProcessGroup, free_port, spawn
 from tests.conftest import wait_until
 
-SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+SLEEPER = [sys.executable, "-c", "import signal; signal.pause()"]  # runs until signalled
 
 
 def test_free_port_can_be_bound() -> None:
@@ -39,8 +39,8 @@ def test_a_child_started_from_a_short_lived_thread_outlives_the_thread() -> None
 
 def test_a_child_dies_with_the_process_that_started_it() -> None:
     starter = (
-        "import sys, time; from app._launcher import spawn; "
-        f"p = spawn({SLEEPER!r}); print(p.pid, flush=True); time.sleep(60)"
+        "import signal; from app._launcher import spawn; "
+        f"p = spawn({SLEEPER!r}); print(p.pid, flush=True); signal.pause()"
     )
     parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, cwd=os.getcwd())
     try:
