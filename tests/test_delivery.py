@@ -109,3 +109,19 @@ def test_a_handle_call_carries_its_deadline_as_the_expires_header(
     finally:
         delete_app(served.redis_url, "unserved")
         redis_client.delete(queue("unserved", "Unserved"))
+
+
+def test_a_plain_celery_client_can_call_a_deployment(served: Served) -> None:
+    from workers.celery_app import make_celery
+
+    celery = make_celery(served.redis_url)
+    try:
+        sent = celery.send_task("probe.Calc.add", args=[20, 22], queue=queue("probe", "Calc"), expires=60)
+        assert sent.get(timeout=60) == 42
+        failing = celery.send_task(
+            "probe.Calc.boom", args=["from celery"], queue=queue("probe", "Calc"), expires=60
+        )
+        with pytest.raises(ValueError, match="from celery"):
+            failing.get(timeout=60)
+    finally:
+        celery.close()
