@@ -134,6 +134,9 @@ class Probe:
     def created(self, request: Request) -> Response:
         return Response(content=b"made it", status_code=201, headers={"x-a": "b"}, media_type="text/x-custom")
 
+    def binary(self, request: Request) -> bytes:
+        return bytes(range(256))  # not UTF-8: travels base64-encoded in the result record
+
     def fail(self, request: Request) -> None:
         raise ValueError("probe failed on purpose")
 

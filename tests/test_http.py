@@ -101,6 +101,13 @@ def test_a_returned_starlette_response_keeps_status_headers_and_body(http: httpx
     assert response.content == b"made it"
 
 
+def test_returned_bytes_are_sent_as_they_are(http: httpx.Client) -> None:
+    response = http.get("/probe", headers={"X-Serve-Call-Method": "binary"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert response.content == bytes(range(256))
+
+
 def test_sync_function_deployment_reads_json_and_query(http: httpx.Client) -> None:
     response = http.post("/fn/anything?scale=3", json={"b": 2, "a": 1})
     assert response.status_code == 200
