@@ -244,3 +244,15 @@ async def load(request: Request) -> str:
 
 
 load_app = load.bind()
+
+
+# --- a deployment that cannot start ---------------------------------------------------------------------
+
+
+@deployment
+class BrokenModel:
+    def __init__(self) -> None:
+        raise RuntimeError("model file missing")
+
+
+broken_app = BrokenModel.bind()
