@@ -80,3 +80,25 @@ def cancel_channel(app: str, deployment: str) -> str:
 def chord(job_id: str, group_id: str) -> str:
     """Hash: the results of a parallel pipeline step's branches (r0, r1, ...) and whether it fired."""
     return f"serve:chord:{job_id}:{group_id}"
+
+
+# --- scaling and observability -----------------------------------------------------------------------
+
+WORKERS = "serve:workers"  # hash: worker hostname -> JSON {app, deployment, machine, pool_size, capacity...}
+SCALER_LEADER = "serve:scaler:leader"  # the acting scaler's id, with a short TTL it keeps renewing
+
+
+def worker_alive(hostname: str) -> str:
+    """A key with a short TTL that a deployment's worker refreshes; gone means the worker is gone."""
+    return f"serve:worker-alive:{hostname}"
+
+
+def autoscale_state(app: str, deployment: str) -> str:
+    """Hash: the scaler's last decision (desired, replicas, reason, inputs) and its pending delay timers."""
+    return f"serve:autoscale:{app}:{deployment}"
+
+
+def history(app: str, deployment: str) -> str:
+    """List: recent JSON samples {t, requests, errors, queued, in_flight, replicas}, newest first."""
+    return f"serve:history:{app}:{deployment}"
+TASK_EVENTS = "serve:task-events"  # exists (short TTL) while a monitor asks for task events (enable_events)

@@ -9,6 +9,7 @@ gracefully (SIGTERM: finish or hand back what they hold).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 _STOP_GRACE_S = 30.0
 _MAX_BACKOFF_S = 30.0
+REGISTER_EVERY_S = 2.0
+WORKER_ALIVE_TTL_S = 10
 
 
 @dataclass
@@ -58,6 +61,7 @@ class ReplicaPool(BasePool):
         self._supervisor: threading.Thread | None = None
         self._redis = sync_client(self.app.conf.serve_redis_url)
         self._restore = self._redis.register_script(_scripts.RESTORE)
+        self._registered_at = 0.0
 
     def _command(self, replica_id: str) -> list[str]:
         conf = self.app.conf
@@ -81,6 +85,7 @@ class ReplicaPool(BasePool):
         env = os.environ.copy()
         env.update(replica_env(slot.devices, conf.serve_cpu_fallback))
         env.update(conf.serve_replica_env)
+        env["SERVE_WORKER_HOSTNAME"] = conf.get("serve_worker_hostname") or ""
         slot.proc = spawn(self._command(slot.replica_id), env=env, start_new_session=True)
         slot.started_at = time.monotonic()
         logger.info("started replica pid %d of %s", slot.proc.pid, self.app.conf.serve_deployment)
@@ -89,7 +94,7 @@ class ReplicaPool(BasePool):
         """Slots for n more replicas, each with its GPU devices (none for a CPU deployment)."""
         conf = self.app.conf
         given = conf.serve_placement[len(self._slots) :] if conf.serve_placement else []
-        used: dict[str, float] = {}
+        used = self._devices_used_elsewhere() if conf.serve_devices else {}
         for slot in self._slots:
             for device in slot.devices:
                 used[device] = used.get(device, 0.0) + min(conf.serve_num_gpus, 1.0)
@@ -98,11 +103,76 @@ class ReplicaPool(BasePool):
             planned += plan_placement(n - len(planned), conf.serve_num_gpus if conf.serve_devices else 0, conf.serve_devices, used)
         return [_Slot(devices=list(devices)) for devices in planned]
 
-    def on_start(self) -> None:
+    def _devices_used_elsewhere(self) -> dict[str, float]:
+        """GPU shares that other live workers on this machine hold (so fractional deployments that grow
+        do not pile onto a device another deployment fills)."""
+        conf = self.app.conf
+        used: dict[str, float] = {}
+        try:
+            for raw in self._redis.hvals(_keys.WORKERS):
+                info = json.loads(raw)
+                host = info.get("hostname")
+                if host == conf.get("serve_worker_hostname") or info.get("machine") != conf.get("serve_machine"):
+                    continue
+                if not self._redis.exists(_keys.worker_alive(host)):
+                    continue
+                share = min(float(info.get("num_gpus") or 0), 1.0)
+                for devices in info.get("devices") or []:
+                    for device in devices:
+                        used[device] = used.get(device, 0.0) + share
+        except Exception as exc:  # noqa: BLE001 - Redis trouble: place by this pool's own use only
+            logger.warning("could not read other workers' GPU use: %s", exc)
+        return used
+
+    def _register(self) -> None:
+        """Tell the scaler this worker exists: its hostname, pool size, machine and that machine's capacity."""
+        conf = self.app.conf
+        hostname = conf.get("serve_worker_hostname")
+        if not hostname:
+            return
         with self._lock:
-            for slot in self._new_slots(self.limit or 1):
+            info = {
+                "hostname": hostname,
+                "app": conf.serve_app,
+                "deployment": conf.serve_deployment,
+                "pid": os.getpid(),
+                "pool_size": len(self._slots),
+                "num_cpus": conf.get("serve_num_cpus", 1.0),
+                "num_gpus": conf.serve_num_gpus,
+                "devices": [s.devices for s in self._slots],
+                "machine": conf.get("serve_machine"),
+                "machine_cpus": conf.get("serve_machine_cpus"),
+                "machine_gpus": conf.get("serve_machine_gpus"),
+                "at": time.time(),
+            }
+        try:
+            pipe = self._redis.pipeline()  # MULTI: an entry never exists without its alive key
+            pipe.hset(_keys.WORKERS, hostname, json.dumps(info))
+            pipe.set(_keys.worker_alive(hostname), 1, ex=WORKER_ALIVE_TTL_S)
+            pipe.execute()
+            self._registered_at = time.monotonic()
+        except Exception as exc:  # noqa: BLE001 - retried by the supervisor every few seconds
+            logger.warning("could not register worker %s: %s", hostname, exc)
+
+    def _unregister(self) -> None:
+        hostname = self.app.conf.get("serve_worker_hostname")
+        if not hostname:
+            return
+        try:
+            self._redis.hdel(_keys.WORKERS, hostname)
+            self._redis.delete(_keys.worker_alive(hostname))
+        except Exception as exc:  # noqa: BLE001 - its alive key expires anyway
+            logger.warning("could not unregister worker %s: %s", hostname, exc)
+
+    def on_start(self) -> None:
+        initial = self.app.conf.get("serve_initial_replicas")
+        count = int(initial) if initial is not None else int(getattr(self, "limit", 1) or 1)
+        with self._lock:
+            for slot in self._new_slots(count):
                 self._spawn(slot)
                 self._slots.append(slot)
+            self.limit = len(self._slots)
+        self._register()
         self._supervisor = threading.Thread(target=self._supervise, name="replica-supervisor", daemon=True)
         self._supervisor.start()
 
@@ -112,6 +182,8 @@ class ReplicaPool(BasePool):
                 for slot in self._slots:
                     self._check(slot)
                 self._retiring = [p for p in self._retiring if p.poll() is None]
+            if time.monotonic() - self._registered_at >= REGISTER_EVERY_S:
+                self._register()
 
     def _check(self, slot: _Slot) -> None:
         now = time.monotonic()
@@ -152,13 +224,19 @@ class ReplicaPool(BasePool):
             logger.warning("put %d unfinished requests of dead replica %s back on the queue", restored, replica_id)
 
     def grow(self, n: int = 1) -> None:
+        """Start n more replicas (Celery's `pool_grow`, which the scaler sends)."""
         with self._lock:
+            if self._stop.is_set():
+                logger.warning("not growing %s: the worker is stopping", self.app.conf.serve_deployment)
+                return
             for slot in self._new_slots(n):
                 self._spawn(slot)
                 self._slots.append(slot)
             self.limit = len(self._slots)
+        self._register()
 
     def shrink(self, n: int = 1) -> None:
+        """Retire n replicas, newest first: each gets SIGTERM, finishes or hands back what it holds, exits."""
         with self._lock:
             n = min(n, len(self._slots))
             for _ in range(n):
@@ -167,9 +245,11 @@ class ReplicaPool(BasePool):
                     slot.proc.send_signal(signal.SIGTERM)
                     self._retiring.append(slot.proc)
             self.limit = len(self._slots)
+        self._register()
 
     def on_stop(self) -> None:
         self._stop.set()
+        self._unregister()
         with self._lock:
             procs = [s.proc for s in self._slots if s.proc is not None] + self._retiring
             self._slots.clear()

@@ -11,10 +11,15 @@ import logging
 import os
 import socket
 import time
+from typing import Any
+
+from celery.worker import control as celery_control
+from kombu import Exchange, Queue
 
 from app import _keys
 from app._redis import sync_client
 from app._spec import AppSpec
+from app.config import start_replicas
 from app.exceptions import DeploymentNotFoundError
 from workers.celery_app import make_celery
 from workers.gpus import PlacementError, discover_devices, plan_placement
@@ -64,7 +69,7 @@ def run_worker(
         known = ", ".join(sorted(spec.deployments))
         raise DeploymentNotFoundError(f"application '{app}' has no deployment '{deployment}' (it has: {known})")
     config = spec.deployments[deployment].config
-    count = replicas or int(config["num_replicas"])
+    count = replicas if replicas is not None else start_replicas(config)
     num_gpus = float(config.get("num_gpus") or 0)
     devices = discover_devices() if devices is None else devices
     cpu_fallback = False
@@ -77,7 +82,7 @@ def run_worker(
             )
         logger.warning("deployment '%s' asks for GPUs but none were found: running on the CPU (allow_cpu_fallback)", deployment)
         cpu_fallback = True
-    elif num_gpus > 0 and not placement:
+    elif num_gpus > 0 and not placement and count > 0:
         plan_placement(count, num_gpus, devices)  # fail now, with a clear message, if the replicas cannot fit
     celery = make_celery(url)
     celery.conf.serve_app = app
@@ -89,11 +94,17 @@ def run_worker(
     celery.conf.serve_placement = placement
     celery.conf.serve_cpu_fallback = cpu_fallback
     celery.conf.serve_replica_env = replica_threads_env(float(config.get("num_cpus") or 1))
+    hostname = f"{app}.{deployment}.{os.getpid()}@{socket.gethostname()}"
+    celery.conf.serve_worker_hostname = hostname
+    celery.conf.serve_initial_replicas = count  # may be 0 (scale to zero); Celery reads 0 as "one per core"
+    celery.conf.serve_num_cpus = 1.0 if config.get("num_cpus") is None else float(config["num_cpus"])
+    celery.conf.serve_machine, celery.conf.serve_machine_cpus, celery.conf.serve_machine_gpus = machine_capacity(devices)
     os.environ["REDIS_URL"] = url
+    install_control_commands()
     worker = celery.Worker(
-        hostname=f"{app}.{deployment}.{os.getpid()}@{socket.gethostname()}",
+        hostname=hostname,
         pool_cls=ReplicaPool,
-        concurrency=count,
+        concurrency=max(count, 1),
         queues=[control_queue(app, deployment)],
         loglevel=log_level.upper(),
         without_mingle=True,  # replicas share nothing through mingle; skip its start-up round trip
@@ -118,3 +129,63 @@ def replica_threads_env(num_cpus: float) -> dict[str, str]:
         "OPENBLAS_NUM_THREADS": threads,
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+
+def machine_capacity(devices: list[str]) -> tuple[str, float, float]:
+    """This machine's name and what the scaler may place on it: cores and GPUs.
+
+    `SERVE_MACHINE_ID`, `SERVE_MACHINE_CPUS` and `SERVE_MACHINE_GPUS` override what is found (as
+    `ray start --num-cpus` does): to keep cores for other work, or to split one host between teams.
+    """
+    name = os.environ.get("SERVE_MACHINE_ID") or socket.gethostname()
+    cpus = os.environ.get("SERVE_MACHINE_CPUS")
+    gpus = os.environ.get("SERVE_MACHINE_GPUS")
+    found_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return name, float(cpus) if cpus else float(found_cpus), float(gpus) if gpus else float(len(devices))
+
+
+_original_active_queues = celery_control.Panel.data["active_queues"]
+_original_enable_events = celery_control.Panel.data["enable_events"]
+_original_disable_events = celery_control.Panel.data["disable_events"]
+TASK_EVENTS_TTL_S = 30  # Flower repeats enable_events every 5 s; events stop half a minute after it goes
+
+
+def _active_queues(state: Any) -> list[dict[str, Any]]:
+    """Celery's `active_queues`, plus the deployment queue that this worker's replicas consume.
+
+    Flower's broker view and `celery inspect active_queues` list a worker's queues from this reply; the
+    Celery consumer itself only listens on the control queue, so without this the request queue is invisible.
+    """
+    queues: list[dict[str, Any]] = list(_original_active_queues(state))
+    name = state.consumer.app.conf.get("serve_queue")
+    if name and all(q.get("name") != name for q in queues):
+        queues.append(dict(Queue(name, Exchange(name), routing_key=name).as_dict(recurse=True)))
+    return queues
+
+
+def _enable_events(state: Any) -> Any:
+    """Celery's `enable_events` (Flower sends it every 5 s), which also tells this deployment's replicas
+    to send task events: they publish only while `serve:task-events` exists (see `workers.events`)."""
+    conf = state.consumer.app.conf
+    try:
+        sync_client(conf.serve_redis_url).set(_keys.TASK_EVENTS, 1, ex=TASK_EVENTS_TTL_S)
+    except Exception as exc:  # noqa: BLE001 - events are best effort
+        logger.warning("could not enable task events in Redis: %s", exc)
+    return _original_enable_events(state)
+
+
+def _disable_events(state: Any) -> Any:
+    try:
+        sync_client(state.consumer.app.conf.serve_redis_url).delete(_keys.TASK_EVENTS)
+    except Exception as exc:  # noqa: BLE001 - the key expires anyway
+        logger.warning("could not disable task events in Redis: %s", exc)
+    return _original_disable_events(state)
+
+
+def install_control_commands() -> None:
+    """Replace three of Celery's remote-control commands in this worker process (only: it is ours) with
+    versions that know the replicas: `active_queues` lists the deployment queue, `enable_events` and
+    `disable_events` reach the replicas through Redis."""
+    celery_control.Panel.data["active_queues"] = _active_queues
+    celery_control.Panel.data["enable_events"] = _enable_events
+    celery_control.Panel.data["disable_events"] = _disable_events
