@@ -203,6 +203,16 @@ def gateway_command(redis_url: str, host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "api.main", "--redis-url", redis_url, "--host", host, "--port", str(port), "--log-level", log_level]
 
 
+def scaler_command(redis_url: str) -> list[str]:
+    log_level = os.environ.get("SERVE_SCALER_LOG_LEVEL", "INFO")  # its decisions are logged at INFO
+    return [sys.executable, "-m", "app.cli", "scaler", "--redis-url", redis_url, "--log-level", log_level]
+
+
+def flower_command(redis_url: str, port: int, address: str = "127.0.0.1") -> list[str]:
+    """Flower on this Redis; basic auth travels in the environment (FLOWER_BASIC_AUTH), not in argv."""
+    return [sys.executable, "-m", "workers.flower", "--redis-url", redis_url, "--port", str(port), "--address", address]
+
+
 def worker_command(redis_url: str, app: str, deployment: str, placement: list[list[str]] | None = None) -> list[str]:
     log_level = os.environ.get("SERVE_LOG_LEVEL", "WARNING")
     extra = ["--placement", json.dumps(placement)] if placement else []

@@ -201,3 +201,24 @@ for _, r in ipairs(results) do
 end
 return results
 """
+
+# KEYS: leader key. ARGV: this scaler's id, ttl ms. Take the lead if nobody holds it, or keep it if we do.
+# Returns 1 when this scaler leads. One scaler acts at a time; the others stand by until its key expires.
+LEAD = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: leader key. ARGV: this scaler's id. Give up the lead (only if we hold it).
+RESIGN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

@@ -18,9 +18,20 @@ from dataclasses import dataclass, field
 import httpx
 
 from app import _context, _keys
-from app._launcher import ProcessGroup, gateway_command, start_embedded_redis, wait_for_redis, worker_command
+from app._launcher import (
+    ManagedProcess,
+    ProcessGroup,
+    flower_command,
+    free_port,
+    gateway_command,
+    scaler_command,
+    start_embedded_redis,
+    wait_for_redis,
+    worker_command,
+)
 from app._redis import sync_client
 from app._spec import AppSpec, build_spec
+from app.config import start_replicas
 from app.deployment import Application
 from app.exceptions import ServeError, ServeStartupError
 from app.handle import DeploymentHandle
@@ -38,6 +49,9 @@ class _Session:
     group: ProcessGroup
     gateway_url: str | None = None
     workers: dict[str, set[str]] = field(default_factory=dict)  # app name -> process names
+    scaler: bool = False
+    scaler_died_at: float = float("-inf")  # when it was last started again after exiting
+    flower_url: str | None = None
 
 
 _lock = threading.RLock()
@@ -101,6 +115,10 @@ def run(
         if session.gateway_url is None:
             session.group.start("gateway", gateway_command(session.redis_url, host, port))
             session.gateway_url = f"http://{host}:{port}"
+        if not session.scaler and os.environ.get("SERVE_SCALER", "1") != "0":
+            # one per session; more against the same Redis stand by (see workers.scaler)
+            session.group.start("scaler", scaler_command(session.redis_url))
+            session.scaler = True
         old = session.workers.pop(spec.name, set())
         if old:
             session.group.stop(old)
@@ -146,7 +164,7 @@ def plan_gpus(spec: AppSpec, devices: list[str] | None = None) -> dict[str, list
                 "allow_cpu_fallback=True on the deployment to run it on the CPU"
             )
         try:
-            plan = plan_placement(int(dep.config["num_replicas"]), num_gpus, devices, used)
+            plan = plan_placement(start_replicas(dep.config), num_gpus, devices, used)
         except PlacementError:
             if dep.config.get("allow_cpu_fallback"):
                 continue
@@ -168,7 +186,8 @@ def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float) -> None
             error = client.get(_keys.deployment_error(spec.name, name))
             if error:
                 raise ServeStartupError(f"deployment '{name}' failed to start: {error.decode()}")
-            if ready_replicas(client, spec, name) >= int(dep.config["num_replicas"]):
+            needed = start_replicas(dep.config)
+            if ready_replicas(client, spec, name) >= needed and (needed > 0 or worker_registered(client, spec.name, name)):
                 del pending[name]
         mine = session.workers.get(spec.name, set()) | {"gateway", "redis"}
         dead = [p.name for p in session.group.dead() if p.name in mine]
@@ -192,6 +211,68 @@ def ready_replicas(client: object, spec: AppSpec, deployment: str) -> int:
         if info.get("deployed_at") == spec.deployed_at and client.exists(_keys.replica_alive(rid.decode())):  # type: ignore[attr-defined]
             count += 1
     return count
+
+
+def worker_registered(client: object, app: str, deployment: str) -> bool:
+    """Is a live worker registered for the deployment? (A deployment that starts at zero replicas is ready
+    once its worker can be grown.)"""
+    for raw in client.hvals(_keys.WORKERS):  # type: ignore[attr-defined]
+        info = json.loads(raw)
+        if (info.get("app"), info.get("deployment")) == (app, deployment) and client.exists(_keys.worker_alive(info["hostname"])):  # type: ignore[attr-defined]
+            return True
+    return False
+
+
+def start_flower(port: int | None = 5555, address: str = "127.0.0.1", basic_auth: str | None = None) -> str:
+    """Start Flower for this session's Redis (once); returns its URL. `basic_auth` is `user:password`
+    (several separated by commas), default `$FLOWER_BASIC_AUTH`; it binds to loopback unless told otherwise."""
+    from app._launcher import child_env
+
+    with _lock:
+        if _session is None:
+            raise ServeError("start_flower() needs a running application: call run() first")
+        if _session.flower_url is None:
+            port = port or free_port(address if address not in ("", "0.0.0.0") else "127.0.0.1")
+            env = child_env({"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else None)
+            _session.group.start("flower", flower_command(_session.redis_url, port, address), env=env)
+            _session.flower_url = f"http://{address or '127.0.0.1'}:{port}"
+        return _session.flower_url
+
+
+_SCALER_RESTART_S = 10.0
+
+
+def essential_dead(session: _Session) -> list[ManagedProcess]:
+    """The processes serving needs (Redis, gateway, workers) that have exited. A scaler that exits is
+    started again (serving goes on at the current size meanwhile, and the new one picks up from Redis);
+    Flower exiting (its port taken, say) is reported once and left so."""
+    dead = []
+    for proc in session.group.dead():
+        if proc.name == "flower":
+            logger.warning("Flower exited with code %s (is its port taken?); serving goes on without it", proc.proc.returncode)
+            session.group.processes.remove(proc)
+            session.flower_url = None
+        elif proc.name == "scaler":
+            if time.monotonic() - session.scaler_died_at < _SCALER_RESTART_S:
+                continue
+            logger.warning("the scaler exited with code %s; starting it again", proc.proc.returncode)
+            session.group.processes.remove(proc)
+            session.scaler_died_at = time.monotonic()
+            session.group.start("scaler", scaler_command(session.redis_url))
+        else:
+            dead.append(proc)
+    return dead
+
+
+def delete(name: str) -> None:
+    """Remove an application this process started: its spec, then its workers (like Ray's `serve.delete`)."""
+    with _lock:
+        if _session is None:
+            return
+        session = _session
+        names = session.workers.pop(name, set())
+    delete_app(session.redis_url, name)
+    session.group.stop(names)
 
 
 def _wait_for_route(session: _Session, spec: AppSpec, deadline: float) -> None:
@@ -228,6 +309,7 @@ def shutdown() -> None:
         return
     _context.reset()
     _context.set_redis_url(None)
+    session.group.stop({"scaler"})  # first, so it does not grow pools that are stopping
     try:
         for app_name in session.workers:
             delete_app(session.redis_url, app_name)

@@ -4,6 +4,8 @@
     celery-serve deploy MODULE:APP    write the application's spec to Redis, nothing else
     celery-serve gateway              the HTTP gateway alone, against REDIS_URL
     celery-serve worker               one deployment's worker pool alone, against REDIS_URL
+    celery-serve scaler               the autoscaler alone, against REDIS_URL
+    celery-serve status [--json]      every deployment's replicas, queue, in-flight, throughput, errors
     celery-serve delete NAME          remove an application
 """
 
@@ -69,14 +71,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         session = _serve._session
         assert session is not None
+        flower = None
+        if not args.no_flower:
+            flower = _serve.start_flower(args.flower_port, args.flower_address, args.flower_basic_auth)
         spec_prefix = args.route_prefix or "/"
         print(f"celery-serve: application '{args.name}' from {args.target}", flush=True)
         print(f"  HTTP      {session.gateway_url}{'' if spec_prefix == '/' else spec_prefix}/  (docs: {session.gateway_url}/docs)", flush=True)
         print(f"  Redis     {session.redis_url}{'  (embedded)' if not (args.redis_url or os.environ.get('REDIS_URL')) else ''}", flush=True)
         print(f"  workers   {', '.join(sorted(session.workers.get(args.name, [])))}", flush=True)
+        if flower:
+            print(f"  Flower    {flower}/", flush=True)
+        print(f"  metrics   {session.gateway_url}/metrics  (celery-serve status for a table)", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         while True:
-            dead = session.group.dead()
+            dead = _serve.essential_dead(session)
             if dead:
                 print(f"celery-serve: {dead[0].name} exited with code {dead[0].proc.returncode}; stopping", file=sys.stderr)
                 return 1
@@ -87,6 +95,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _serve.shutdown()
+
+
+def cmd_scaler(args: argparse.Namespace) -> int:
+    from workers.scaler import run_scaler
+
+    run_scaler(_require_redis(args))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from app._redis import sync_client
+    from app.status import read_snapshot, status_json, status_table
+
+    snapshot = read_snapshot(sync_client(_require_redis(args)))
+    print(status_json(snapshot) if args.json else status_table(snapshot))
+    return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -171,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--route-prefix", default=None)
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8000)
+    run.add_argument("--no-flower", action="store_true", help="do not start Flower")
+    run.add_argument("--flower-port", type=int, default=5555)
+    run.add_argument("--flower-address", default="127.0.0.1", help="Flower's bind address (default: loopback only)")
+    run.add_argument(
+        "--flower-basic-auth",
+        default=os.environ.get("FLOWER_BASIC_AUTH"),
+        help="user:password for Flower (default: $FLOWER_BASIC_AUTH); set it before binding beyond loopback",
+    )
     common(run)
     run.set_defaults(func=cmd_run)
 
@@ -191,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--port", type=int, default=int(os.environ.get("SERVE_PORT", "8000")))
     common(gateway)
     gateway.set_defaults(func=cmd_gateway)
+
+    scaler = sub.add_parser("scaler", help="run the autoscaler against an existing Redis")
+    common(scaler)
+    scaler.set_defaults(func=cmd_scaler, log_level=os.environ.get("SERVE_SCALER_LOG_LEVEL", "INFO"))
+
+    status = sub.add_parser("status", help="show every deployment's replicas, queue depth, in-flight, throughput")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    common(status)
+    status.set_defaults(func=cmd_status)
 
     worker = sub.add_parser("worker", help="run one deployment's worker pool against an existing Redis")
     worker.add_argument("target", nargs="?", help="MODULE:ATTRIBUTE to deploy first (optional)")
