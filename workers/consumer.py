@@ -28,6 +28,7 @@ from app._redis import BLOCK_S, async_client, sync_client
 from app._spec import DeploymentSpec
 from app.exceptions import BadRequestError
 from workers.batching import ArrivalRate, Outcome, wait_budget
+from workers.events import TaskEvents
 from workers.http import to_jsonable
 from workers.replica import Replica
 
@@ -106,6 +107,7 @@ class ReplicaStats:
     def __init__(self) -> None:
         self.requests = 0
         self.batches = 0
+        self.errors = 0  # requests answered with an error (failed, expired or cancelled)
         self.batch_sizes: dict[int, int] = {}
 
     def record_batch(self, size: int) -> None:
@@ -117,6 +119,7 @@ class ReplicaStats:
         return {
             "requests": self.requests,
             "batches": self.batches,
+            "errors": self.errors,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "at": time.time(),
         }
@@ -182,6 +185,10 @@ class Heartbeat(threading.Thread):
     def unregister(self) -> int:
         """Hand back whatever is still held and leave the deployment."""
         self.stopping.set()
+        try:  # the final counts, for metrics (the last heartbeat may be seconds old)
+            self.redis.hset(self.ops.stats_key, self.ops.replica_id, json.dumps(self.stats.snapshot()))
+        except redis.exceptions.RedisError as exc:
+            logger.warning("could not store final stats: %s", exc)
         return self.restore(self.ops.replica_id, force=True)
 
 
@@ -214,11 +221,13 @@ class ReplicaServer:
         self._stopping = asyncio.Event()
         self._service_s = 0.0
         self._arrivals = ArrivalRate()
+        self.events = TaskEvents.from_env(url)  # Celery task events for Flower, published in batches
 
     async def run(self) -> None:
         await self.replica.start()
         self.heartbeat.register()
         self.heartbeat.start()
+        self.events.start()
         logger.info("replica %s serving %s", self.replica_id, self.ops.queue)
         cancels = asyncio.create_task(self._listen_for_cancels())
         try:
@@ -226,6 +235,7 @@ class ReplicaServer:
         finally:
             cancels.cancel()
             await self._drain_ongoing()
+            await asyncio.to_thread(self.events.stop)
             handed_back = await asyncio.to_thread(self.heartbeat.unregister)
             if handed_back:
                 logger.warning("replica %s handed %d unfinished requests back to %s", self.replica_id, handed_back, self.ops.queue)
@@ -295,8 +305,10 @@ class ReplicaServer:
             if env.deadline is not None and now > env.deadline:
                 logger.info("skipping %s %s: its deadline passed before it started", env.task_name, env.task_id)
                 self._answer(token, env, _results.expired(env.job_id, self.replica.name))
+                self.events.expired(env)
                 continue
             admitted.append((token, env))
+            self.events.received(env)
         return admitted
 
     async def _fill(self, method: str, group: list[tuple[str, Envelope]]) -> None:
@@ -372,6 +384,7 @@ class ReplicaServer:
 
     async def _finish(self, token: str, env: Envelope, outcome: Outcome) -> None:
         """Answer the caller, or, for a pipeline step that succeeded, hand the result to the next step."""
+        self.events.finished(env, outcome)
         if outcome.ok and (env.chain or env.chord):
             try:
                 await self._forward(token, env, outcome.value)
@@ -451,7 +464,10 @@ class ReplicaServer:
 
     def _answer(self, token: str, env: Envelope, record: str) -> None:
         reply = env.reply_to if env.reply_to and env.reply_to.startswith(_keys.REPLY_PREFIX) else ""
-        self._done.append((token, env.job_id, reply, record, _results.job_status(record), env.retention_s))
+        status = _results.job_status(record)
+        if status != "succeeded":
+            self.stats.errors += 1
+        self._done.append((token, env.job_id, reply, record, status, env.retention_s))
 
     def _schedule_flush(self) -> None:
         if self._done and (self._flushing is None or self._flushing.done()):
