@@ -1,6 +1,7 @@
 """The HTTP gateway: FastAPI for its own endpoints, the proxy for everything the applications serve.
 
     /-/healthz, /-/routes, /docs, /openapi.json   -> the FastAPI control app below
+    /metrics (also /-/metrics)                     -> Prometheus metrics (api.metrics)
     /jobs/...                                      -> api.jobs (submit, poll, cancel)
     anything else                                  -> api.proxy.Proxy (route prefix -> deployment queue)
 """
@@ -10,24 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.exceptions
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse, Response
+from starlette.types import Message, Receive, Scope, Send
 
 from api.jobs import jobs_router
+from api.metrics import CONTENT_TYPE, GatewayMetrics
 from api.proxy import Proxy
 from api.routes import RouteTable
 from app._jobs import JobStore
-from app._transport import QueueTransport
+from app._transport import QueueTransport, target_name
 from app.config import ServeSettings
 
 logger = logging.getLogger(__name__)
 
-_CONTROL_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
+_CONTROL_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/metrics")
 
 
 class Gateway:
@@ -41,6 +44,7 @@ class Gateway:
         self.routes = RouteTable(self.transport.redis)
         self.proxy = Proxy(self.transport, self.routes, settings.max_body_bytes)
         self.jobs = JobStore(self.transport.redis)
+        self.metrics = GatewayMetrics()
         self.control = self._control_app()
 
     @contextlib.asynccontextmanager
@@ -78,6 +82,11 @@ class Gateway:
             await self.routes.refresh()
             return self.routes.routes
 
+        @control.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+        @control.get("/-/metrics", summary="Prometheus metrics")
+        async def metrics() -> Response:
+            return Response(await self.metrics.render(self.transport.redis), media_type=CONTENT_TYPE)
+
         control.include_router(jobs_router(self.transport, self.routes, self.jobs, self.settings.max_body_bytes))
         return control
 
@@ -88,8 +97,28 @@ class Gateway:
         path = scope.get("path", "")
         if path.startswith(("/-/", "/jobs/")) or path in _CONTROL_PATHS:
             await self.control(scope, receive, send)
+        elif scope["type"] == "http":
+            await self._proxy_counted(scope, receive, send)
         else:
             await self.proxy(scope, receive, send)
+
+    async def _proxy_counted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The proxy, with the request counted by deployment and status for /metrics."""
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.proxy(scope, receive, send_and_note)
+        finally:
+            found = self.routes.match(scope["path"])
+            app, deployment = (found[0].name, target_name(found[1])) if found else ("", "")
+            self.metrics.observe(app, deployment, status, time.perf_counter() - started)
 
 
 def create_gateway(settings: ServeSettings | None = None) -> Gateway:
