@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app import DeploymentHandle, deployment, ingress
+from app import DeploymentHandle, batch, deployment, ingress
 
 KEY_PREFIX = "serve-test:"
 
@@ -149,8 +149,22 @@ class Probe:
         }
 
 
+@deployment(request_timeout_s=1.0)
+class Mixed:
+    """A batched method beside an unbatched one, so a free replica takes up to 8 waiting requests at once."""
+
+    @batch(max_batch_size=8)
+    def echo(self, items: list[str]) -> list[str]:
+        return items
+
+    def slow(self, tag: str, seconds: float) -> str:
+        record_execution(tag)
+        time.sleep(seconds)
+        return tag
+
+
 calc = Calc.bind()
-probe_app = Probe.bind([calc, Fragile.bind()], {"calc": calc})
+probe_app = Probe.bind([calc, Fragile.bind()], {"calc": calc, "mixed": Mixed.bind()})
 
 
 # --- a sync function deployment ------------------------------------------------------------------------

@@ -125,3 +125,33 @@ def test_a_plain_celery_client_can_call_a_deployment(served: Served) -> None:
             failing.get(timeout=60)
     finally:
         celery.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="workers/consumer.py checks deadlines when a take is admitted, not when each request starts",
+)
+def test_requests_taken_together_are_skipped_once_their_deadline_passes_while_they_wait(
+    served: Served, redis_client: redis.Redis
+) -> None:
+    """Mixed: request_timeout_s=1 and a @batch method, so its replica takes up to 8 requests at once.
+    Three 1-second requests taken together: the first runs; by the time it ends the others' deadlines
+    have passed, so they must be skipped, not run."""
+    run = uuid.uuid4().hex[:8]
+    slow = DeploymentHandle("Mixed", "probe").slow
+    holder = slow.remote(f"{run}-holder", 0.5)
+    wait_until(lambda: redis_client.get(executions_key(f"{run}-holder")), what="the first request to start")
+    tags = [f"{run}-{i}" for i in range(3)]
+    waiting = [slow.remote(tag, 1.0) for tag in tags]  # queued while the replica is busy: taken together
+    assert holder.result(timeout_s=60) == f"{run}-holder"
+    for response in waiting:
+        with pytest.raises(RequestTimeoutError):
+            response.result(timeout_s=60)
+
+    def all_handled() -> bool:
+        held = _inflight_messages(redis_client, "probe", "Mixed")
+        return redis_client.llen(queue("probe", "Mixed")) == 0 and not any(run.encode() in m for m in held)
+
+    wait_until(all_handled, timeout_s=60, what="the replica to get through the three requests")
+    ran = [tag for tag in tags if redis_client.get(executions_key(tag))]
+    assert len(ran) <= 1, f"{ran} ran after their deadline had passed"

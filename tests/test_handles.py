@@ -63,7 +63,7 @@ def test_handles_nested_in_lists_and_dicts_arrive_as_handles(served: Served) -> 
     got = served.handles["probe"].handles.remote().result(timeout_s=60)
     assert got == {
         "list": ["DeploymentHandle", "DeploymentHandle"],
-        "dict": {"calc": "DeploymentHandle"},
+        "dict": {"calc": "DeploymentHandle", "mixed": "DeploymentHandle"},
         "via_list": 3,
         "via_dict": 7,
     }

@@ -31,7 +31,7 @@ def test_spec_of_a_module_level_application_points_at_it() -> None:
     spec = build_spec(deployments.probe_app, "probe", "/probe")
     assert spec.source == {"module": "tests.deployments", "attr": "probe_app"}
     assert (spec.name, spec.route_prefix, spec.ingress) == ("probe", "/probe", "Probe")
-    assert list(spec.deployments) == ["Calc", "Fragile", "Probe"]
+    assert list(spec.deployments) == ["Calc", "Fragile", "Mixed", "Probe"]
     assert spec.deployments["Calc"].queue == "serve.probe.Calc"
     assert all(d.init is None for d in spec.deployments.values())
 
@@ -74,7 +74,8 @@ def test_module_level_application_resolves_with_handles_in_place_of_children() -
     assert target is deployments.Probe.func_or_class
     calcs, by_name = args
     assert [h.deployment_name for h in calcs] == ["Calc", "Fragile"]
-    assert by_name["calc"].deployment_name == "Calc" and kwargs == {}
+    assert by_name["calc"].deployment_name == "Calc" and by_name["mixed"].deployment_name == "Mixed"
+    assert kwargs == {}
 
 
 def test_bind_arguments_that_are_not_json_need_a_module_level_application() -> None:
