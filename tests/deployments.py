@@ -54,12 +54,19 @@ def record_execution(tag: str) -> None:
 # --- handles and composition -------------------------------------------------------------------------
 
 
-@deployment
+@deployment(user_config={"greeting": "hello"})
 class Calc:
     """Plain methods called through handles."""
 
     def __init__(self) -> None:
         self.calls = 0
+        self.user_config: dict[str, Any] | None = None
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self.user_config = config
+
+    def get_user_config(self) -> dict[str, Any] | None:
+        return self.user_config
 
     def __call__(self, x: int) -> int:
         return x * 2

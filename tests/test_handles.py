@@ -55,6 +55,10 @@ def test_replica_keeps_state_between_calls(calc: DeploymentHandle) -> None:
     assert calc.count.remote().result(timeout_s=60) == first + 1
 
 
+def test_user_config_reaches_reconfigure_before_the_first_request(calc: DeploymentHandle) -> None:
+    assert calc.get_user_config.remote().result(timeout_s=60) == {"greeting": "hello"}
+
+
 def test_a_response_passed_as_an_argument_is_resolved_first(calc: DeploymentHandle) -> None:
     assert calc.add.remote(calc.add.remote(1, 2), 10).result(timeout_s=60) == 13
 
