@@ -6,6 +6,7 @@ times it ran), so a test can prove that every request ran exactly once while rep
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -108,7 +109,18 @@ class Watched:
         raise ValueError(message)
 
 
+@deployment(num_replicas=3, num_cpus=0.25, max_ongoing_requests=4, request_timeout_s=120)
+class Held:
+    """Async work: each replica holds up to four requests at once (what a retired replica must finish)."""
+
+    async def __call__(self, tag: str, key: str) -> dict[str, Any]:
+        await asyncio.sleep(0.2)
+        _redis().hincrby(runs_key(tag), key, 1)
+        return {"key": key, "pid": os.getpid()}
+
+
 step_app = Step.bind()
+held_app = Held.bind()
 from_zero_app = FromZero.bind()
 restartable_app = Restartable.bind()
 watched_app = Watched.bind()

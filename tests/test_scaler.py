@@ -21,6 +21,7 @@ import redis
 
 from app import DeploymentHandle, _serve, run
 from app._launcher import scaler_command
+from workers.celery_app import make_celery
 from app.status import DeploymentStatus, read_snapshot
 from tests import scaling_deployments as sd
 from tests.conftest import Served, wait_until
@@ -182,3 +183,24 @@ def test_a_killed_scaler_leaves_serving_alone_and_a_new_one_converges(served: Se
     status = restart.status()
     assert status.ready == 1 and len(status.workers) == 1
     restart.assert_each_ran_once(set(sent))
+
+
+def test_retired_replicas_finish_what_they_hold(served: Served, deploy: Callable[..., Deployed]) -> None:
+    held = deploy(sd.held_app, "Held")
+    keys = {f"h{i}" for i in range(120)}
+    responses = [held.handle.remote(held.tag, key) for key in sorted(keys)]
+
+    def every_replica_holds_work() -> list[str]:
+        status = held.status()
+        holding = [rid for rid in status.replica_ids if held.redis.hlen(f"serve:inflight:{rid}")]
+        return status.replica_ids if len(holding) == 3 else []
+
+    wait_until(every_replica_holds_work, timeout_s=30, interval_s=0.01, what="all three replicas to hold requests")
+    hostname = held.status().workers[0].hostname
+    replies = make_celery(served.redis_url).control.pool_shrink(2, destination=[hostname], reply=True, timeout=10)
+    assert replies and "ok" in replies[0][hostname]
+    results = [r.result(timeout_s=90) for r in responses]
+    assert {r["key"] for r in results} == keys
+    held.assert_each_ran_once(keys)  # what the two retired replicas held was finished, not lost or run again
+    wait_until(lambda: len(replica_processes(held.name)) == 1, timeout_s=30, what="the retired replicas to exit")
+    assert held.status().replicas == 1

@@ -153,19 +153,25 @@ class TaskEvents:
         return self._dispatcher
 
     def _send(self, items: list[tuple[int, Envelope, float, Outcome | None]]) -> int:
-        from celery.utils.saferepr import saferepr
+        from celery.utils.time import utcoffset as celery_utcoffset
 
         dispatcher = self._get_dispatcher()
+        offset = celery_utcoffset()
+
+        def utcoffset() -> int:  # once per flush, not per event (Celery's reads the local time each call)
+            return offset
+
         sent = 0
         for kind, env, at, outcome in items:
             if kind == _RECEIVED:
                 self._received_at[env.task_id] = at
                 dispatcher.send(
                     "task-received",
+                    utcoffset=utcoffset,
                     uuid=env.task_id,
                     name=env.task_name,
-                    args=_args_repr(env, saferepr),
-                    kwargs=saferepr(env.kwargs, _REPR_MAX),
+                    args=_args_repr(env),
+                    kwargs=short_repr(env.kwargs),
                     root_id=env.job_id or env.task_id,
                     parent_id=None,
                     retries=0,
@@ -173,19 +179,23 @@ class TaskEvents:
                     expires=env.deadline,
                     timestamp=at,
                 )
-                dispatcher.send("task-started", uuid=env.task_id, timestamp=at)
+                dispatcher.send("task-started", utcoffset=utcoffset, uuid=env.task_id, timestamp=at)
                 sent += 2
             elif kind == _FINISHED and outcome is not None:
                 started = self._received_at.pop(env.task_id, None)
                 runtime = at - started if started is not None else None
                 if outcome.ok:
-                    dispatcher.send("task-succeeded", uuid=env.task_id, result=saferepr(outcome.value, _REPR_MAX), runtime=runtime, timestamp=at)
+                    dispatcher.send(
+                        "task-succeeded", utcoffset=utcoffset, uuid=env.task_id, result=short_repr(outcome.value), runtime=runtime, timestamp=at
+                    )
                 else:
                     exc = outcome.error
-                    dispatcher.send("task-failed", uuid=env.task_id, exception=saferepr(exc, _REPR_MAX), traceback="", runtime=runtime, timestamp=at)
+                    dispatcher.send(
+                        "task-failed", utcoffset=utcoffset, uuid=env.task_id, exception=short_repr(exc), traceback="", runtime=runtime, timestamp=at
+                    )
                 sent += 1
             elif kind == _EXPIRED:
-                dispatcher.send("task-revoked", uuid=env.task_id, name=env.task_name, terminated=False, signum=None, expired=True, timestamp=at)
+                dispatcher.send("task-revoked", utcoffset=utcoffset, uuid=env.task_id, name=env.task_name, terminated=False, signum=None, expired=True, timestamp=at)
                 sent += 1
         dispatcher.flush()
         if len(self._received_at) > _MAX_BUFFERED:  # finished events lost (e.g. a cancelled request): forget
@@ -204,9 +214,29 @@ class TaskEvents:
                     pass
 
 
-def _args_repr(env: Envelope, saferepr: Any) -> str:
+def _args_repr(env: Envelope) -> str:
     """What Flower shows as the task's arguments: the call's args, or the HTTP method and path."""
     if env.http is not None:
         query = env.http.get("query_string")
         return f"{env.http.get('method', '')} {env.http.get('path', '')}{'?' + query if query else ''}"
-    return str(saferepr(env.args, _REPR_MAX))
+    return short_repr(env.args)
+
+
+_MAX_ITEMS = 16
+
+
+def short_repr(value: Any) -> str:
+    """`repr` cut to _REPR_MAX characters, without building the repr of a large value first (only its
+    first items, and the head of a long string, are looked at). Several times faster than Celery's
+    `saferepr` for the small values requests usually carry."""
+    if isinstance(value, (str, bytes)) and len(value) > _REPR_MAX:
+        value = value[:_REPR_MAX]
+    elif isinstance(value, (list, tuple)) and len(value) > _MAX_ITEMS:
+        value = [*value[:_MAX_ITEMS], ...]
+    elif isinstance(value, dict) and len(value) > _MAX_ITEMS:
+        value = dict(list(value.items())[:_MAX_ITEMS]) | {"...": ...}
+    try:
+        text = repr(value)
+    except Exception as exc:  # noqa: BLE001 - a user object whose __repr__ fails
+        text = f"<unrepresentable {type(value).__name__}: {exc}>"
+    return text if len(text) <= _REPR_MAX else text[: _REPR_MAX - 3] + "..."
