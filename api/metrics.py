@@ -2,8 +2,9 @@
 
 Two kinds of series:
 - The gateway's own, counted as requests pass: `serve_requests_total{application,deployment,status}` and
-  `serve_request_latency_seconds{application,deployment}`. A request costs one counter increment and one
-  histogram observation (label children are cached, so no label lookup on the hot path).
+  `serve_request_latency_seconds{application,deployment}`. A request costs a dict lookup, an increment
+  and a bisect into the latency buckets (about a microsecond): the gateway is one asyncio thread, so its
+  counts need none of prometheus-client's locks, and become metric families only when scraped.
 - The deployments' state, read from Redis when Prometheus scrapes (`app.status`): queue depth, requests in
   flight, replicas (current, desired, ready), what the replicas answered and their batch sizes. Every
   gateway reports these the same, so aggregate them with `max` across gateways, not `sum`.
@@ -11,10 +12,11 @@ Two kinds of series:
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -76,30 +78,52 @@ def _cumulative(sizes: dict[int, int]) -> list[tuple[str, float]]:
     return buckets
 
 
+class RequestCollector(Collector):
+    """The gateway's request counts and latency histograms, kept in plain lists (one thread writes them)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, int], int] = {}
+        # (app, deployment) -> [count per bucket (the last one for +Inf), sum of seconds]
+        self.latency: dict[tuple[str, str], list[Any]] = {}
+
+    def observe(self, app: str, deployment: str, status: int, seconds: float) -> None:
+        key = (app, deployment, status)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        hist = self.latency.get((app, deployment))
+        if hist is None:
+            hist = self.latency[(app, deployment)] = [[0] * (len(LATENCY_BUCKETS_S) + 1), 0.0]
+        hist[0][bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        hist[1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "serve_requests", "HTTP requests the gateway answered", labels=["application", "deployment", "status"]
+        )
+        for (app, deployment, status), n in sorted(self.counts.items()):
+            requests.add_metric([app, deployment, str(status)], n)
+        latency = HistogramMetricFamily(
+            "serve_request_latency_seconds", "Time from request to response at the gateway", labels=_LABELS
+        )
+        for (app, deployment), (per_bucket, total) in sorted(self.latency.items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip([*LATENCY_BUCKETS_S, float("inf")], per_bucket, strict=True):
+                cumulative += n
+                buckets.append((floatToGoString(bound), float(cumulative)))
+            latency.add_metric([app, deployment], buckets=buckets, sum_value=total)
+        yield requests
+        yield latency
+
+
 class GatewayMetrics:
-    """The gateway's registry: its request counters plus the deployments' state at scrape time."""
+    """The gateway's registry: its request counts plus the deployments' state at scrape time."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "serve_requests", "HTTP requests the gateway answered", ["application", "deployment", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "serve_request_latency_seconds", "Time from request to response at the gateway", _LABELS, buckets=LATENCY_BUCKETS_S, registry=self.registry
-        )
+        self.requests = RequestCollector()
         self.deployments = DeploymentCollector()
+        self.registry.register(self.requests)
         self.registry.register(self.deployments)
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-
-    def observe(self, app: str, deployment: str, status: int, seconds: float) -> None:
-        """Count one answered request: the hot path (two cached label children, no lookups)."""
-        key = (app, deployment, status)
-        children = self._children.get(key)
-        if children is None:
-            children = (self.requests.labels(app, deployment, str(status)), self.latency.labels(app, deployment))
-            self._children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self.observe = self.requests.observe  # the hot path: Gateway calls this once per request
 
     async def render(self, redis: Any) -> bytes:
         """The text exposition, with the deployments' state read from Redis now."""

@@ -9,6 +9,7 @@ check that each ran exactly once while replicas came and went.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,10 +22,10 @@ import redis
 
 from app import DeploymentHandle, _serve, run
 from app._launcher import scaler_command
-from workers.celery_app import make_celery
 from app.status import DeploymentStatus, read_snapshot
 from tests import scaling_deployments as sd
 from tests.conftest import Served, wait_until
+from workers.celery_app import make_celery
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -204,3 +205,22 @@ def test_retired_replicas_finish_what_they_hold(served: Served, deploy: Callable
     held.assert_each_ran_once(keys)  # what the two retired replicas held was finished, not lost or run again
     wait_until(lambda: len(replica_processes(held.name)) == 1, timeout_s=30, what="the retired replicas to exit")
     assert held.status().replicas == 1
+
+
+def test_run_restarts_a_dead_scaler_and_serves_on_without_flower(redis_url: str) -> None:
+    """What `celery-serve run` does when one of its optional processes exits."""
+    from app._launcher import ProcessGroup
+
+    group = ProcessGroup()
+    session = _serve._Session(redis_url, group, flower_url="http://127.0.0.1:5555")
+    try:
+        for name in ("scaler", "flower", "gateway"):
+            group.start(name, [sys.executable, "-c", "pass"]).proc.wait()
+        dead = _serve.essential_dead(session)
+        assert [p.name for p in dead] == ["gateway"]  # only what serving needs counts as a failure
+        assert session.flower_url is None and "flower" not in [p.name for p in group.processes]
+        scaler = next(p for p in group.processes if p.name == "scaler")
+        assert scaler.proc.poll() is None  # started again
+        assert scaler.proc.args == scaler_command(redis_url)
+    finally:
+        group.stop()
