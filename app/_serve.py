@@ -88,8 +88,9 @@ def run(
     """Deploy an application and return a handle to its ingress deployment.
 
     Starts an embedded Redis unless `redis_url` or `REDIS_URL` is given, the HTTP gateway on host:port
-    (unless this process already started one), and one worker pool per deployment. Running an
-    application again under the same name replaces it.
+    and the scaler (unless this process already started them; `SERVE_SCALER=0` skips the scaler), and
+    one worker pool per deployment. Running an application again under the same name replaces it. An
+    autoscaled deployment is ready with its `initial_replicas` (or `min_replicas`, which may be 0).
     """
     if os.environ.get("CELERY_SERVE_REPLICA"):
         raise ServeError(
