@@ -127,10 +127,6 @@ def test_a_plain_celery_client_can_call_a_deployment(served: Served) -> None:
         celery.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers/consumer.py checks deadlines when a take is admitted, not when each request starts",
-)
 def test_requests_taken_together_are_skipped_once_their_deadline_passes_while_they_wait(
     served: Served, redis_client: redis.Redis
 ) -> None:

@@ -302,14 +302,23 @@ class ReplicaServer:
                 logger.error("dropping an unreadable message from %s: %s", self.ops.queue, exc)
                 self._done.append((token, "", "", "", "", 0))
                 continue
-            if env.deadline is not None and now > env.deadline:
-                logger.info("skipping %s %s: its deadline passed before it started", env.task_name, env.task_id)
-                self._answer(token, env, _results.expired(env.job_id, self.replica.name))
-                self.events.expired(env)
+            if self._skip_if_expired(token, env, now):
                 continue
             admitted.append((token, env))
             self.events.received(env)
         return admitted
+
+    def _skip_if_expired(self, token: str, env: Envelope, now: float | None = None) -> bool:
+        """Answer a request whose deadline passed before it started (it is not run); True if so.
+
+        Checked when a request is taken and again just before it starts: requests taken together wait
+        for the ones before them, and may pass their deadline meanwhile."""
+        if env.deadline is None or (now or time.time()) <= env.deadline:
+            return False
+        logger.info("skipping %s %s: its deadline passed before it started", env.task_name, env.task_id)
+        self._answer(token, env, _results.expired(env.job_id, self.replica.name))
+        self.events.expired(env)
+        return True
 
     async def _fill(self, method: str, group: list[tuple[str, Envelope]]) -> None:
         """Wait briefly for more requests to join a batch, when the arrival rate says some are coming."""
@@ -347,6 +356,10 @@ class ReplicaServer:
             await self._run_batch_now(group)
 
     async def _run_batch_now(self, group: list[tuple[str, Envelope]]) -> None:
+        now = time.time()
+        group = [(token, env) for token, env in group if not self._skip_if_expired(token, env, now)]
+        if not group:
+            return
         outcomes = await self.replica.run_batch([env for _, env in group])
         for (token, env), outcome in zip(group, outcomes, strict=True):
             await self._finish(token, env, outcome)
@@ -354,6 +367,8 @@ class ReplicaServer:
     async def _dispatch(self, token: str, env: Envelope) -> int:
         """Start one request; returns 1 when it ran inline (synchronously), 0 when it runs as a task."""
         self.stats.record_batch(1)
+        if self._skip_if_expired(token, env):
+            return 0
         if self._is_async(env):
             task = asyncio.create_task(self._run_async(token, env))
             self._ongoing.add(task)
