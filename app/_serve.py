@@ -15,7 +15,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import httpx
 
 from app import _context, _keys
 from app._launcher import (
@@ -279,6 +278,8 @@ def delete(name: str) -> None:
 def _wait_for_route(session: _Session, spec: AppSpec, deadline: float) -> None:
     url = f"{session.gateway_url}/-/routes"
     last_error: Exception | None = None
+    import httpx  # here, not at module level: replicas import this package and never need httpx
+
     with httpx.Client(timeout=2.0) as http:
         while time.monotonic() < deadline:
             try:

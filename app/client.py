@@ -19,9 +19,8 @@ import asyncio
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 
 from app import _context
 from app._jobs import TERMINAL, JobStore, check_job_id
@@ -34,6 +33,9 @@ from app.exceptions import (
     error_from_dict,
 )
 from app.handle import DeploymentHandle
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["AsyncClient", "Client", "Job", "get_deployment_handle"]
 
@@ -92,6 +94,8 @@ def _raise_for_response(response: httpx.Response) -> None:
 
 class _HttpTransport:
     def __init__(self, url: str, timeout_s: float) -> None:
+        import httpx  # only the HTTP transport needs it; replicas import this module too
+
         self.http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=httpx.Timeout(timeout_s + 10))
 
     async def submit(self, app: str, deployment: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], key: str | None) -> str:
