@@ -35,9 +35,9 @@ def missing_dependencies() -> str | None:
 
 
 class Encoder:
-    """all-MiniLM-L6-v2 on CPU, run under `torch.inference_mode()` with `num_threads` torch threads."""
+    """all-MiniLM-L6-v2 on the replica's device, under `torch.inference_mode()` with `num_threads` torch threads."""
 
-    def __init__(self, num_threads: int = 1, *, batch_size: int = 32) -> None:
+    def __init__(self, num_threads: int = 1, *, batch_size: int = 32, device: str = "cpu") -> None:
         reason = missing_dependencies()
         if reason:
             raise RuntimeError(f"cannot load {MODEL_NAME}: {reason}")
@@ -54,7 +54,7 @@ class Encoder:
         torch.set_num_threads(self.threads)
         self._torch = torch
         self.batch_size = batch_size
-        self.model = load_model("cpu")
+        self.model = load_model(device)  # "cuda:0" on a replica pinned to a GPU
         self.model.eval()
 
     def encode(self, texts: Sequence[str]) -> Any:

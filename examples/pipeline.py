@@ -35,8 +35,9 @@ def text_of(value: Any) -> str:
     """The text of a pipeline input: a string, {"text": ...}, or an HTTP request (query `text` or body)."""
     if hasattr(value, "query_params"):  # the first step of an HTTP call receives the request
         if "text" in value.query_params:
-            return str(value.query_params["text"])
-        value = value.json_sync() if value.body_sync() else ""
+            value = str(value.query_params["text"])
+        else:
+            value = value.json_sync() if value.body_sync() else ""
     if isinstance(value, dict):
         value = value.get("text", "")
     if not isinstance(value, str) or len(value.strip()) < 2:
@@ -56,7 +57,8 @@ def normalize(value: Any) -> str:
 @deployment(num_gpus=0.25, allow_cpu_fallback=True)
 class Embed:
     def __init__(self) -> None:
-        self.encoder = Encoder(num_cpus=get_replica_context().num_cpus)
+        context = get_replica_context()  # cuda:0 on its GPU; cpu here (allow_cpu_fallback)
+        self.encoder = Encoder(context.num_threads, device=str(context.device))
 
     @batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     def __call__(self, texts: list[str]) -> list[dict[str, Any]]:
