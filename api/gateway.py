@@ -1,9 +1,9 @@
 """The HTTP gateway: FastAPI for its own endpoints, the proxy for everything the applications serve.
 
-    /-/healthz, /-/routes, /docs, /openapi.json   -> the FastAPI control app below
-    /metrics (also /-/metrics)                     -> Prometheus metrics (api.metrics)
-    /jobs/...                                      -> api.jobs (submit, poll, cancel)
-    anything else                                  -> api.proxy.Proxy (route prefix -> deployment queue)
+/-/healthz, /-/routes, /docs, /openapi.json   -> the FastAPI control app below
+/metrics (also /-/metrics)                     -> Prometheus metrics (api.metrics)
+/jobs/...                                      -> api.jobs (submit, poll, cancel)
+anything else                                  -> api.proxy.Proxy (route prefix -> deployment queue)
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ _METHOD_OVERRIDE = "x-http-method-override"
 
 def _error(exc: ServeError) -> JSONResponse:
     headers = {"Retry-After": "1"} if isinstance(exc, BackpressureError) else None
-    return JSONResponse({"error": type(exc).__name__, "message": exc.message}, status_code=exc.http_status, headers=headers)
+    return JSONResponse(
+        {"error": type(exc).__name__, "message": exc.message}, status_code=exc.http_status, headers=headers
+    )
 
 
 def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, max_body_bytes: int) -> APIRouter:
@@ -50,9 +52,13 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
         return matches[0] if matches else None
 
     @router.post("/{target:path}", status_code=202, summary="Submit a job; answers 202 with its id at once")
-    async def submit(target: str, request: Request, app: str | None = Query(None, description="application, when names clash")) -> Any:
+    async def submit(
+        target: str, request: Request, app: str | None = Query(None, description="application, when names clash")
+    ) -> Any:
         try:
-            body = await read_body(request.receive, request.headers.get("content-length", "").encode() or None, max_body_bytes)
+            body = await read_body(
+                request.receive, request.headers.get("content-length", "").encode() or None, max_body_bytes
+            )
             name, _, rest = target.strip("/").partition("/")
             dep = find_deployment(name, app)
             if dep is None and await routes.refresh_on_miss():  # deployed a moment ago?
@@ -60,12 +66,16 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
             key = request.headers.get("idempotency-key")
             if dep is not None:  # a deployment by name: a call with arguments, as through a handle
                 args, kwargs = _call_arguments(body)
-                sub = await transport.submit(dep, rest or "__call__", args, kwargs, job=True, idempotency_key=key, expect_reply=False)
+                sub = await transport.submit(
+                    dep, rest or "__call__", args, kwargs, job=True, idempotency_key=key, expect_reply=False
+                )
             else:  # a path some application serves: the same HTTP request a synchronous call takes
                 path = "/" + target.strip("/")
                 found = routes.match(path)
                 if found is None:
-                    raise DeploymentNotFoundError(f"no deployment named '{name}' and no application serves {path}; see /-/routes")
+                    raise DeploymentNotFoundError(
+                        f"no deployment named '{name}' and no application serves {path}; see /-/routes"
+                    )
                 _, dep = found
                 verb = request.headers.get(_METHOD_OVERRIDE, "POST").upper()
                 http = http_envelope(request.scope, body, path=path, method=verb)
@@ -73,7 +83,9 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
                 sub = await transport.submit(dep, method, http=http, job=True, idempotency_key=key, expect_reply=False)
         except redis.exceptions.RedisError as exc:
             message = f"the queue service (Redis) is unavailable: {exc}; retry shortly"
-            return JSONResponse({"error": "ServeError", "message": message}, status_code=503, headers={"Retry-After": "1"})
+            return JSONResponse(
+                {"error": "ServeError", "message": message}, status_code=503, headers={"Retry-After": "1"}
+            )
         except ServeError as exc:
             return _error(exc)
         payload, headers = accepted_payload(sub.task_id)
@@ -84,7 +96,9 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
         return JSONResponse(payload, status_code=202, headers=response_headers)
 
     @router.get("/{job_id}", summary="A job's status, and its result or error once it ended")
-    async def get(job_id: str, wait: float = Query(0, ge=0, le=MAX_WAIT_S, description="long-poll up to this many seconds")) -> Any:
+    async def get(
+        job_id: str, wait: float = Query(0, ge=0, le=MAX_WAIT_S, description="long-poll up to this many seconds")
+    ) -> Any:
         try:
             return await (jobs.wait(job_id, wait) if wait > 0 else jobs.get(job_id))
         except ServeError as exc:
@@ -117,4 +131,3 @@ def _call_arguments(body: bytes) -> tuple[list[Any], dict[str, Any]]:
             raise BadRequestError('"args" must be a JSON list and "kwargs" a JSON object')
         return args, kwargs
     return [data], {}
-

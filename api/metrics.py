@@ -40,15 +40,27 @@ class DeploymentCollector(Collector):
         if snapshot is None:
             return
         gauges = {
-            "queue_depth": GaugeMetricFamily("serve_queue_depth", "Requests waiting in the deployment's queue", labels=_LABELS),
-            "in_flight": GaugeMetricFamily("serve_in_flight_requests", "Requests taken by a replica and not finished", labels=_LABELS),
-            "replicas": GaugeMetricFamily("serve_replicas", "Replicas the deployment's worker pools run (including starting ones)", labels=_LABELS),
-            "desired": GaugeMetricFamily("serve_replicas_desired", "Replicas the scaler (or num_replicas) asks for", labels=_LABELS),
+            "queue_depth": GaugeMetricFamily(
+                "serve_queue_depth", "Requests waiting in the deployment's queue", labels=_LABELS
+            ),
+            "in_flight": GaugeMetricFamily(
+                "serve_in_flight_requests", "Requests taken by a replica and not finished", labels=_LABELS
+            ),
+            "replicas": GaugeMetricFamily(
+                "serve_replicas", "Replicas the deployment's worker pools run (including starting ones)", labels=_LABELS
+            ),
+            "desired": GaugeMetricFamily(
+                "serve_replicas_desired", "Replicas the scaler (or num_replicas) asks for", labels=_LABELS
+            ),
             "ready": GaugeMetricFamily("serve_replicas_ready", "Replicas registered and heartbeating", labels=_LABELS),
             "workers": GaugeMetricFamily("serve_workers", "Live Celery workers of the deployment", labels=_LABELS),
         }
-        requests = CounterMetricFamily("serve_replica_requests", "Requests the deployment's replicas answered", labels=_LABELS)
-        errors = CounterMetricFamily("serve_replica_errors", "Requests the replicas answered with an error", labels=_LABELS)
+        requests = CounterMetricFamily(
+            "serve_replica_requests", "Requests the deployment's replicas answered", labels=_LABELS
+        )
+        errors = CounterMetricFamily(
+            "serve_replica_errors", "Requests the replicas answered with an error", labels=_LABELS
+        )
         batches = HistogramMetricFamily("serve_batch_size", "Requests per call of the user's code", labels=_LABELS)
         for d in snapshot.deployments:
             labels = [d.app, d.deployment]
@@ -63,7 +75,9 @@ class DeploymentCollector(Collector):
                 gauges[name].add_metric(labels, value)
             requests.add_metric(labels, d.requests)
             errors.add_metric(labels, d.errors)
-            batches.add_metric(labels, buckets=_cumulative(d.batch_sizes), sum_value=sum(k * v for k, v in d.batch_sizes.items()))
+            batches.add_metric(
+                labels, buckets=_cumulative(d.batch_sizes), sum_value=sum(k * v for k, v in d.batch_sizes.items())
+            )
         yield from gauges.values()
         yield requests
         yield errors

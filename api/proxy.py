@@ -36,7 +36,9 @@ _JSON = (b"content-type", b"application/json")
 _PREFER_WAIT = re.compile(r"\bwait\s*=\s*(\d+(?:\.\d+)?)")
 
 
-async def send_json(send: Send, status: int, payload: Any, extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_json(
+    send: Send, status: int, payload: Any, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = json.dumps(payload).encode()
     headers = [_JSON, (b"content-length", str(len(body)).encode()), *(extra_headers or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -53,7 +55,10 @@ def error_payload(exc: ServeError, request_id: str | None = None, **extra: Any) 
 def accepted_payload(job_id: str) -> tuple[dict[str, Any], list[tuple[bytes, bytes]]]:
     """The body and headers of a `202 Accepted` for a job."""
     url = f"/jobs/{job_id}"
-    return {"job_id": job_id, "status_url": url, "status": "queued"}, [(b"location", url.encode()), (REQUEST_ID_HEADER, job_id.encode())]
+    return {"job_id": job_id, "status_url": url, "status": "queued"}, [
+        (b"location", url.encode()),
+        (REQUEST_ID_HEADER, job_id.encode()),
+    ]
 
 
 async def read_body(receive: Receive, content_length: bytes | None, limit: int) -> bytes:
@@ -64,7 +69,9 @@ async def read_body(receive: Receive, content_length: bytes | None, limit: int) 
         except ValueError:
             declared = 0
         if declared > limit:
-            raise PayloadTooLargeError(f"request body is {declared} bytes; the limit is {limit} bytes (SERVE_MAX_BODY_BYTES)")
+            raise PayloadTooLargeError(
+                f"request body is {declared} bytes; the limit is {limit} bytes (SERVE_MAX_BODY_BYTES)"
+            )
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -143,7 +150,12 @@ class Proxy:
         await self.forward(send, dep, method, http_envelope(scope, body), spill_after_s=_spill_after(prefer))
 
     async def forward(
-        self, send: Send, dep: DeploymentSpec | AppSpec, method: str, http: dict[str, Any], spill_after_s: float | None = None
+        self,
+        send: Send,
+        dep: DeploymentSpec | AppSpec,
+        method: str,
+        http: dict[str, Any],
+        spill_after_s: float | None = None,
     ) -> None:
         """Enqueue one HTTP request for a deployment and answer with its result."""
         task_id = new_task_id()
@@ -185,7 +197,9 @@ async def send_record(send: Send, record: dict[str, Any], id_header: tuple[bytes
     if record["status"] == _results.SUCCESS:
         response = record["result"]
         body = response["body"].encode() if response["body_encoding"] == "utf-8" else base64.b64decode(response["body"])
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response["headers"] if k.lower() != "content-length"]
+        headers = [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in response["headers"] if k.lower() != "content-length"
+        ]
         headers.append((b"content-length", str(len(body)).encode()))
         headers.append(id_header)
         await send({"type": "http.response.start", "status": response["status_code"], "headers": headers})

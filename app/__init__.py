@@ -1,12 +1,12 @@
 """celery-serve: Ray Serve's programming model on Redis queues and Celery worker pools.
 
-    from app import deployment, run
+from app import deployment, run
 
-    @deployment
-    def hello(request):
-        return f"Hello {request.query_params.get('name', 'world')}!"
+@deployment
+def hello(request):
+    return f"Hello {request.query_params.get('name', 'world')}!"
 
-    handle = run(hello.bind())
+handle = run(hello.bind())
 """
 
 from app._serve import run, shutdown

@@ -106,7 +106,7 @@ def build_message(
         raise BadRequestError(
             f"arguments for {deployment}.{method} must be JSON-serializable (celery-serve sends JSON only): {exc}"
         ) from None
-    headers = {
+    headers: dict[str, Any] = {
         "lang": "py",
         "task": _keys.task_name(app, deployment, method),
         "id": task_id,

@@ -130,10 +130,12 @@ class JobStore:
         fields, raw = await pipe.execute()
         return fields, raw
 
-    async def finish(self, job_id: str, status: str, *, only_if_queued: bool = False, fields: dict[bytes, bytes] | None = None) -> str:
+    async def finish(
+        self, job_id: str, status: str, *, only_if_queued: bool = False, fields: dict[bytes, bytes] | None = None
+    ) -> str:
         """End an unfinished job as cancelled or expired; returns its status before the call."""
         if fields is None:
-            fields = await self.redis.hgetall(_keys.job(job_id))
+            fields = dict(await self.redis.hgetall(_keys.job(job_id)))  # type: ignore[arg-type]
         if status == "cancelled":
             record = _results.cancelled(job_id)
         else:

@@ -101,4 +101,6 @@ def autoscale_state(app: str, deployment: str) -> str:
 def history(app: str, deployment: str) -> str:
     """List: recent JSON samples {t, requests, errors, queued, in_flight, replicas}, newest first."""
     return f"serve:history:{app}:{deployment}"
+
+
 TASK_EVENTS = "serve:task-events"  # exists (short TTL) while a monitor asks for task events (enable_events)

@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from app._redis import sync_client
 from app.exceptions import ServeStartupError
@@ -33,6 +34,7 @@ _PR_SET_PDEATHSIG = 1
 _STOP_GRACE_S = 35.0
 
 
+_prctl: Any
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: the child must not load libraries
 except (OSError, AttributeError):
@@ -142,7 +144,9 @@ class ProcessGroup:
 
     processes: list[ManagedProcess] = field(default_factory=list)
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> ManagedProcess:
+    def start(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False
+    ) -> ManagedProcess:
         out = subprocess.DEVNULL if quiet else None
         # A session of its own: Ctrl-C in a terminal reaches only us, and we stop children in order (workers
         # hand back their work while Redis is still up); the parent-death signal covers our own death.
@@ -200,7 +204,19 @@ def wait_for_redis(url: str, timeout_s: float) -> None:
 
 def gateway_command(redis_url: str, host: str, port: int) -> list[str]:
     log_level = os.environ.get("SERVE_LOG_LEVEL", "WARNING")
-    return [sys.executable, "-m", "api.main", "--redis-url", redis_url, "--host", host, "--port", str(port), "--log-level", log_level]
+    return [
+        sys.executable,
+        "-m",
+        "api.main",
+        "--redis-url",
+        redis_url,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        log_level,
+    ]
 
 
 def scaler_command(redis_url: str) -> list[str]:

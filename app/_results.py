@@ -59,7 +59,11 @@ def job_status(record: str) -> str:
 
 
 def cancelled(task_id: str) -> str:
-    error = {"exc_type": "JobCancelledError", "exc_message": f"job {task_id} was cancelled", "exc_module": "app.exceptions"}
+    error = {
+        "exc_type": "JobCancelledError",
+        "exc_message": f"job {task_id} was cancelled",
+        "exc_module": "app.exceptions",
+    }
     return _record(task_id, REVOKED, error, http_status=409)
 
 

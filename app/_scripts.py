@@ -67,7 +67,9 @@ return {n, ARGV[2]}
 # Takes what a blocking pop left in the claim list plus up to max more from the queue, records each in the
 # in-flight hash under a fresh token and marks its job running; a message whose job was cancelled is
 # dropped here and never runs. Returns [token1, msg1, token2, msg2, ...] oldest first.
-DRAIN = _TASK_ID + """
+DRAIN = (
+    _TASK_ID
+    + """
 local out = {}
 local n = 0
 local function take(m)
@@ -96,6 +98,7 @@ if want > 0 then
 end
 return out
 """
+)
 
 # KEYS: in-flight hash. ARGV: now, reply ttl, then groups of (token, task id, reply list, record, job
 # status, retention s). Stores each result unless a terminal result is already stored, publishes it on the

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-
+from typing import Any
 
 from app import _context, _keys
 from app._launcher import (
@@ -185,9 +185,11 @@ def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float) -> None
         for name, dep in list(pending.items()):
             error = client.get(_keys.deployment_error(spec.name, name))
             if error:
-                raise ServeStartupError(f"deployment '{name}' failed to start: {error.decode()}")
+                raise ServeStartupError(f"deployment '{name}' failed to start: {_text(error)}")
             needed = start_replicas(dep.config)
-            if ready_replicas(client, spec, name) >= needed and (needed > 0 or worker_registered(client, spec.name, name)):
+            if ready_replicas(client, spec, name) >= needed and (
+                needed > 0 or worker_registered(client, spec.name, name)
+            ):
                 del pending[name]
         mine = session.workers.get(spec.name, set()) | {"gateway", "redis"}
         dead = [p.name for p in session.group.dead() if p.name in mine]
@@ -202,23 +204,29 @@ def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float) -> None
     _wait_for_route(session, spec, deadline)
 
 
-def ready_replicas(client: object, spec: AppSpec, deployment: str) -> int:
+def ready_replicas(client: Any, spec: AppSpec, deployment: str) -> int:
     """Replicas of this deployment that run this spec version and are alive."""
-    entries = client.hgetall(_keys.replicas(spec.name, deployment))  # type: ignore[attr-defined]
+    entries = client.hgetall(_keys.replicas(spec.name, deployment))
     count = 0
     for rid, raw in entries.items():
         info = json.loads(raw)
-        if info.get("deployed_at") == spec.deployed_at and client.exists(_keys.replica_alive(rid.decode())):  # type: ignore[attr-defined]
+        if info.get("deployed_at") == spec.deployed_at and client.exists(_keys.replica_alive(rid.decode())):
             count += 1
     return count
 
 
-def worker_registered(client: object, app: str, deployment: str) -> bool:
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def worker_registered(client: Any, app: str, deployment: str) -> bool:
     """Is a live worker registered for the deployment? (A deployment that starts at zero replicas is ready
     once its worker can be grown.)"""
-    for raw in client.hvals(_keys.WORKERS):  # type: ignore[attr-defined]
+    for raw in client.hvals(_keys.WORKERS):
         info = json.loads(raw)
-        if (info.get("app"), info.get("deployment")) == (app, deployment) and client.exists(_keys.worker_alive(info["hostname"])):  # type: ignore[attr-defined]
+        if (info.get("app"), info.get("deployment")) == (app, deployment) and client.exists(
+            _keys.worker_alive(info["hostname"])
+        ):
             return True
     return False
 
@@ -249,7 +257,9 @@ def essential_dead(session: _Session) -> list[ManagedProcess]:
     dead = []
     for proc in session.group.dead():
         if proc.name == "flower":
-            logger.warning("Flower exited with code %s (is its port taken?); serving goes on without it", proc.proc.returncode)
+            logger.warning(
+                "Flower exited with code %s (is its port taken?); serving goes on without it", proc.proc.returncode
+            )
             session.group.processes.remove(proc)
             session.flower_url = None
         elif proc.name == "scaler":

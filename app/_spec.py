@@ -134,7 +134,12 @@ def build_spec(root: Application | Pipeline, name: str, route_prefix: str | None
             init=None if app_source else _json_init(graph, node, name),
         )
     return AppSpec(
-        name=name, route_prefix=prefix or "/", ingress=ingress, deployments=deployments, source=app_source, pipeline=stages
+        name=name,
+        route_prefix=prefix or "/",
+        ingress=ingress,
+        deployments=deployments,
+        source=app_source,
+        pipeline=stages,
     )
 
 
@@ -224,7 +229,9 @@ def resolve_deployment(spec: AppSpec, dep_name: str, make_handle: Any) -> tuple[
     if spec.source:
         root = import_object(spec.source, spec.source["attr"])
         if not isinstance(root, (Application, Pipeline)):
-            raise DeploymentConfigError(f"{spec.source['module']}:{spec.source['attr']} is not an application (.bind())")
+            raise DeploymentConfigError(
+                f"{spec.source['module']}:{spec.source['attr']} is not an application (.bind())"
+            )
         graph = flatten(root.applications if isinstance(root, Pipeline) else root)
         node = graph[dep_name]
 
@@ -250,4 +257,3 @@ def resolve_deployment(spec: AppSpec, dep_name: str, make_handle: Any) -> tuple[
         return value
 
     return target, tuple(from_marks(init["args"])), from_marks(init["kwargs"])
-

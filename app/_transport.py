@@ -88,13 +88,17 @@ class ResultWaiter:
                         self._resolve(raw)
                     if len(more) < _DRAIN:
                         break
-            except (redis.exceptions.RedisError, OSError, KeyError) as exc:  # KeyError: redis-py on a dropped connection
+            except (
+                redis.exceptions.RedisError,
+                OSError,
+                KeyError,
+            ) as exc:  # KeyError: redis-py on a dropped connection
                 if self._closing:
                     return
                 logger.warning("reply listener lost Redis (%r); reconnecting", exc)
                 await asyncio.sleep(0.5)
 
-    def _resolve(self, raw: bytes) -> None:
+    def _resolve(self, raw: Any) -> None:
         record = json.loads(raw)
         fut = self._futures.pop(record.get("task_id"), None)
         if fut is not None and not fut.done():
@@ -249,13 +253,30 @@ class QueueTransport:
         now = time.time()
         deadline = now + timeout
         reply = self.waiter.reply_key if expect_reply else None
-        common = {"args": args, "kwargs": kwargs, "deadline": deadline, "reply_to": reply, "http": http, "retention_s": retention}
+        common: dict[str, Any] = {
+            "args": args,
+            "kwargs": kwargs,
+            "deadline": deadline,
+            "reply_to": reply,
+            "http": http,
+            "retention_s": retention,
+        }
         if isinstance(target, AppSpec):
             messages = _pipeline_messages(target, job_id, common)
             name, method = target.ingress, "__call__"
         else:
             messages = [
-                (target.queue, build_message(task_id=job_id, app=target.app, deployment=target.name, method=method, queue=target.queue, **common))
+                (
+                    target.queue,
+                    build_message(
+                        task_id=job_id,
+                        app=target.app,
+                        deployment=target.name,
+                        method=method,
+                        queue=target.queue,
+                        **common,
+                    ),
+                )
             ]
             name = target.name
         fut = self.waiter.expect(job_id) if expect_reply else asyncio.get_running_loop().create_future()

@@ -42,7 +42,10 @@ def batch(_func: F) -> F: ...
 
 @overload
 def batch(
-    _func: None = None, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
+    _func: None = None,
+    *,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S,
 ) -> Callable[[F], F]: ...
 
 
@@ -55,7 +58,11 @@ def batch(
     """Mark a method (sync or async) as batched; works bare (`@batch`) or with options."""
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise DeploymentConfigError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-    if isinstance(batch_wait_timeout_s, bool) or not isinstance(batch_wait_timeout_s, (int, float)) or batch_wait_timeout_s < 0:
+    if (
+        isinstance(batch_wait_timeout_s, bool)
+        or not isinstance(batch_wait_timeout_s, (int, float))
+        or batch_wait_timeout_s < 0
+    ):
         raise DeploymentConfigError(f"batch_wait_timeout_s must be a number >= 0, got {batch_wait_timeout_s!r}")
     config = BatchConfig(max_batch_size, float(batch_wait_timeout_s))
 
@@ -67,7 +74,9 @@ def batch(
 
     if _func is not None:
         if not callable(_func):
-            raise DeploymentConfigError(f"@batch takes options as keywords, e.g. @batch(max_batch_size=8); got {_func!r}")
+            raise DeploymentConfigError(
+                f"@batch takes options as keywords, e.g. @batch(max_batch_size=8); got {_func!r}"
+            )
         return mark(_func)
     return mark
 

@@ -1,12 +1,12 @@
 """The `celery-serve` command. Thin: it parses arguments and calls functions tests call too.
 
-    celery-serve run MODULE:APP       everything on this machine (embedded Redis unless REDIS_URL)
-    celery-serve deploy MODULE:APP    write the application's spec to Redis, nothing else
-    celery-serve gateway              the HTTP gateway alone, against REDIS_URL
-    celery-serve worker               one deployment's worker pool alone, against REDIS_URL
-    celery-serve scaler               the autoscaler alone, against REDIS_URL
-    celery-serve status [--json]      every deployment's replicas, queue, in-flight, throughput, errors
-    celery-serve delete NAME          remove an application
+celery-serve run MODULE:APP       everything on this machine (embedded Redis unless REDIS_URL)
+celery-serve deploy MODULE:APP    write the application's spec to Redis, nothing else
+celery-serve gateway              the HTTP gateway alone, against REDIS_URL
+celery-serve worker               one deployment's worker pool alone, against REDIS_URL
+celery-serve scaler               the autoscaler alone, against REDIS_URL
+celery-serve status [--json]      every deployment's replicas, queue, in-flight, throughput, errors
+celery-serve delete NAME          remove an application
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def import_application(path: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise DeploymentConfigError(f"cannot import '{module_name}' ({exc}); run from the folder that holds it") from None
+        raise DeploymentConfigError(
+            f"cannot import '{module_name}' ({exc}); run from the folder that holds it"
+        ) from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -76,8 +78,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             flower = _serve.start_flower(args.flower_port, args.flower_address, args.flower_basic_auth)
         spec_prefix = args.route_prefix or "/"
         print(f"celery-serve: application '{args.name}' from {args.target}", flush=True)
-        print(f"  HTTP      {session.gateway_url}{'' if spec_prefix == '/' else spec_prefix}/  (docs: {session.gateway_url}/docs)", flush=True)
-        print(f"  Redis     {session.redis_url}{'  (embedded)' if not (args.redis_url or os.environ.get('REDIS_URL')) else ''}", flush=True)
+        route = "" if spec_prefix == "/" else spec_prefix
+        print(f"  HTTP      {session.gateway_url}{route}/  (docs: {session.gateway_url}/docs)", flush=True)
+        embedded = "" if (args.redis_url or os.environ.get("REDIS_URL")) else "  (embedded)"
+        print(f"  Redis     {session.redis_url}{embedded}", flush=True)
         print(f"  workers   {', '.join(sorted(session.workers.get(args.name, [])))}", flush=True)
         if flower:
             print(f"  Flower    {flower}/", flush=True)
@@ -86,7 +90,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         while True:
             dead = _serve.essential_dead(session)
             if dead:
-                print(f"celery-serve: {dead[0].name} exited with code {dead[0].proc.returncode}; stopping", file=sys.stderr)
+                print(
+                    f"celery-serve: {dead[0].name} exited with code {dead[0].proc.returncode}; stopping",
+                    file=sys.stderr,
+                )
                 return 1
             time.sleep(0.5)
     except (KeyboardInterrupt, _Stop):
@@ -133,7 +140,18 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from api.main import main as gateway_main
 
-    gateway_main(["--host", args.host, "--port", str(args.port), "--redis-url", _require_redis(args), "--log-level", args.log_level])
+    gateway_main(
+        [
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+            "--redis-url",
+            _require_redis(args),
+            "--log-level",
+            args.log_level,
+        ]
+    )
     return 0
 
 
@@ -158,7 +176,10 @@ def _run_worker(args: argparse.Namespace, url: str) -> None:
         from app import _serve
         from app._spec import build_spec
 
-        _serve.deploy_spec(url, build_spec(import_application(args.target), args.app_name, args.route_prefix, source=_source(args.target)))
+        _serve.deploy_spec(
+            url,
+            build_spec(import_application(args.target), args.app_name, args.route_prefix, source=_source(args.target)),
+        )
     run_worker(
         url,
         args.app_name,
@@ -182,7 +203,9 @@ def _require_redis(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="celery-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="celery-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:

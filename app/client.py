@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-
 from app import _context
 from app._jobs import TERMINAL, JobStore, check_job_id
 from app.exceptions import (
@@ -65,7 +64,11 @@ def _raise_for_job(job: dict[str, Any]) -> Any:
     if status == "expired":
         raise RequestTimeoutError(error.get("message") or f"job {job['job_id']} passed its deadline before it ran")
     raise error_from_dict(
-        {"exc_type": error.get("type", "Exception"), "exc_message": error.get("message", ""), "exc_module": _module_of(error.get("type"))},
+        {
+            "exc_type": error.get("type", "Exception"),
+            "exc_message": error.get("message", ""),
+            "exc_module": _module_of(error.get("type")),
+        },
         job.get("deployment") or "",
     )
 
@@ -89,7 +92,9 @@ def _raise_for_response(response: httpx.Response) -> None:
         raise BackpressureError(message)
     if response.status_code == 404:
         raise DeploymentNotFoundError(message)
-    raise error_from_dict({"exc_type": exc_type or "ServeError", "exc_message": message, "exc_module": _module_of(exc_type)})
+    raise error_from_dict(
+        {"exc_type": exc_type or "ServeError", "exc_message": message, "exc_module": _module_of(exc_type)}
+    )
 
 
 class _HttpTransport:
@@ -98,10 +103,14 @@ class _HttpTransport:
 
         self.http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=httpx.Timeout(timeout_s + 10))
 
-    async def submit(self, app: str, deployment: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], key: str | None) -> str:
+    async def submit(
+        self, app: str, deployment: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], key: str | None
+    ) -> str:
         path = f"/jobs/{deployment}" + ("" if method == "__call__" else f"/{method}")
         headers = {"Idempotency-Key": key} if key else {}
-        response = await self.http.post(path, params={"app": app}, json={"args": list(args), "kwargs": kwargs}, headers=headers)
+        response = await self.http.post(
+            path, params={"app": app}, json={"args": list(args), "kwargs": kwargs}, headers=headers
+        )
         _raise_for_response(response)
         return str(response.json()["job_id"])
 
@@ -143,9 +152,13 @@ class _RedisTransport:
         target = await self.queue.target(app, deployment)
         return _results.unwrap(await self.queue.call(target, method, list(args), kwargs), deployment)
 
-    async def submit(self, app: str, deployment: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], key: str | None) -> str:
+    async def submit(
+        self, app: str, deployment: str, method: str, args: Sequence[Any], kwargs: dict[str, Any], key: str | None
+    ) -> str:
         target = await self.queue.target(app, deployment)
-        sub = await self.queue.submit(target, method, list(args), kwargs, job=True, idempotency_key=key, expect_reply=False)
+        sub = await self.queue.submit(
+            target, method, list(args), kwargs, job=True, idempotency_key=key, expect_reply=False
+        )
         return sub.task_id
 
     async def job(self, job_id: str, wait_s: float = 0) -> dict[str, Any]:
@@ -165,7 +178,9 @@ class _RedisTransport:
 class AsyncClient:
     """The client for asyncio code; `Client` is the same on a background event loop."""
 
-    def __init__(self, url: str | None = None, *, redis_url: str | None = None, app: str = "default", timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, url: str | None = None, *, redis_url: str | None = None, app: str = "default", timeout_s: float = 60.0
+    ) -> None:
         if (url is None) == (redis_url is None):
             raise ServeError("give the gateway's URL (Client('http://host:8000')) or redis_url=..., not both")
         self.app = app
@@ -191,7 +206,9 @@ class AsyncClient:
     def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, check_job_id(job_id))
 
-    async def map(self, target: str, items: Iterable[Any], *, concurrency: int = 8, progress: bool | None = None) -> list[Any]:
+    async def map(
+        self, target: str, items: Iterable[Any], *, concurrency: int = 8, progress: bool | None = None
+    ) -> list[Any]:
         """Call `target` once per item (each item is the one argument), at most `concurrency` at a time.
 
         Results come back in the order of `items`; the first error is raised once all calls ended. The
@@ -269,7 +286,9 @@ class AsyncJob:
 class Client:
     """The synchronous client (see the module docstring); runs an `AsyncClient` on a background loop."""
 
-    def __init__(self, url: str | None = None, *, redis_url: str | None = None, app: str = "default", timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, url: str | None = None, *, redis_url: str | None = None, app: str = "default", timeout_s: float = 60.0
+    ) -> None:
         self._io = _context.BackgroundLoop()
         self._async = self._io.run_sync(_make_async(url, redis_url, app, timeout_s))
 
@@ -277,12 +296,16 @@ class Client:
         return self._io.run_sync(self._async.call(target, *args, **kwargs))
 
     def submit(self, target: str, *args: Any, idempotency_key: str | None = None, **kwargs: Any) -> Job:
-        return Job(self, self._io.run_sync(self._async.submit(target, *args, idempotency_key=idempotency_key, **kwargs)))
+        return Job(
+            self, self._io.run_sync(self._async.submit(target, *args, idempotency_key=idempotency_key, **kwargs))
+        )
 
     def job(self, job_id: str) -> Job:
         return Job(self, self._async.job(job_id))
 
-    def map(self, target: str, items: Iterable[Any], *, concurrency: int = 8, progress: bool | None = None) -> list[Any]:
+    def map(
+        self, target: str, items: Iterable[Any], *, concurrency: int = 8, progress: bool | None = None
+    ) -> list[Any]:
         return self._io.run_sync(self._async.map(target, items, concurrency=concurrency, progress=progress))
 
     def close(self) -> None:

@@ -72,7 +72,9 @@ class DeploymentHandle:
         return (_rebuild, (self.deployment_name, self.app_name, self.method_name))
 
     def __repr__(self) -> str:
-        return f"DeploymentHandle(app={self.app_name!r}, deployment={self.deployment_name!r}, method={self.method_name!r})"
+        return (
+            f"DeploymentHandle(app={self.app_name!r}, deployment={self.deployment_name!r}, method={self.method_name!r})"
+        )
 
 
 def _rebuild(deployment: str, app: str, method: str) -> DeploymentHandle:

@@ -88,4 +88,3 @@ def pipeline(*steps: Any) -> Pipeline:
     for step in steps:
         result = result >> step
     return result
-

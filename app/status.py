@@ -263,11 +263,27 @@ def status_table(snapshot: Snapshot) -> str:
     """A readable table: one row per deployment, then the scaler's last reason for autoscaled ones."""
     if not snapshot.deployments:
         return "no applications are deployed"
-    header = ("APP", "DEPLOYMENT", "REPLICAS", "READY", "SCALING", "QUEUED", "IN FLIGHT", "REQ/S", "ERR/S", "REQUESTS", "ERRORS")
+    header = (
+        "APP",
+        "DEPLOYMENT",
+        "REPLICAS",
+        "READY",
+        "SCALING",
+        "QUEUED",
+        "IN FLIGHT",
+        "REQ/S",
+        "ERR/S",
+        "REQUESTS",
+        "ERRORS",
+    )
     rows = [header]
     notes = []
     for d in snapshot.deployments:
-        scaling = "fixed" if d.autoscaling is None else f"auto {d.autoscaling['min_replicas']}-{d.autoscaling['max_replicas']}"
+        scaling = (
+            "fixed"
+            if d.autoscaling is None
+            else f"auto {d.autoscaling['min_replicas']}-{d.autoscaling['max_replicas']}"
+        )
         rows.append(
             (
                 d.app,
@@ -287,7 +303,13 @@ def status_table(snapshot: Snapshot) -> str:
             age = f" ({snapshot.at - d.decided_at:.0f}s ago)" if d.decided_at else ""
             notes.append(f"  {d.app}.{d.deployment}: {d.decision}{age}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i < 2 or i == 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))) for row in rows]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i < 2 or i == 4 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
     lines.append("REPLICAS is current/desired. REQ/S and ERR/S cover about the last 10 s (recorded by the scaler).")

@@ -80,7 +80,9 @@ class _Conn:
         self.writer.close()
 
 
-def build_request(host: str, port: int, path: str, method: str = "GET", body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+def build_request(
+    host: str, port: int, path: str, method: str = "GET", body: bytes = b"", headers: dict[str, str] | None = None
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: keep-alive"]
     for k, v in (headers or {}).items():
         lines.append(f"{k}: {v}")
@@ -138,7 +140,9 @@ async def run_load(
 def print_table(results: list[Result]) -> None:
     print(f"{'scenario':<44} {'conc':>4} {'ok':>7} {'err':>4} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9}")
     for r in results:
-        print(f"{r.label:<44} {r.concurrency:>4} {r.ok:>7} {r.errors:>4} {r.p50_ms:>8.3f} {r.p99_ms:>8.3f} {r.rps:>9.1f}")
+        print(
+            f"{r.label:<44} {r.concurrency:>4} {r.ok:>7} {r.errors:>4} {r.p50_ms:>8.3f} {r.p99_ms:>8.3f} {r.rps:>9.1f}"
+        )
 
 
 def dump_json(results: list[Result], path: str) -> None:

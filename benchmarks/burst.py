@@ -82,7 +82,11 @@ class Run:
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies())
         errors = sum(1 for _, lat_, status in self.sent if status != 200)
-        replica_seconds = sum(s.replicas for s in self.samples) * (self.samples[1].t - self.samples[0].t) if len(self.samples) > 1 else 0.0
+        replica_seconds = (
+            sum(s.replicas for s in self.samples) * (self.samples[1].t - self.samples[0].t)
+            if len(self.samples) > 1
+            else 0.0
+        )
         return {
             "label": self.label,
             "requests": len(self.sent),
@@ -159,7 +163,9 @@ def sample_replicas(redis_url: str, app: str, run: Run, stop: threading.Event) -
     while not stop.wait(0.5):
         status = read_snapshot(client).find(app, "Work")
         if status is not None:
-            run.samples.append(Sample(time.perf_counter() - started, status.replicas, status.ready, status.queued, status.in_flight))
+            run.samples.append(
+                Sample(time.perf_counter() - started, status.replicas, status.ready, status.queued, status.in_flight)
+            )
 
 
 def measure(label: str, application: Any, scale: float, port: int) -> Run:
@@ -185,7 +191,9 @@ def measure(label: str, application: Any, scale: float, port: int) -> Run:
 
 def print_timeline(run: Run, scale: float) -> None:
     print(f"\n== {run.label}: timeline ({SLICE_S:g} s slices; latency of the requests sent in the slice) ==")
-    print(f"{'t s':>5} {'offered/s':>9} {'done/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'replicas':>8} {'ready':>5} {'queued':>6} {'in flight':>9}")
+    print(
+        f"{'t s':>5} {'offered/s':>9} {'done/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'replicas':>8} {'ready':>5} {'queued':>6} {'in flight':>9}"
+    )
     end = max(run.duration_s, sum(s for s, _ in PHASES) * scale)
     t = 0.0
     while t < end:
@@ -200,7 +208,9 @@ def print_timeline(run: Run, scale: float) -> None:
         p50 = f"{statistics.median(lat) * 1000:8.0f}" if lat else f"{'-':>8}"
         p99 = f"{pct(lat, 0.99) * 1000:8.0f}" if lat else f"{'-':>8}"
         bar = "#" * replicas
-        print(f"{t:5.0f} {len(sent) / SLICE_S:9.1f} {len(done) / SLICE_S:7.1f} {p50} {p99} {replicas:8d} {ready:5d} {queued:6d} {in_flight:9d}  {bar}")
+        print(
+            f"{t:5.0f} {len(sent) / SLICE_S:9.1f} {len(done) / SLICE_S:7.1f} {p50} {p99} {replicas:8d} {ready:5d} {queued:6d} {in_flight:9d}  {bar}"
+        )
         t += SLICE_S
 
 
@@ -230,7 +240,9 @@ def main() -> None:
     finally:
         shutdown()
     total = len(schedule(args.scale))
-    print(f"\n== summary: {total} requests per run, {WORK_S * 1000:.0f} ms of work each, phases {PHASES} (x{args.scale:g}) ==")
+    print(
+        f"\n== summary: {total} requests per run, {WORK_S * 1000:.0f} ms of work each, phases {PHASES} (x{args.scale:g}) =="
+    )
     header = f"{'run':<10} {'ok':>5} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>6} {'max replicas':>12} {'replica-s':>9}"
     print(header)
     for run_ in runs:

@@ -21,8 +21,12 @@ from benchmarks._load import Result, build_request, dump_json, print_table, run_
 
 async def measure(label: str, port: int, path: str, seconds: float) -> list[Result]:
     raw = build_request("127.0.0.1", port, path)
-    c1 = await run_load(f"{label} (concurrency 1)", "127.0.0.1", port, raw, concurrency=1, requests=100_000, max_seconds=seconds)
-    c32 = await run_load(f"{label} (concurrency 32)", "127.0.0.1", port, raw, concurrency=32, requests=1_000_000, max_seconds=seconds)
+    c1 = await run_load(
+        f"{label} (concurrency 1)", "127.0.0.1", port, raw, concurrency=1, requests=100_000, max_seconds=seconds
+    )
+    c32 = await run_load(
+        f"{label} (concurrency 32)", "127.0.0.1", port, raw, concurrency=32, requests=1_000_000, max_seconds=seconds
+    )
     return [c1, c32]
 
 
@@ -54,8 +58,10 @@ def main() -> None:
     _, _, chain1, chain32, handles1, handles32 = results
     print()
     print(f"chain vs handles, p50 at concurrency 1: {chain1.p50_ms:.2f} ms vs {handles1.p50_ms:.2f} ms")
-    print(f"chain vs handles, throughput at concurrency 32: {chain32.rps:.0f} vs {handles32.rps:.0f} req/s "
-          f"({chain32.rps / handles32.rps:.2f}x)")
+    print(
+        f"chain vs handles, throughput at concurrency 32: {chain32.rps:.0f} vs {handles32.rps:.0f} req/s "
+        f"({chain32.rps / handles32.rps:.2f}x)"
+    )
     if args.json:
         dump_json(results, args.json)
 

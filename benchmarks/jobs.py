@@ -137,9 +137,7 @@ def _check(result: PathResult, i: int, job: dict[str, Any]) -> None:
         result.succeeded += 1
 
 
-async def http_path(
-    host: str, port: int, redis_url: str, n: int, concurrency: int, timeout_s: float
-) -> PathResult:
+async def http_path(host: str, port: int, redis_url: str, n: int, concurrency: int, timeout_s: float) -> PathResult:
     result = PathResult("HTTP: POST /jobs/Square", n, concurrency)
     conns = [_Http(host, port) for _ in range(concurrency)]
     await asyncio.gather(*(c.open() for c in conns))
@@ -249,9 +247,7 @@ def print_table(results: list[PathResult]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=10_000, help="jobs per path")
     parser.add_argument("--concurrency", type=int, default=64, help="submissions (and waits) in flight")
     parser.add_argument("--timeout-s", type=float, default=240.0, help="time limit for each path")

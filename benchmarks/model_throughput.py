@@ -60,17 +60,13 @@ UnbatchedEmbedder = deployment(name="UnbatchedEmbedder", num_cpus=NUM_CPUS)(_One
 
 def sentences(n: int, seed: int = 7) -> list[str]:
     """`n` different sentences of 10 to 20 words, the same every run."""
-    openers = "|Yesterday|Last week|To be honest|As usual|Surprisingly|Once again|On Monday morning".split(
-        "|"
-    )
+    openers = "|Yesterday|Last week|To be honest|As usual|Surprisingly|Once again|On Monday morning".split("|")
     subjects = (
         "the delivery driver|our new neighbour|the hotel staff|my sister|the support team|this little cafe|"
         "the city council|the museum guide|the airline|a friend from work|the restaurant downstairs|"
         "the software update|the new manager|our landlord"
     ).split("|")
-    verbs = (
-        "handled explained delivered cancelled recommended fixed described organised ignored reviewed".split()
-    )
+    verbs = "handled explained delivered cancelled recommended fixed described organised ignored reviewed".split()
     objects = (
         "the late order|the broken heating|our weekend trip|the quarterly report|a surprise birthday dinner|"
         "the noisy train journey|the new pricing plan|the lost luggage|the garden party|the morning meeting"
@@ -167,9 +163,7 @@ def _merge(label: str, concurrency: int, parts: list[Result], sequential: bool) 
     return merged
 
 
-async def load(
-    label: str, port: int, path: str, texts: list[str], concurrency: int, seconds: float
-) -> Result:
+async def load(label: str, port: int, path: str, texts: list[str], concurrency: int, seconds: float) -> Result:
     """`concurrency` keep-alive connections, each sending its own sentence, one per request.
 
     Concurrency 1 goes through `C1_SENTENCES` sentences one after another.
@@ -177,9 +171,7 @@ async def load(
     raws = [build_request("127.0.0.1", port, path, "POST", json.dumps(t).encode()) for t in texts]
 
     def one_connection(raw: bytes, max_seconds: float) -> Any:
-        return run_load(
-            label, "127.0.0.1", port, raw, concurrency=1, requests=10**9, max_seconds=max_seconds, warmup=0
-        )
+        return run_load(label, "127.0.0.1", port, raw, concurrency=1, requests=10**9, max_seconds=max_seconds, warmup=0)
 
     if concurrency == 1:
         parts = [await one_connection(raw, seconds / C1_SENTENCES) for raw in raws[:C1_SENTENCES]]
@@ -250,19 +242,13 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         conc = "-" if r.concurrency is None else str(r.concurrency)
         batch = "?" if r.mean_batch is None else f"{r.mean_batch:.1f}"
-        print(
-            line.format(
-                r.label, conc, r.ok, r.errors, f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", f"{r.per_s:.1f}", batch
-            )
-        )
+        print(line.format(r.label, conc, r.ok, r.errors, f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", f"{r.per_s:.1f}", batch))
 
 
 def main() -> int:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument(
-        "--seconds", type=float, default=12.0, help="per scenario at --concurrency (half at 1)"
-    )
+    parser.add_argument("--seconds", type=float, default=12.0, help="per scenario at --concurrency (half at 1)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--num-cpus", type=float, default=NUM_CPUS, help="replicas' num_cpus = torch threads")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -277,9 +263,7 @@ def main() -> int:
     # The same thread count a replica of num_cpus=N gets (get_replica_context().num_threads).
     encoder = Encoder(max(1, int(args.num_cpus)), batch_size=MAX_BATCH_SIZE)
     threads = encoder.threads
-    print(
-        f"{MODEL_NAME} on CPU, {threads} torch thread(s), {len(texts)} sentences of 10-20 words", flush=True
-    )
+    print(f"{MODEL_NAME} on CPU, {threads} torch thread(s), {len(texts)} sentences of 10-20 words", flush=True)
     rows = [
         measure_raw(encoder, texts[:C1_SENTENCES], 1, RAW_B1_S),
         measure_raw(encoder, texts, MAX_BATCH_SIZE, RAW_B32_S),

@@ -48,8 +48,12 @@ def wait_http(port: int, path: str, timeout_s: float = 60.0) -> None:
 
 async def measure(label: str, port: int, seconds: float) -> list[Result]:
     raw = build_request("127.0.0.1", port, "/?name=bench")
-    c1 = await run_load(f"{label} (concurrency 1)", "127.0.0.1", port, raw, concurrency=1, requests=100_000, max_seconds=seconds)
-    c32 = await run_load(f"{label} (concurrency 32)", "127.0.0.1", port, raw, concurrency=32, requests=1_000_000, max_seconds=seconds)
+    c1 = await run_load(
+        f"{label} (concurrency 1)", "127.0.0.1", port, raw, concurrency=1, requests=100_000, max_seconds=seconds
+    )
+    c32 = await run_load(
+        f"{label} (concurrency 32)", "127.0.0.1", port, raw, concurrency=32, requests=1_000_000, max_seconds=seconds
+    )
     return [c1, c32]
 
 
@@ -68,7 +72,17 @@ def main() -> None:
     with open(os.path.join(bare_dir, "bare_app.py"), "w") as fh:
         fh.write(BARE_APP)
     bare = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "bare_app:api", "--port", str(bare_port), "--log-level", "warning", "--no-access-log"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bare_app:api",
+            "--port",
+            str(bare_port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
         cwd=bare_dir,
     )
     try:
@@ -92,7 +106,9 @@ def main() -> None:
     print_table(results)
     floor1, floor32, serve1, serve32 = results
     print()
-    print(f"added latency at concurrency 1: {serve1.p50_ms - floor1.p50_ms:.3f} ms (p50), ratio {serve1.p50_ms / floor1.p50_ms:.2f}x")
+    print(
+        f"added latency at concurrency 1: {serve1.p50_ms - floor1.p50_ms:.3f} ms (p50), ratio {serve1.p50_ms / floor1.p50_ms:.2f}x"
+    )
     print(f"throughput at concurrency 32: {serve32.rps / floor32.rps:.2%} of the floor")
     if args.json:
         dump_json(results, args.json)

@@ -1,7 +1,7 @@
 """The Ray Serve key-concepts composition: an ingress that calls two deployments through handles.
 
-    celery-serve run examples.composition:app
-    curl http://127.0.0.1:8000/         ->  Hello world!
+celery-serve run examples.composition:app
+curl http://127.0.0.1:8000/         ->  Hello world!
 """
 
 from app import DeploymentHandle, deployment

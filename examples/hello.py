@@ -1,7 +1,7 @@
 """A function deployment that greets by query parameter.
 
-    celery-serve run examples.hello:app
-    curl 'http://127.0.0.1:8000/?name=Ada'      ->  Hello Ada!
+celery-serve run examples.hello:app
+curl 'http://127.0.0.1:8000/?name=Ada'      ->  Hello Ada!
 """
 
 from app import deployment

@@ -63,9 +63,7 @@ class NearestCentroid:
     @classmethod
     def fit(cls, vectors_by_label: dict[str, Any], temperature: float = TEMPERATURE) -> NearestCentroid:
         labels = list(vectors_by_label)
-        centroids = np.stack(
-            [np.asarray(vectors_by_label[lb], dtype=np.float32).mean(axis=0) for lb in labels]
-        )
+        centroids = np.stack([np.asarray(vectors_by_label[lb], dtype=np.float32).mean(axis=0) for lb in labels])
         return cls(labels, centroids, temperature)
 
     def predict(self, vector: Any) -> tuple[str, float]:
@@ -92,9 +90,7 @@ class SentimentClassifier:
         examples = load_examples(examples_path)
         every_text = [text for texts in examples.values() for text in texts]
         vectors = iter(embedder.embed.remote(every_text).result())  # one call, embedded as one batch
-        self.head = NearestCentroid.fit(
-            {label: [next(vectors) for _ in texts] for label, texts in examples.items()}
-        )
+        self.head = NearestCentroid.fit({label: [next(vectors) for _ in texts] for label, texts in examples.items()})
 
     @api.get("/test")
     def root(self) -> str:

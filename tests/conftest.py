@@ -27,9 +27,7 @@ T = TypeVar("T")
 STARTUP_TIMEOUT_S = 150.0
 
 
-def wait_until(
-    predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.02, what: str = ""
-) -> T:
+def wait_until(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.02, what: str = "") -> T:
     """Poll `predicate` until it returns something truthy; return that, or fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -202,9 +202,7 @@ def job_status(http: httpx.Client, job_id: str) -> str:
 
 def submit(http: httpx.Client, target: str, *args: Any, headers: dict[str, str] | None = None) -> str:
     """POST /jobs/<target> with these arguments; returns the job id."""
-    response = http.post(
-        f"/jobs/{target}", params={"app": APP_NAME}, json={"args": list(args)}, headers=headers
-    )
+    response = http.post(f"/jobs/{target}", params={"app": APP_NAME}, json={"args": list(args)}, headers=headers)
     assert response.status_code == 202, response.text
     return str(response.json()["job_id"])
 

@@ -203,7 +203,10 @@ def test_an_autoscaling_config_means_auto_and_survives_options() -> None:
 @pytest.mark.parametrize(
     ("options", "words"),
     [
-        ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, ["max_replicas", "min_replicas", "max_replicas=2"]),
+        (
+            {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}},
+            ["max_replicas", "min_replicas", "max_replicas=2"],
+        ),
         ({"autoscaling_config": {"min_replicas": -1}}, ["autoscaling_config.min_replicas", "-1"]),
         ({"autoscaling_config": {"max_replicas": 0}}, ["autoscaling_config.max_replicas", "0"]),
         ({"autoscaling_config": {"initial_replicas": 9, "max_replicas": 4}}, ["initial_replicas", "9"]),

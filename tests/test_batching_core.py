@@ -95,7 +95,11 @@ def test_drop_stale_separates_expired_and_cancelled() -> None:
     expired = Item(1, (2,), deadline=99.0)
     cancelled = Item(2, (3,), deadline=200.0, cancelled=True)
     no_deadline = Item(3, (4,))
-    assert drop_stale([live, expired, cancelled, no_deadline], now=100.0) == ([live, no_deadline], [expired], [cancelled])
+    assert drop_stale([live, expired, cancelled, no_deadline], now=100.0) == (
+        [live, no_deadline],
+        [expired],
+        [cancelled],
+    )
 
 
 def test_expired_items_never_reach_the_function() -> None:
@@ -129,7 +133,9 @@ def test_raising_fails_every_item_with_that_error() -> None:
     assert [o.error for o in outcomes] == [error, error, error]
 
 
-@pytest.mark.parametrize(("returned", "detail"), [([1], "it got 3 items and returned 1 results"), ([1, 2, 3, 4], "returned 4")])
+@pytest.mark.parametrize(
+    ("returned", "detail"), [([1], "it got 3 items and returned 1 results"), ([1, 2, 3, 4], "returned 4")]
+)
 def test_wrong_length_fails_every_item_naming_both_lengths(returned: list[int], detail: str) -> None:
     outcomes = run_batch(lambda xs: returned, items(1, 2, 3))
     assert all(isinstance(o.error, BatchSizeMismatchError) for o in outcomes)

@@ -46,9 +46,7 @@ def test_a_pickle_message_is_dropped_unread_and_the_replica_keeps_serving(
 ) -> None:
     marker = tmp_path / "unpickled"
     task_id = f"pickle-{uuid.uuid4().hex}"
-    message = json.loads(
-        build_message(task_id=task_id, app="probe", deployment="Calc", method="add", args=[1, 2])
-    )
+    message = json.loads(build_message(task_id=task_id, app="probe", deployment="Calc", method="add", args=[1, 2]))
     message["content-type"] = "application/x-python-serialize"
     message["content-encoding"] = "binary"
     message["body"] = base64.b64encode(pickle.dumps(([_Trap(str(marker))], {}, {}))).decode()
@@ -66,8 +64,7 @@ def test_a_request_whose_replica_is_killed_is_delivered_again_and_succeeds(
     served: Served, redis_client: redis.Redis
 ) -> None:
     registered = {
-        json.loads(v)["pid"]: k.decode()
-        for k, v in redis_client.hgetall(replicas("probe", "Fragile")).items()
+        json.loads(v)["pid"]: k.decode() for k, v in redis_client.hgetall(replicas("probe", "Fragile")).items()
     }
     tag = f"kill-{uuid.uuid4().hex[:8]}"
     response = DeploymentHandle("Fragile", "probe").work.remote(tag, 3.0)
@@ -93,9 +90,7 @@ class Unserved:
     """Deployed without workers, so a handle's message stays on the queue to be read."""
 
 
-def test_a_handle_call_carries_its_deadline_as_the_expires_header(
-    served: Served, redis_client: redis.Redis
-) -> None:
+def test_a_handle_call_carries_its_deadline_as_the_expires_header(served: Served, redis_client: redis.Redis) -> None:
     deploy_spec(served.redis_url, build_spec(Unserved.bind(), "unserved", "/unserved-test"))
     try:
         before = time.time()
@@ -118,9 +113,7 @@ def test_a_plain_celery_client_can_call_a_deployment(served: Served) -> None:
     try:
         sent = celery.send_task("probe.Calc.add", args=[20, 22], queue=queue("probe", "Calc"), expires=60)
         assert sent.get(timeout=60) == 42
-        failing = celery.send_task(
-            "probe.Calc.boom", args=["from celery"], queue=queue("probe", "Calc"), expires=60
-        )
+        failing = celery.send_task("probe.Calc.boom", args=["from celery"], queue=queue("probe", "Calc"), expires=60)
         with pytest.raises(ValueError, match="from celery"):
             failing.get(timeout=60)
     finally:

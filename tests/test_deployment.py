@@ -91,9 +91,7 @@ def test_whole_number_of_gpus_and_unbounded_queue_are_allowed() -> None:
         ({"replicas": 2}, ["unknown deployment option 'replicas'", "2"]),
     ],
 )
-def test_invalid_options_fail_at_decoration_naming_option_and_value(
-    options: dict, fragments: list[str]
-) -> None:
+def test_invalid_options_fail_at_decoration_naming_option_and_value(options: dict, fragments: list[str]) -> None:
     with pytest.raises(DeploymentConfigError) as info:
 
         @deployment(**options)

@@ -108,9 +108,7 @@ def test_a_message_sent_by_celery_send_task_is_parsed(redis_url: str, redis_clie
     queue = f"serve.unit-{uuid.uuid4().hex[:8]}.Dep"
     celery = make_celery(redis_url)
     try:
-        result = celery.send_task(
-            "unit.Dep.predict", args=[1, "x"], kwargs={"k": [2]}, queue=queue, expires=30
-        )
+        result = celery.send_task("unit.Dep.predict", args=[1, "x"], kwargs={"k": [2]}, queue=queue, expires=30)
     finally:
         celery.close()
     raw = redis_client.rpop(queue)

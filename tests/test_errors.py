@@ -79,9 +79,7 @@ def test_queue_full_is_503_with_retry_after_at_once(served: Served, redis_client
 
     with ThreadPoolExecutor(6) as pool:
         holder = pool.submit(get, f"{run}-holder", 2.0)
-        wait_until(
-            lambda: redis_client.get(executions_key(f"{run}-holder")), what="the first request to start"
-        )
+        wait_until(lambda: redis_client.get(executions_key(f"{run}-holder")), what="the first request to start")
         tags = [f"{run}-{i}" for i in range(5)]
         responses = dict(zip(tags, pool.map(lambda tag: get(tag, 0.05), tags), strict=True))
         assert holder.result().status_code == 200
@@ -93,17 +91,13 @@ def test_queue_full_is_503_with_retry_after_at_once(served: Served, redis_client
         assert response.headers["retry-after"] == "1"
         assert response.json()["error"] == "BackpressureError"
         assert "max_queued_requests" in response.json()["message"]
-        assert finished.index(tag) < finished.index(f"{run}-holder"), (
-            "a 503 came only after the queue drained"
-        )
+        assert finished.index(tag) < finished.index(f"{run}-holder"), "a 503 came only after the queue drained"
         assert redis_client.get(executions_key(tag)) is None, "a refused request ran"
     for tag in set(tags) - set(refused):
         assert (responses[tag].status_code, responses[tag].text) == (200, tag)
 
 
-def test_no_result_in_time_is_504_and_the_expired_request_is_skipped(
-    served: Served, redis_client: redis.Redis
-) -> None:
+def test_no_result_in_time_is_504_and_the_expired_request_is_skipped(served: Served, redis_client: redis.Redis) -> None:
     """deadline: request_timeout_s=1, one request at a time. A request that waits behind a slow one
     past its deadline is answered 504 and is then dropped by the replica without running."""
     run = uuid.uuid4().hex[:8]
@@ -226,17 +220,13 @@ def test_body_over_the_limit_with_content_length_is_413(lonely: LonelyGateway) -
     head = f"POST /ghost HTTP/1.1\r\nHost: t\r\nContent-Length: {BODY_LIMIT + 1}\r\n\r\n"
     status, headers, body = _raw_exchange(lonely.port, head, b"y" * (BODY_LIMIT + 1))
     assert status == 413
-    assert (
-        json.loads(body)["error"] == "PayloadTooLargeError" and str(BODY_LIMIT) in json.loads(body)["message"]
-    )
+    assert json.loads(body)["error"] == "PayloadTooLargeError" and str(BODY_LIMIT) in json.loads(body)["message"]
     assert headers["connection"] == "close"
 
 
 def test_a_declared_huge_body_is_refused_before_any_of_it_is_sent(lonely: LonelyGateway) -> None:
     head = "POST /ghost HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000000\r\n\r\n"
-    status, _, body = _raw_exchange(
-        lonely.port, head
-    )  # no body at all: a gateway that reads first would hang
+    status, _, body = _raw_exchange(lonely.port, head)  # no body at all: a gateway that reads first would hang
     assert status == 413 and json.loads(body)["error"] == "PayloadTooLargeError"
 
 

@@ -72,9 +72,7 @@ def test_a_user_exception_record_becomes_a_remote_error() -> None:
 
 
 def test_a_user_exception_named_like_ours_is_not_mistaken_for_ours() -> None:
-    back = error_from_dict(
-        {"exc_type": "BadRequestError", "exc_message": "theirs", "exc_module": "user.module"}
-    )
+    back = error_from_dict({"exc_type": "BadRequestError", "exc_message": "theirs", "exc_module": "user.module"})
     assert isinstance(back, RemoteError) and back.remote_type == "BadRequestError"
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from app._spec import build_spec
-from app._serve import plan_gpus
 from app import deployment
+from app._serve import plan_gpus
+from app._spec import build_spec
 from workers.gpus import PlacementError, discover_devices, parse_devices, plan_placement, replica_env
 
 

@@ -91,9 +91,7 @@ def test_submit_to_a_route_carries_the_same_http_request_as_a_sync_call(http: ht
     assert (result["method"], result["path"], result["json"]) == ("POST", "/jobtest/items/7", {"n": 1})
     assert result["query"]["color"] == "red"
     sync = http.post("/jobtest/items/7", params={"color": "red"}, json={"n": 1}).json()
-    assert {k: sync[k] for k in ("method", "path", "json")} == {
-        k: result[k] for k in ("method", "path", "json")
-    }
+    assert {k: sync[k] for k in ("method", "path", "json")} == {k: result[k] for k in ("method", "path", "json")}
 
     put = http.post("/jobs/jobtest", headers={"X-HTTP-Method-Override": "PUT"})
     assert jd.finished(http, put.json()["job_id"])["result"]["method"] == "PUT"
@@ -118,9 +116,7 @@ def test_a_failed_job_reports_the_error(http: httpx.Client) -> None:
 # --- long-poll -----------------------------------------------------------------------------------------
 
 
-def test_long_poll_subscribes_and_wakes_when_the_job_ends(
-    jobs: Served, http: httpx.Client, r: redis.Redis
-) -> None:
+def test_long_poll_subscribes_and_wakes_when_the_job_ends(jobs: Served, http: httpx.Client, r: redis.Redis) -> None:
     tag = jd.unique("poll")
     job_id = jd.submit(http, "Gate/hold", tag)
     answers: list[dict[str, Any]] = []
@@ -212,9 +208,7 @@ def test_cancel_after_the_end_is_409_and_unknown_or_malformed_ids_are_404_and_40
 # --- idempotency ---------------------------------------------------------------------------------------
 
 
-def test_a_repeated_idempotency_key_returns_the_same_job_and_runs_it_once(
-    http: httpx.Client, r: redis.Redis
-) -> None:
+def test_a_repeated_idempotency_key_returns_the_same_job_and_runs_it_once(http: httpx.Client, r: redis.Redis) -> None:
     tag = jd.unique("idem")
     key = {"Idempotency-Key": jd.unique("key")}
     first = http.post("/jobs/Gate/mark", params={"app": "jobs"}, json={"args": [tag]}, headers=key)
@@ -239,15 +233,11 @@ def test_a_repeated_idempotency_key_returns_the_same_job_and_runs_it_once(
 def test_a_finished_job_is_gone_after_its_retention_period(http: httpx.Client) -> None:
     job_id = jd.submit(http, "ShortLived/mark", jd.unique("retained"))  # job_retention_s=2
     assert jd.finished(http, job_id)["status"] == "succeeded"
-    gone = wait_until(
-        lambda: (g := http.get(f"/jobs/{job_id}")).status_code == 404 and g, timeout_s=30, what="404"
-    )
+    gone = wait_until(lambda: (g := http.get(f"/jobs/{job_id}")).status_code == 404 and g, timeout_s=30, what="404")
     assert "retention" in gone.json()["message"]
 
 
-def test_a_queued_job_past_its_deadline_reads_expired_and_never_runs(
-    http: httpx.Client, r: redis.Redis
-) -> None:
+def test_a_queued_job_past_its_deadline_reads_expired_and_never_runs(http: httpx.Client, r: redis.Redis) -> None:
     tag, fence = jd.unique("expired"), jd.unique("fence")
     with jd.held(http, r, "ShortLived"):  # request_timeout_s=1.5, and nothing is taken while held
         job_id = jd.submit(http, "ShortLived/mark", tag)
@@ -256,9 +246,7 @@ def test_a_queued_job_past_its_deadline_reads_expired_and_never_runs(
         assert job["error"]["type"] == "RequestTimeoutError"
     assert jd.finished(http, jd.submit(http, "ShortLived/mark", fence))["status"] == "succeeded"
     assert jd.executions(r, tag) == 0
-    wait_until(
-        lambda: http.get(f"/jobs/{job_id}").status_code == 404, timeout_s=30, what="the expired job to go"
-    )
+    wait_until(lambda: http.get(f"/jobs/{job_id}").status_code == 404, timeout_s=30, what="the expired job to go")
 
 
 # --- every synchronous request is a job ----------------------------------------------------------------
@@ -340,9 +328,7 @@ def test_jobs_survive_a_gateway_restart(jobs: Served, r: redis.Redis) -> None:
     assert jd.executions(r, tag) == 1
 
 
-def test_a_replica_killed_mid_job_is_redelivered_and_the_job_ends_once(
-    http: httpx.Client, r: redis.Redis
-) -> None:
+def test_a_replica_killed_mid_job_is_redelivered_and_the_job_ends_once(http: httpx.Client, r: redis.Redis) -> None:
     tag = jd.unique("crash")
     job_id = jd.submit(http, "Crashy/work", tag)
     try:

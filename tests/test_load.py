@@ -51,9 +51,7 @@ async def _load(served: Served) -> tuple[list[tuple[int, bytes]], int]:
 
     sampler = asyncio.create_task(sample())
     try:
-        results = await asyncio.gather(
-            *(_get(host, port, f"/load?i={i}", opened, ready) for i in range(REQUESTS))
-        )
+        results = await asyncio.gather(*(_get(host, port, f"/load?i={i}", opened, ready) for i in range(REQUESTS)))
     finally:
         sampler.cancel()
     return results, peak

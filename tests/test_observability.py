@@ -104,7 +104,9 @@ def test_flower_shows_requests_as_tasks_named_by_deployment_and_method(
             if task.get("name", "").startswith(f"{name}.Watched.") and task["worker"].startswith(f"{name}.Watched."):
                 seen.setdefault(task["name"], set()).add(task["state"])
         wanted = {f"{name}.Watched.__call__": "SUCCESS", f"{name}.Watched.double": "SUCCESS"}
-        if all(state in seen.get(task, set()) for task, state in wanted.items()) and "FAILURE" in seen.get(f"{name}.Watched.__call__", set()):
+        if all(state in seen.get(task, set()) for task, state in wanted.items()) and "FAILURE" in seen.get(
+            f"{name}.Watched.__call__", set()
+        ):
             return seen
         return {}
 
@@ -128,7 +130,9 @@ def labelled(samples: list[Any], name: str, **labels: str) -> list[Any]:
     return [s for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
 
 
-def test_metrics_carry_requests_latency_queue_in_flight_batches_and_replicas(served: Served, watched: dict[str, Any]) -> None:
+def test_metrics_carry_requests_latency_queue_in_flight_batches_and_replicas(
+    served: Served, watched: dict[str, Any]
+) -> None:
     traffic(served, watched, ok=5, failed=2)
     ours = {"application": watched["name"], "deployment": "Watched"}
 

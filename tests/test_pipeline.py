@@ -41,7 +41,9 @@ def test_chain_through_a_handle(pipes: dict[str, DeploymentHandle]) -> None:
     assert pipes["chain"].remote("hi").result(timeout_s=30) == {"result": "HI!", "length": 3}
 
 
-def test_chain_over_http_gets_the_request_first_and_answers_json(served: Served, pipes: dict[str, DeploymentHandle]) -> None:
+def test_chain_over_http_gets_the_request_first_and_answers_json(
+    served: Served, pipes: dict[str, DeploymentHandle]
+) -> None:
     with served.http() as http:
         response = http.get("/chain/", params={"text": "hello"})
     assert response.status_code == 200
@@ -113,7 +115,9 @@ def test_pipeline_as_a_job(served: Served, pipes: dict[str, DeploymentHandle]) -
 
 @pytest.mark.parametrize("transport", ["http", "redis"])
 def test_pipeline_from_the_client(served: Served, pipes: dict[str, DeploymentHandle], transport: str) -> None:
-    client = Client(served.gateway_url, app="fan") if transport == "http" else Client(redis_url=served.redis_url, app="fan")
+    client = (
+        Client(served.gateway_url, app="fan") if transport == "http" else Client(redis_url=served.redis_url, app="fan")
+    )
     with client:
         target = "upper >> parallel(length, reverse) >> combine" if transport == "redis" else "fan"
         assert client.call(target, "xy") == {"parts": [2, "YX"]}

@@ -146,7 +146,9 @@ def test_growth_stops_at_the_machine_capacity(deploy: Callable[..., Deployed]) -
     capped.assert_each_ran_once(keys)
 
 
-def test_a_killed_scaler_leaves_serving_alone_and_a_new_one_converges(served: Served, deploy: Callable[..., Deployed]) -> None:
+def test_a_killed_scaler_leaves_serving_alone_and_a_new_one_converges(
+    served: Served, deploy: Callable[..., Deployed]
+) -> None:
     session = _serve._session
     assert session is not None
     restart = deploy(sd.restartable_app, "Restartable")

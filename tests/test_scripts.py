@@ -139,9 +139,7 @@ def test_complete_stores_publishes_replies_and_acknowledges(redis_client: redis.
         redis_client.delete(result_key, reply)
 
 
-def test_complete_first_writer_wins_and_the_second_is_only_acknowledged(
-    redis_client: redis.Redis, keys: Keys
-) -> None:
+def test_complete_first_writer_wins_and_the_second_is_only_acknowledged(redis_client: redis.Redis, keys: Keys) -> None:
     task_id = f"task-{keys.replica_id}"
     result_key, reply = _keys.result(task_id), _keys.reply(keys.replica_id)
     redis_client.hset(keys.inflight, mapping={"1:1": "first copy", "2:1": "redelivered copy"})
@@ -186,9 +184,7 @@ def test_restore_leaves_a_live_replica_alone(redis_client: redis.Redis, keys: Ke
     assert redis_client.hexists(keys.replicas, keys.replica_id)
 
 
-def test_restore_of_a_dead_replica_puts_its_messages_next_in_line(
-    redis_client: redis.Redis, keys: Keys
-) -> None:
+def test_restore_of_a_dead_replica_puts_its_messages_next_in_line(redis_client: redis.Redis, keys: Keys) -> None:
     _held(redis_client, keys)
     assert _restore(redis_client, keys, force=False) == 2
     assert redis_client.rpop(keys.queue, 3) == [b"claimed", b"in flight", b"waiting"]

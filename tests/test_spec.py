@@ -54,9 +54,7 @@ def test_spec_json_round_trip() -> None:
 
 def test_bind_arguments_travel_as_json_when_the_application_is_not_a_module_variable() -> None:
     leaf = Leaf.bind(3)
-    spec = AppSpec.from_json(
-        build_spec(Root.bind([leaf, 7], {"main": leaf}, label="x"), "graph", None).to_json()
-    )
+    spec = AppSpec.from_json(build_spec(Root.bind([leaf, 7], {"main": leaf}, label="x"), "graph", None).to_json())
     assert spec.source is None
     target, args, kwargs = resolve_deployment(spec, "Root", _make_handle)
     assert target is Root.func_or_class

@@ -44,9 +44,7 @@ def test_deploy_gateway_and_worker_as_separate_processes(own_redis: str) -> None
                 return None
             return response.text if response.status_code == 200 else None
 
-        assert (
-            wait_until(answered, timeout_s=150, interval_s=0.1, what="the gateway to answer") == "Hello Ada!"
-        )
+        assert wait_until(answered, timeout_s=150, interval_s=0.1, what="the gateway to answer") == "Hello Ada!"
         assert httpx.get(f"http://127.0.0.1:{port}/-/routes").json() == {"/": "hello"}
 
         replicas = worker.descendants()

@@ -78,13 +78,21 @@ def decide(ctx: AutoscalingContext, config: AutoscalingConfig) -> Decision:
     if want > current:
         since = ctx.now_s if ctx.upscale_since_s is None else ctx.upscale_since_s
         if ctx.now_s - since >= config.upscale_delay_s:
-            return replace(now, reason=f"{why} for {ctx.now_s - since:.1f}s (upscale_delay_s={config.upscale_delay_s:g})")
-        return Decision(current, want, f"{why}; waiting for upscale_delay_s={config.upscale_delay_s:g}", upscale_since_s=since)
+            return replace(
+                now, reason=f"{why} for {ctx.now_s - since:.1f}s (upscale_delay_s={config.upscale_delay_s:g})"
+            )
+        return Decision(
+            current, want, f"{why}; waiting for upscale_delay_s={config.upscale_delay_s:g}", upscale_since_s=since
+        )
     if want < current:
         since = ctx.now_s if ctx.downscale_since_s is None else ctx.downscale_since_s
         if ctx.now_s - since >= config.downscale_delay_s:
-            return replace(now, reason=f"{why} for {ctx.now_s - since:.1f}s (downscale_delay_s={config.downscale_delay_s:g})")
-        return Decision(current, want, f"{why}; waiting for downscale_delay_s={config.downscale_delay_s:g}", downscale_since_s=since)
+            return replace(
+                now, reason=f"{why} for {ctx.now_s - since:.1f}s (downscale_delay_s={config.downscale_delay_s:g})"
+            )
+        return Decision(
+            current, want, f"{why}; waiting for downscale_delay_s={config.downscale_delay_s:g}", downscale_since_s=since
+        )
     return Decision(current, want, f"{why}: steady")
 
 

@@ -59,7 +59,9 @@ class Outcome:
         return self.error is None
 
 
-def drop_stale(items: Sequence[Item[K]], now: float | None = None) -> tuple[list[Item[K]], list[Item[K]], list[Item[K]]]:
+def drop_stale(
+    items: Sequence[Item[K]], now: float | None = None
+) -> tuple[list[Item[K]], list[Item[K]], list[Item[K]]]:
     """Split into (live, expired, cancelled)."""
     now = time.time() if now is None else now
     live: list[Item[K]] = []

@@ -65,7 +65,8 @@ class QueueOps:
         items = await self._take_now(limit)
         if items:
             return items
-        moved = await self.blocking.blmove(self.queue, self.claim, block_s, "RIGHT", "LEFT")
+        # Redis takes a fractional timeout (>= 6.0); redis-py's annotation says int.
+        moved = await self.blocking.blmove(self.queue, self.claim, block_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
         if moved is None:
             return []
         return await self._take_now(limit)
@@ -86,7 +87,9 @@ class QueueOps:
 
     async def chord_add(self, chord: dict[str, Any], value: Any, ttl: int) -> list[Any] | None:
         """Record one parallel branch's result; all branches' results, in order, once every one is in."""
-        raw = await self._chord_add(keys=[chord["key"]], args=[chord["index"], chord["size"], json.dumps(to_jsonable(value)), ttl])
+        raw = await self._chord_add(
+            keys=[chord["key"]], args=[chord["index"], chord["size"], json.dumps(to_jsonable(value)), ttl]
+        )
         return None if raw is None else [json.loads(r) for r in raw]
 
     async def complete(self, done: list[tuple[str, str, str, str, str, int]]) -> None:
@@ -163,12 +166,14 @@ class Heartbeat(threading.Thread):
     def reap(self) -> int:
         restored = 0
         for raw_id in self.redis.hkeys(self.ops.replicas):
-            rid = raw_id.decode()
+            rid = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
             if rid == self.ops.replica_id:
                 continue
             n = self.restore(rid, force=False)
             if n >= 0:
-                logger.warning("replica %s stopped heartbeating; put %d unfinished requests back on %s", rid, n, self.ops.queue)
+                logger.warning(
+                    "replica %s stopped heartbeating; put %d unfinished requests back on %s", rid, n, self.ops.queue
+                )
                 restored += n
         return restored
 
@@ -238,7 +243,9 @@ class ReplicaServer:
             await asyncio.to_thread(self.events.stop)
             handed_back = await asyncio.to_thread(self.heartbeat.unregister)
             if handed_back:
-                logger.warning("replica %s handed %d unfinished requests back to %s", self.replica_id, handed_back, self.ops.queue)
+                logger.warning(
+                    "replica %s handed %d unfinished requests back to %s", self.replica_id, handed_back, self.ops.queue
+                )
             await self.replica.stop()
             await self.ops.close()
 

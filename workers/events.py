@@ -43,14 +43,22 @@ class TaskEvents:
     """Buffers a replica's task events; `start()` runs the thread that publishes them."""
 
     def __init__(
-        self, url: str, hostname: str, *, enabled: bool = True, always: bool = False, flush_every_s: float = FLUSH_EVERY_S
+        self,
+        url: str,
+        hostname: str,
+        *,
+        enabled: bool = True,
+        always: bool = False,
+        flush_every_s: float = FLUSH_EVERY_S,
     ) -> None:
         self.url = url
         self.hostname = hostname
         self.enabled = enabled
         self.always = always  # send even when no monitor asked for events
         self.flush_every_s = flush_every_s
-        self._buffer: collections.deque[tuple[int, Envelope, float, Outcome | None]] = collections.deque(maxlen=_MAX_BUFFERED)
+        self._buffer: collections.deque[tuple[int, Envelope, float, Outcome | None]] = collections.deque(
+            maxlen=_MAX_BUFFERED
+        )
         self._received_at: dict[str, float] = {}  # publisher thread only: task id -> received time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,7 +75,9 @@ class TaskEvents:
         monitor asks, the default), `1` (always) or `0` (never)."""
         hostname = os.environ.get("SERVE_WORKER_HOSTNAME") or f"replica.{os.getpid()}@{socket.gethostname()}"
         mode = os.environ.get("SERVE_TASK_EVENTS", "auto").lower()
-        return cls(url, hostname, enabled=mode not in ("0", "false", "no", "off"), always=mode in ("1", "true", "yes", "on"))
+        return cls(
+            url, hostname, enabled=mode not in ("0", "false", "no", "off"), always=mode in ("1", "true", "yes", "on")
+        )
 
     # --- the request path: appends only -----------------------------------------------------------------
 
@@ -186,16 +196,36 @@ class TaskEvents:
                 runtime = at - started if started is not None else None
                 if outcome.ok:
                     dispatcher.send(
-                        "task-succeeded", utcoffset=utcoffset, uuid=env.task_id, result=short_repr(outcome.value), runtime=runtime, timestamp=at
+                        "task-succeeded",
+                        utcoffset=utcoffset,
+                        uuid=env.task_id,
+                        result=short_repr(outcome.value),
+                        runtime=runtime,
+                        timestamp=at,
                     )
                 else:
                     exc = outcome.error
                     dispatcher.send(
-                        "task-failed", utcoffset=utcoffset, uuid=env.task_id, exception=short_repr(exc), traceback="", runtime=runtime, timestamp=at
+                        "task-failed",
+                        utcoffset=utcoffset,
+                        uuid=env.task_id,
+                        exception=short_repr(exc),
+                        traceback="",
+                        runtime=runtime,
+                        timestamp=at,
                     )
                 sent += 1
             elif kind == _EXPIRED:
-                dispatcher.send("task-revoked", utcoffset=utcoffset, uuid=env.task_id, name=env.task_name, terminated=False, signum=None, expired=True, timestamp=at)
+                dispatcher.send(
+                    "task-revoked",
+                    utcoffset=utcoffset,
+                    uuid=env.task_id,
+                    name=env.task_name,
+                    terminated=False,
+                    signum=None,
+                    expired=True,
+                    timestamp=at,
+                )
                 sent += 1
         dispatcher.flush()
         if len(self._received_at) > _MAX_BUFFERED:  # finished events lost (e.g. a cancelled request): forget

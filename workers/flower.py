@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     celery = make_celery(args.redis_url)
     # Flower reads its other options (FLOWER_BASIC_AUTH, FLOWER_URL_PREFIX, ...) from the environment.
-    return int(celery.start(["--quiet", "flower", f"--port={args.port}", f"--address={args.address}", *flower_args]) or 0)
+    return int(
+        celery.start(["--quiet", "flower", f"--port={args.port}", f"--address={args.address}", *flower_args]) or 0
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def parse_devices(text: str) -> list[str]:
 
 def discover_devices(env: dict[str, str] | None = None) -> list[str]:
     """The GPU device ids this machine offers: $SERVE_GPU_DEVICES if set, else what `nvidia-smi` lists."""
-    env = os.environ if env is None else env
+    env = dict(os.environ) if env is None else env
     if DEVICES_ENV in env:
         return parse_devices(env[DEVICES_ENV])
     if env.get("CUDA_VISIBLE_DEVICES") is not None:
@@ -39,13 +39,17 @@ def discover_devices(env: dict[str, str] | None = None) -> list[str]:
     if smi is None:
         return []
     try:
-        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            [smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.SubprocessError):
         return []
     return parse_devices(",".join(out.stdout.split())) if out.returncode == 0 else []
 
 
-def plan_placement(replicas: int, num_gpus: float, devices: Sequence[str], used: dict[str, float] | None = None) -> list[list[str]]:
+def plan_placement(
+    replicas: int, num_gpus: float, devices: Sequence[str], used: dict[str, float] | None = None
+) -> list[list[str]]:
     """Give each replica the devices it runs on: a fraction packs onto one device, N >= 1 takes N devices.
 
     `used` is the share of each device already taken (by other deployments' replicas on this machine).

@@ -13,7 +13,7 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message
@@ -54,7 +54,10 @@ class ServeRequest(Request):
         if getattr(self, "_form", None) is not None:
             return self._form  # type: ignore[return-value]
         if self.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
-            self._form = FormData(parse_qsl(self._body.decode("latin-1"), keep_blank_values=True))
+            pairs: list[tuple[str, str | UploadFile]] = list(
+                parse_qsl(self._body.decode("latin-1"), keep_blank_values=True)
+            )
+            self._form = FormData(pairs)
             return self._form
         raise BadRequestError("the request has no form body (content type is not a form)")
 

@@ -100,7 +100,9 @@ class ReplicaPool(BasePool):
                 used[device] = used.get(device, 0.0) + min(conf.serve_num_gpus, 1.0)
         planned = given[:n]
         if len(planned) < n:
-            planned += plan_placement(n - len(planned), conf.serve_num_gpus if conf.serve_devices else 0, conf.serve_devices, used)
+            planned += plan_placement(
+                n - len(planned), conf.serve_num_gpus if conf.serve_devices else 0, conf.serve_devices, used
+            )
         return [_Slot(devices=list(devices)) for devices in planned]
 
     def _devices_used_elsewhere(self) -> dict[str, float]:

@@ -89,7 +89,9 @@ class Replica:
         else:
             call = getattr(self.instance, name, None) if (name == "__call__" or not name.startswith("_")) else None
             if not callable(call):
-                public = sorted(n for n in dir(self.instance) if not n.startswith("_") and callable(getattr(self.instance, n)))
+                public = sorted(
+                    n for n in dir(self.instance) if not n.startswith("_") and callable(getattr(self.instance, n))
+                )
                 raise DeploymentNotFoundError(
                     f"deployment '{self.name}' has no method '{name}' (public methods: {', '.join(public) or 'none'})"
                 )

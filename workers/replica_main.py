@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=os.environ.get("SERVE_LOG_LEVEL", "WARNING"))
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s [{args.deployment} %(process)d] %(name)s: %(message)s"
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [{args.deployment} %(process)d] %(name)s: %(message)s",
     )
     os.environ["CELERY_SERVE_REPLICA"] = "1"
     os.environ["REDIS_URL"] = args.redis_url

@@ -103,7 +103,9 @@ class Scaler:
         self._clean_up(snapshot, now)
         return next_tick
 
-    def scale(self, status: DeploymentStatus, scaling: AutoscalingConfig, machines: dict[str, Machine], now: float) -> dict[str, Machine]:
+    def scale(
+        self, status: DeploymentStatus, scaling: AutoscalingConfig, machines: dict[str, Machine], now: float
+    ) -> dict[str, Machine]:
         """Decide for one deployment, resize its pools, record the decision; returns the machines' new use."""
         name = f"{status.app}.{status.deployment}"
         if not status.workers:
@@ -130,7 +132,12 @@ class Scaler:
                     continue
                 delta = plan[pool.hostname] - pool.pool_size
                 if not self._resize(pool.hostname, "grow" if delta > 0 else "shrink", abs(delta)):
-                    logger.warning("%s: worker %s did not confirm the resize; holding off for %.0fs", name, pool.hostname, _HOLD_AFTER_NO_REPLY_S)
+                    logger.warning(
+                        "%s: worker %s did not confirm the resize; holding off for %.0fs",
+                        name,
+                        pool.hostname,
+                        _HOLD_AFTER_NO_REPLY_S,
+                    )
                     self._hold[(status.app, status.deployment)] = now + _HOLD_AFTER_NO_REPLY_S
                     continue
                 machines[pool.machine] = machines[pool.machine].add(delta, status.num_cpus, status.num_gpus)
@@ -198,9 +205,15 @@ class Scaler:
         for status in snapshot.deployments:
             per_replica = snapshot.stats.get((status.app, status.deployment), {})
             live = set(status.replica_ids)
-            gone = {rid: c for rid, c in per_replica.items() if rid != RETIRED and rid not in live and now - float(c.get("at", now)) > _FOLD_AFTER_S}
+            gone = {
+                rid: c
+                for rid, c in per_replica.items()
+                if rid != RETIRED and rid not in live and now - float(c.get("at", now)) > _FOLD_AFTER_S
+            }
             if gone:
-                fold_stats(self.redis, _keys.replica_stats(status.app, status.deployment), per_replica.get(RETIRED), gone)
+                fold_stats(
+                    self.redis, _keys.replica_stats(status.app, status.deployment), per_replica.get(RETIRED), gone
+                )
 
 
 def fold_stats(client: Any, key: str, retired: dict[str, Any] | None, gone: dict[str, dict[str, Any]]) -> None:

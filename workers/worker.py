@@ -80,7 +80,9 @@ def run_worker(
                 "(nvidia-smi finds no device; --devices or SERVE_GPU_DEVICES can name them); for development, "
                 "set allow_cpu_fallback=True on the deployment to run it on the CPU"
             )
-        logger.warning("deployment '%s' asks for GPUs but none were found: running on the CPU (allow_cpu_fallback)", deployment)
+        logger.warning(
+            "deployment '%s' asks for GPUs but none were found: running on the CPU (allow_cpu_fallback)", deployment
+        )
         cpu_fallback = True
     elif num_gpus > 0 and not placement and count > 0:
         plan_placement(count, num_gpus, devices)  # fail now, with a clear message, if the replicas cannot fit
@@ -98,7 +100,9 @@ def run_worker(
     celery.conf.serve_worker_hostname = hostname
     celery.conf.serve_initial_replicas = count  # may be 0 (scale to zero); Celery reads 0 as "one per core"
     celery.conf.serve_num_cpus = 1.0 if config.get("num_cpus") is None else float(config["num_cpus"])
-    celery.conf.serve_machine, celery.conf.serve_machine_cpus, celery.conf.serve_machine_gpus = machine_capacity(devices)
+    celery.conf.serve_machine, celery.conf.serve_machine_cpus, celery.conf.serve_machine_gpus = machine_capacity(
+        devices
+    )
     os.environ["REDIS_URL"] = url
     install_control_commands()
     worker = celery.Worker(
