@@ -11,13 +11,14 @@ ingress call). The deadline is Celery's own `expires` header.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import socket
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from app import _keys
 from app.exceptions import BadRequestError
@@ -101,7 +102,7 @@ def build_message(
     kwargs = kwargs or {}
     embed = _EMBED if not chain else {**_EMBED, "chain": chain}
     try:
-        body = json.dumps([list(args), kwargs, embed], separators=(",", ":"))
+        body = orjson.dumps([list(args), kwargs, embed], option=orjson.OPT_NON_STR_KEYS)
     except (TypeError, ValueError) as exc:
         raise BadRequestError(
             f"arguments for {deployment}.{method} must be JSON-serializable (celery-serve sends JSON only): {exc}"
@@ -135,7 +136,7 @@ def build_message(
     if http is not None:
         headers["serve_http"] = http
     message = {
-        "body": base64.b64encode(body.encode()).decode(),
+        "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": headers,
@@ -149,13 +150,13 @@ def build_message(
             "delivery_tag": task_id,
         },
     }
-    return json.dumps(message, separators=(",", ":"))
+    return orjson.dumps(message).decode()
 
 
 def parse_message(raw: bytes | str) -> Envelope:
     """Decode a queued message; raises `BadRequestError` for anything that is not a JSON task message."""
     try:
-        message = json.loads(raw)
+        message = orjson.loads(raw)
         content_type = message.get("content-type")
         if content_type != "application/json":
             raise BadRequestError(f"refusing a message in content type {content_type!r}: only JSON is accepted")
@@ -163,7 +164,7 @@ def parse_message(raw: bytes | str) -> Envelope:
         body = message["body"]
         if props.get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        args, kwargs, embed = json.loads(body)
+        args, kwargs, embed = orjson.loads(body)
         headers = message["headers"]
         task_name = headers["task"]
         expires = headers.get("expires")

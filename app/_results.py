@@ -7,9 +7,10 @@ built in the replica, because only the replica knows what the user's code return
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from app.exceptions import ServeError, error_from_dict
 
@@ -28,7 +29,7 @@ def _record(task_id: str, status: str, result: Any, **extra: Any) -> str:
         "task_id": task_id,
         **extra,
     }
-    return json.dumps(record, separators=(",", ":"))
+    return orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
 def success(task_id: str, value: Any) -> str:
@@ -68,7 +69,7 @@ def cancelled(task_id: str) -> str:
 
 
 def decode(raw: bytes | str) -> dict[str, Any]:
-    return json.loads(raw)  # type: ignore[no-any-return]
+    return orjson.loads(raw)  # type: ignore[no-any-return]
 
 
 def unwrap(record: dict[str, Any], deployment: str = "") -> Any:

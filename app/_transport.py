@@ -8,7 +8,6 @@ waiting request, no polling.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -17,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis.exceptions
 
 from app import _keys, _scripts
@@ -99,7 +99,7 @@ class ResultWaiter:
                 await asyncio.sleep(0.5)
 
     def _resolve(self, raw: Any) -> None:
-        record = json.loads(raw)
+        record = orjson.loads(raw)
         fut = self._futures.pop(record.get("task_id"), None)
         if fut is not None and not fut.done():
             fut.set_result(record)

@@ -9,10 +9,10 @@ else as JSON.
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
@@ -44,7 +44,7 @@ class ServeRequest(Request):
     def json_sync(self) -> Any:
         if not hasattr(self, "_json"):
             try:
-                self._json = json.loads(self._body)
+                self._json = orjson.loads(self._body)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise BadRequestError(f"request body is not valid JSON: {exc}") from None
         return self._json
@@ -144,13 +144,14 @@ async def run_asgi(app: ASGIApp, scope: dict[str, Any], body: bytes) -> dict[str
 
 def _json_bytes(value: Any) -> bytes:
     try:
-        return json.dumps(value, separators=(",", ":")).encode()
+        return orjson.dumps(value, option=_ORJSON)
     except (TypeError, ValueError):
         from fastapi.encoders import jsonable_encoder
 
-        return json.dumps(jsonable_encoder(value), separators=(",", ":")).encode()
+        return orjson.dumps(jsonable_encoder(value), option=_ORJSON)
 
 
+_ORJSON = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY  # int keys as JSON does; numpy arrays as lists
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _JSON = [(b"content-type", b"application/json")]
 _BINARY = [(b"content-type", b"application/octet-stream")]
@@ -172,7 +173,7 @@ def to_jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     try:
-        json.dumps(value)
+        orjson.dumps(value, option=_ORJSON)
         return value
     except (TypeError, ValueError):
         from fastapi.encoders import jsonable_encoder
