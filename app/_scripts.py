@@ -63,10 +63,14 @@ if ARGV[9] == '1' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl) end
 return {n, ARGV[2]}
 """
 
-# KEYS: queue, claim list, in-flight hash. ARGV: max messages, token prefix, now.
-# Takes what a blocking pop left in the claim list plus up to max more from the queue, records each in the
-# in-flight hash under a fresh token and marks its job running; a message whose job was cancelled is
-# dropped here and never runs. Returns [token1, msg1, token2, msg2, ...] oldest first.
+# KEYS: queue, claim list (unused; kept for the call's shape), in-flight hash. ARGV: max messages, token
+# prefix, now. Takes up to max messages from the queue, records each in the in-flight hash under a fresh
+# token and marks its job running; a message whose job was cancelled is dropped here and never runs.
+# Returns [token1, msg1, token2, msg2, ...] oldest first.
+#
+# An idle replica does not come here: it blocks on BLMOVE queue -> its claim list, starts the message at
+# once, and acknowledges it by value (token "@" + message) when it is done, saving a round trip on the
+# path where latency matters. RESTORE returns both the in-flight hash and the claim list.
 DRAIN = (
     _TASK_ID
     + """
@@ -84,27 +88,32 @@ local function take(m)
   out[#out + 1] = tok
   out[#out + 1] = m
 end
-local taken = 0
-while true do
-  local m = redis.call('RPOP', KEYS[2])
-  if not m then break end
-  taken = taken + 1
-  take(m)
-end
-local want = tonumber(ARGV[1]) - taken
-if want > 0 then
-  local ms = redis.call('RPOP', KEYS[1], want)
-  if ms then for _, m in ipairs(ms) do take(m) end end
-end
+local ms = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
+if ms then for _, m in ipairs(ms) do take(m) end end
 return out
 """
 )
 
-# KEYS: in-flight hash. ARGV: now, reply ttl, then groups of (token, task id, reply list, record, job
+# Acknowledge one taken message: a token from DRAIN names its entry in the in-flight hash (KEYS[1]);
+# "@" + the message itself names a message a blocking pop left in the claim list (KEYS[2]).
+_ACK = """
+local function ack(tok)
+  if tok == '' then return end
+  if string.sub(tok, 1, 1) == '@' then
+    redis.call('LREM', KEYS[2], 1, string.sub(tok, 2))
+  else
+    redis.call('HDEL', KEYS[1], tok)
+  end
+end
+"""
+
+# KEYS: in-flight hash, claim list. ARGV: now, reply ttl, then groups of (token, task id, reply list, record, job
 # status, retention s). Stores each result unless a terminal result is already stored, publishes it on the
 # result key's channel (Celery's redis backend and job long-polls listen there), pushes it to the caller's
 # reply list, records the job's terminal state, and acknowledges the message.
-COMPLETE = """
+COMPLETE = (
+    _ACK
+    + """
 local reply_ttl = tonumber(ARGV[2])
 local stored = 0
 for i = 3, #ARGV, 6 do
@@ -125,10 +134,11 @@ for i = 3, #ARGV, 6 do
       end
     end
   end
-  if tok ~= '' then redis.call('HDEL', KEYS[1], tok) end
+  ack(tok)
 end
 return stored
 """
+)
 
 # KEYS: job hash, result key. ARGV: now, terminal record, retention s, new status (cancelled/expired),
 # only-if-queued (0/1). Ends a job that has not finished: writes the terminal record (unless one exists),
@@ -177,18 +187,28 @@ redis.call('HDEL', KEYS[5], ARGV[1])
 return n
 """
 
-# KEYS: in-flight hash, chord hash (any name when unused). ARGV: token, fire once (0/1), then pairs of
+# KEYS: in-flight hash, claim list, chord hash (any name when unused). ARGV: token, fire once (0/1), then pairs of
 # (queue, message). A pipeline step hands its result on: the next step's messages are queued and this
 # message acknowledged in one step. With fire-once set (the last branch of a parallel step), only the
 # first caller queues anything, so a branch that ran twice does not start the next step twice.
-FORWARD = """
-if ARGV[2] == '1' and redis.call('HSETNX', KEYS[2], 'fired', 1) == 0 then
-  redis.call('HDEL', KEYS[1], ARGV[1])
+FORWARD = (
+    _ACK
+    + """
+if ARGV[2] == '1' and redis.call('HSETNX', KEYS[3], 'fired', 1) == 0 then
+  ack(ARGV[1])
   return 0
 end
 for i = 3, #ARGV, 2 do redis.call('LPUSH', ARGV[i], ARGV[i + 1]) end
-redis.call('HDEL', KEYS[1], ARGV[1])
+ack(ARGV[1])
 return 1
+"""
+)
+
+# KEYS: job hash. ARGV: now. A job a replica started straight from its blocking pop: mark it running.
+MARK_RUNNING = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+end
 """
 
 # KEYS: chord hash. ARGV: index, size, result (JSON), ttl.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from app import BackpressureError, _keys, _scripts, deployment
+from app import BackpressureError, _keys, _results, _scripts, deployment
 from app._envelope import parse_message
 from app._spec import build_spec
 from app._transport import QueueTransport
@@ -93,21 +93,31 @@ def test_enqueue_unbounded(redis_url: str, redis_client: redis.Redis) -> None:
         redis_client.delete(queue)
 
 
-def test_drain_takes_the_claimed_message_then_the_oldest_into_the_inflight_hash(
-    redis_client: redis.Redis, keys: Keys
-) -> None:
+def test_drain_takes_the_oldest_into_the_inflight_hash(redis_client: redis.Redis, keys: Keys) -> None:
     drain = redis_client.register_script(_scripts.DRAIN)
     for message in ("q1", "q2", "q3"):
         redis_client.lpush(keys.queue, message)  # q1 is the oldest (the consuming end is the right)
-    redis_client.lpush(keys.claim, "claimed")
-    flat = drain(keys=[keys.queue, keys.claim, keys.inflight], args=[3, "7:", time.time()])
+    redis_client.lpush(keys.claim, "claimed")  # a message a blocking pop started: not DRAIN's to take
+    flat = drain(keys=[keys.queue, keys.claim, keys.inflight], args=[2, "7:", time.time()])
     taken = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
-    assert taken == [("7:1", b"claimed"), ("7:2", b"q1"), ("7:3", b"q2")]
-    assert redis_client.hgetall(keys.inflight) == {b"7:1": b"claimed", b"7:2": b"q1", b"7:3": b"q2"}
+    assert taken == [("7:1", b"q1"), ("7:2", b"q2")]
+    assert redis_client.hgetall(keys.inflight) == {b"7:1": b"q1", b"7:2": b"q2"}
     assert redis_client.lrange(keys.queue, 0, -1) == [b"q3"]
-    assert redis_client.llen(keys.claim) == 0
+    assert redis_client.lrange(keys.claim, 0, -1) == [b"claimed"]
     assert drain(keys=[keys.queue, keys.claim, keys.inflight], args=[5, "8:", time.time()]) == [b"8:1", b"q3"]
     assert drain(keys=[keys.queue, keys.claim, keys.inflight], args=[5, "9:", time.time()]) == []
+
+
+def test_complete_acknowledges_a_claimed_message_by_value(redis_client: redis.Redis, keys: Keys) -> None:
+    complete = redis_client.register_script(_scripts.COMPLETE)
+    redis_client.lpush(keys.claim, "first", "second")
+    redis_client.hset(keys.inflight, "1:1", "drained")
+    task_id = str(uuid.uuid4())
+    record = _results.success(task_id, 1)
+    args = [time.time(), 60, b"@second", task_id, "", record, "succeeded", 60, "1:1", "", "", "", "", 0]
+    complete(keys=[keys.inflight, keys.claim], args=args)
+    assert redis_client.lrange(keys.claim, 0, -1) == [b"first"]
+    assert redis_client.hlen(keys.inflight) == 0
 
 
 def _complete(redis_client: redis.Redis, keys: Keys, *items: tuple[str, str, str, str]) -> int:
@@ -116,7 +126,7 @@ def _complete(redis_client: redis.Redis, keys: Keys, *items: tuple[str, str, str
     args: list[object] = [time.time(), 60]  # now, reply list ttl
     for token, task_id, reply, record in items:
         args.extend([token, task_id, reply, record, "succeeded" if task_id else "", 60])
-    return int(complete(keys=[keys.inflight], args=args))
+    return int(complete(keys=[keys.inflight, keys.claim], args=args))
 
 
 def test_complete_stores_publishes_replies_and_acknowledges(redis_client: redis.Redis, keys: Keys) -> None:

@@ -10,6 +10,7 @@ reaper puts them back on the queue (see `app._scripts`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -33,6 +34,9 @@ from workers.http import to_jsonable
 from workers.replica import Replica
 
 logger = logging.getLogger(__name__)
+
+Token = str | bytes  # how a taken message is acknowledged (see QueueOps.take)
+Done = tuple[Token, str, str, str, str, int]  # (token, job id, reply list, record, job status, retention s)
 
 HEARTBEAT_S = 2.0
 ALIVE_TTL_S = 10
@@ -58,10 +62,16 @@ class QueueOps:
         self._drain = self.redis.register_script(_scripts.DRAIN)
         self._complete = self.redis.register_script(_scripts.COMPLETE)
         self._forward = self.redis.register_script(_scripts.FORWARD)
+        self._marker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mark-running")
+        self._mark = sync_client(url).register_script(_scripts.MARK_RUNNING)
         self._chord_add = self.redis.register_script(_scripts.CHORD_ADD)
         self._takes = 0
 
-    async def take(self, limit: int, block_s: float) -> list[tuple[str, bytes]]:
+    async def take(self, limit: int, block_s: float) -> list[tuple[str | bytes, bytes]]:
+        """What is waiting (up to `limit`), or, when nothing is, the next message as soon as it arrives.
+
+        A message from the blocking pop stays in the claim list and starts at once; its token is
+        "@" + the message, which is how it is acknowledged (see `app._scripts`)."""
         items = await self._take_now(limit)
         if items:
             return items
@@ -69,21 +79,31 @@ class QueueOps:
         moved = await self.blocking.blmove(self.queue, self.claim, block_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
         if moved is None:
             return []
-        return await self._take_now(limit)
+        moved = moved if isinstance(moved, bytes) else moved.encode()
+        self._marker.submit(self._mark_running, moved)
+        return [(b"@" + moved, moved)]
 
-    async def _take_now(self, limit: int) -> list[tuple[str, bytes]]:
+    def _mark_running(self, message: bytes) -> None:
+        """Mark a claimed message's job running, off the event loop (sync user code may hold the loop)."""
+        try:
+            job_id = parse_message(message).job_id
+            self._mark(keys=[_keys.job(job_id)], args=[time.time()])
+        except (BadRequestError, redis.exceptions.RedisError) as exc:
+            logger.debug("could not mark a claimed job running: %s", exc)
+
+    async def _take_now(self, limit: int) -> list[tuple[Token, bytes]]:
         self._takes += 1
         flat = await self._drain(
             keys=[self.queue, self.claim, self.inflight], args=[limit, f"{self._takes}:", time.time()]
         )
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
-    async def forward(self, token: str, messages: list[tuple[str, str]], fire_key: str = "") -> bool:
+    async def forward(self, token: Token, messages: list[tuple[str, str]], fire_key: str = "") -> bool:
         """Queue a pipeline's next step(s) and acknowledge this message, in one step."""
         args: list[Any] = [token, "1" if fire_key else "0"]
         for queue, message in messages:
             args.extend((queue, message))
-        return bool(await self._forward(keys=[self.inflight, fire_key or self.inflight], args=args))
+        return bool(await self._forward(keys=[self.inflight, self.claim, fire_key or self.inflight], args=args))
 
     async def chord_add(self, chord: dict[str, Any], value: Any, ttl: int) -> list[Any] | None:
         """Record one parallel branch's result; all branches' results, in order, once every one is in."""
@@ -92,14 +112,15 @@ class QueueOps:
         )
         return None if raw is None else [json.loads(r) for r in raw]
 
-    async def complete(self, done: list[tuple[str, str, str, str, str, int]]) -> None:
+    async def complete(self, done: list[Done]) -> None:
         """Store results and acknowledge: items are (token, task id, reply list, record, job status, ttl)."""
         args: list[Any] = [time.time(), REPLY_TTL_S]
         for item in done:
             args.extend(item)
-        await self._complete(keys=[self.inflight], args=args)
+        await self._complete(keys=[self.inflight, self.claim], args=args)
 
     async def close(self) -> None:
+        self._marker.shutdown(wait=True)
         await self.blocking.aclose()
         await self.redis.aclose()
 
@@ -219,7 +240,7 @@ class ReplicaServer:
         )
         self.max_ongoing = int(self.config.get("max_ongoing_requests") or 100)
         self._ongoing: set[asyncio.Task[None]] = set()
-        self._done: list[tuple[str, str, str, str, str, int]] = []
+        self._done: list[Done] = []
         self._running: dict[str, asyncio.Task[None]] = {}
         self._flushing: asyncio.Task[None] | None = None
         self._slot = asyncio.Event()
@@ -281,9 +302,9 @@ class ReplicaServer:
     def _observe(self, seconds: float) -> None:
         self._service_s = seconds if self._service_s == 0 else 0.8 * self._service_s + 0.2 * seconds
 
-    async def _process(self, items: list[tuple[str, bytes]]) -> None:
+    async def _process(self, items: list[tuple[Token, bytes]]) -> None:
         """Start everything one take brought: batched methods as batches, the rest one by one."""
-        groups: dict[str, list[tuple[str, Envelope]]] = {}
+        groups: dict[str, list[tuple[Token, Envelope]]] = {}
         started = time.perf_counter()
         inline = 0
         for token, env in self._admit(items):
@@ -298,7 +319,7 @@ class ReplicaServer:
             await self._fill(method, group)
             await self._run_batch(group)
 
-    def _admit(self, items: list[tuple[str, bytes]]) -> list[tuple[str, Envelope]]:
+    def _admit(self, items: list[tuple[Token, bytes]]) -> list[tuple[Token, Envelope]]:
         """Parse what was taken; answer unreadable and expired requests at once."""
         admitted = []
         now = time.time()
@@ -315,7 +336,7 @@ class ReplicaServer:
             self.events.received(env)
         return admitted
 
-    def _skip_if_expired(self, token: str, env: Envelope, now: float | None = None) -> bool:
+    def _skip_if_expired(self, token: Token, env: Envelope, now: float | None = None) -> bool:
         """Answer a request whose deadline passed before it started (it is not run); True if so.
 
         Checked when a request is taken and again just before it starts: requests taken together wait
@@ -327,7 +348,7 @@ class ReplicaServer:
         self.events.expired(env)
         return True
 
-    async def _fill(self, method: str, group: list[tuple[str, Envelope]]) -> None:
+    async def _fill(self, method: str, group: list[tuple[Token, Envelope]]) -> None:
         """Wait briefly for more requests to join a batch, when the arrival rate says some are coming."""
         batch = self.replica.batch_config(group[0][1])
         if batch is None:
@@ -344,13 +365,13 @@ class ReplicaServer:
                 else:
                     await self._dispatch_or_batch_alone(token, env)
 
-    async def _dispatch_or_batch_alone(self, token: str, env: Envelope) -> None:
+    async def _dispatch_or_batch_alone(self, token: Token, env: Envelope) -> None:
         if self.replica.batch_config(env) is not None:
             await self._run_batch([(token, env)])
         else:
             await self._dispatch(token, env)
 
-    async def _run_batch(self, group: list[tuple[str, Envelope]]) -> None:
+    async def _run_batch(self, group: list[tuple[Token, Envelope]]) -> None:
         batch = self.replica.batch_config(group[0][1])
         size = batch.max_batch_size if batch else len(group)
         for start in range(0, len(group), size):
@@ -362,7 +383,7 @@ class ReplicaServer:
         else:
             await self._run_batch_now(group)
 
-    async def _run_batch_now(self, group: list[tuple[str, Envelope]]) -> None:
+    async def _run_batch_now(self, group: list[tuple[Token, Envelope]]) -> None:
         now = time.time()
         group = [(token, env) for token, env in group if not self._skip_if_expired(token, env, now)]
         if not group:
@@ -371,7 +392,7 @@ class ReplicaServer:
         for (token, env), outcome in zip(group, outcomes, strict=True):
             await self._finish(token, env, outcome)
 
-    async def _dispatch(self, token: str, env: Envelope) -> int:
+    async def _dispatch(self, token: Token, env: Envelope) -> int:
         """Start one request; returns 1 when it ran inline (synchronously), 0 when it runs as a task."""
         self.stats.record_batch(1)
         if self._skip_if_expired(token, env):
@@ -393,7 +414,7 @@ class ReplicaServer:
         except Exception:  # noqa: BLE001 - the error is reported when the request runs
             return False
 
-    async def _run_async(self, token: str, env: Envelope) -> None:
+    async def _run_async(self, token: Token, env: Envelope) -> None:
         try:
             outcome = await self.replica.run(env)
         except asyncio.CancelledError:
@@ -404,7 +425,7 @@ class ReplicaServer:
             self._running.pop(env.job_id, None)
         await self._finish(token, env, outcome)
 
-    async def _finish(self, token: str, env: Envelope, outcome: Outcome) -> None:
+    async def _finish(self, token: Token, env: Envelope, outcome: Outcome) -> None:
         """Answer the caller, or, for a pipeline step that succeeded, hand the result to the next step."""
         self.events.finished(env, outcome)
         if outcome.ok and (env.chain or env.chord):
@@ -415,7 +436,7 @@ class ReplicaServer:
                 outcome = Outcome(error=exc)
         self._answer(token, env, await self.replica.record(env, outcome))
 
-    async def _forward(self, token: str, env: Envelope, value: Any) -> None:
+    async def _forward(self, token: Token, env: Envelope, value: Any) -> None:
         fire_key = ""
         if env.chord:
             results = await self.ops.chord_add(env.chord, value, env.retention_s)
@@ -484,7 +505,7 @@ class ReplicaServer:
         self._slot.set()
         self._schedule_flush()
 
-    def _answer(self, token: str, env: Envelope, record: str) -> None:
+    def _answer(self, token: Token, env: Envelope, record: str) -> None:
         reply = env.reply_to if env.reply_to and env.reply_to.startswith(_keys.REPLY_PREFIX) else ""
         status = _results.job_status(record)
         if status != "succeeded":
