@@ -252,7 +252,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--num-cpus", type=float, default=NUM_CPUS, help="replicas' num_cpus = torch threads")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: raw model and replicas on the GPU")
+    parser.add_argument("--num-gpus", type=float, default=1.0, help="each served replica's GPU share (with cuda)")
     args = parser.parse_args()
+    gpu = args.device != "cpu"
 
     texts = sentences(max(args.concurrency, MAX_BATCH_SIZE, C1_SENTENCES))
 
@@ -261,9 +264,10 @@ def main() -> int:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     # The same thread count a replica of num_cpus=N gets (get_replica_context().num_threads).
-    encoder = Encoder(max(1, int(args.num_cpus)), batch_size=MAX_BATCH_SIZE)
+    encoder = Encoder(max(1, int(args.num_cpus)), batch_size=MAX_BATCH_SIZE, device="cuda:0" if gpu else "cpu")
     threads = encoder.threads
-    print(f"{MODEL_NAME} on CPU, {threads} torch thread(s), {len(texts)} sentences of 10-20 words", flush=True)
+    where = "GPU (cuda:0)" if gpu else "CPU"
+    print(f"{MODEL_NAME} on {where}, {threads} torch thread(s), {len(texts)} sentences of 10-20 words", flush=True)
     rows = [
         measure_raw(encoder, texts[:C1_SENTENCES], 1, RAW_B1_S),
         measure_raw(encoder, texts, MAX_BATCH_SIZE, RAW_B32_S),
@@ -283,7 +287,10 @@ def main() -> int:
     ]
     try:
         for app_name, _, _, dep in variants:
-            application = dep.options(num_cpus=args.num_cpus).bind()
+            options: dict[str, Any] = {"num_cpus": args.num_cpus}
+            if gpu:
+                options["num_gpus"] = args.num_gpus  # a GPU queue, replicas pinned with CUDA_VISIBLE_DEVICES
+            application = dep.options(**options).bind()
             serve.run(application, name=app_name, route_prefix=f"/{app_name}", port=port)
         print(f"served: both variants up after {time.monotonic() - started:.0f}s", flush=True)
         for app_name, dep_name, label, _ in variants:

@@ -65,7 +65,8 @@ def read_texts(body: Any) -> Texts:
 class Embedder:
     def __init__(self) -> None:
         # num_threads is this deployment's num_cpus (set per replica by its worker pool)
-        self.encoder = Encoder(get_replica_context().num_threads, batch_size=MAX_BATCH_SIZE)
+        context = get_replica_context()  # on a GPU when the deployment asks for one (num_gpus), else the CPU
+        self.encoder = Encoder(context.num_threads, batch_size=MAX_BATCH_SIZE, device=str(context.device))
 
     @batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     def __call__(self, requests: list[Request]) -> list[Any]:
