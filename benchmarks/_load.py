@@ -148,3 +148,15 @@ def print_table(results: list[Result]) -> None:
 def dump_json(results: list[Result], path: str) -> None:
     with open(path, "w") as fh:
         json.dump([r.row() for r in results], fh, indent=2)
+
+
+async def latency_and_throughput(label: str, port: int, path: str, seconds: float) -> list[Result]:
+    """The two figures every overhead benchmark reports: latency at concurrency 1, req/s at 32."""
+    raw = build_request("127.0.0.1", port, path)
+    c1 = await run_load(
+        f"{label} (concurrency 1)", "127.0.0.1", port, raw, concurrency=1, requests=100_000, max_seconds=seconds
+    )
+    c32 = await run_load(
+        f"{label} (concurrency 32)", "127.0.0.1", port, raw, concurrency=32, requests=1_000_000, max_seconds=seconds
+    )
+    return [c1, c32]

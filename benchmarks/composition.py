@@ -16,18 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._load import Result, build_request, dump_json, print_table, run_load  # noqa: E402
-
-
-async def measure(label: str, port: int, path: str, seconds: float) -> list[Result]:
-    raw = build_request("127.0.0.1", port, path)
-    c1 = await run_load(
-        f"{label} (concurrency 1)", "127.0.0.1", port, raw, concurrency=1, requests=100_000, max_seconds=seconds
-    )
-    c32 = await run_load(
-        f"{label} (concurrency 32)", "127.0.0.1", port, raw, concurrency=32, requests=1_000_000, max_seconds=seconds
-    )
-    return [c1, c32]
+from benchmarks._load import Result, dump_json, latency_and_throughput, print_table  # noqa: E402
 
 
 def main() -> None:
@@ -48,9 +37,9 @@ def main() -> None:
     results: list[Result] = []
     try:
         text = "/?text=What+a+GREAT+day+I+love+it"
-        results += asyncio.run(measure("one step (no-op reference)", port, "/noop" + text, args.seconds))
-        results += asyncio.run(measure("3 steps as a chain", port, "/chain" + text, args.seconds))
-        results += asyncio.run(measure("3 steps through handles", port, "/handles" + text, args.seconds))
+        results += asyncio.run(latency_and_throughput("one step (no-op reference)", port, "/noop" + text, args.seconds))
+        results += asyncio.run(latency_and_throughput("3 steps as a chain", port, "/chain" + text, args.seconds))
+        results += asyncio.run(latency_and_throughput("3 steps through handles", port, "/handles" + text, args.seconds))
     finally:
         serve.shutdown()
     print()

@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._load import Result, build_request, dump_json, print_table, run_load  # noqa: E402
+from benchmarks._load import Result, dump_json, latency_and_throughput, print_table  # noqa: E402
 
 BARE_APP = """
 from fastapi import FastAPI
@@ -44,17 +44,6 @@ def wait_http(port: int, path: str, timeout_s: float = 60.0) -> None:
             pass
         time.sleep(0.1)
     raise SystemExit(f"server on port {port} did not come up")
-
-
-async def measure(label: str, port: int, seconds: float) -> list[Result]:
-    raw = build_request("127.0.0.1", port, "/?name=bench")
-    c1 = await run_load(
-        f"{label} (concurrency 1)", "127.0.0.1", port, raw, concurrency=1, requests=100_000, max_seconds=seconds
-    )
-    c32 = await run_load(
-        f"{label} (concurrency 32)", "127.0.0.1", port, raw, concurrency=32, requests=1_000_000, max_seconds=seconds
-    )
-    return [c1, c32]
 
 
 def main() -> None:
@@ -87,7 +76,9 @@ def main() -> None:
     )
     try:
         wait_http(bare_port, "/")
-        results += asyncio.run(measure("bare FastAPI echo (floor)", bare_port, args.seconds))
+        results += asyncio.run(
+            latency_and_throughput("bare FastAPI echo (floor)", bare_port, "/?name=bench", args.seconds)
+        )
     finally:
         bare.terminate()
         bare.wait()
@@ -98,7 +89,9 @@ def main() -> None:
     port = free_port()
     serve.run(noop_app, port=port)
     try:
-        results += asyncio.run(measure("celery-serve no-op deployment", port, args.seconds))
+        results += asyncio.run(
+            latency_and_throughput("celery-serve no-op deployment", port, "/?name=bench", args.seconds)
+        )
     finally:
         serve.shutdown()
 
