@@ -18,10 +18,8 @@ import redis
 import redis.exceptions
 
 from app import _keys, _scripts
-from app._envelope import parse_message
 from app._redis import async_client, sync_client
 from app._spec import DeploymentSpec
-from app.exceptions import BadRequestError
 from workers.http import to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -60,7 +58,8 @@ class QueueOps:
         """What is waiting (up to `limit`), or, when nothing is, the next message as soon as it arrives.
 
         A message from the blocking pop stays in the claim list and starts at once; its token is
-        "@" + the message, which is how it is acknowledged (see `app._scripts`)."""
+        "@" + the message, which is how it is acknowledged (see `app._scripts`), and the caller marks its
+        job running with `mark_running` (DRAIN does that itself for what it takes)."""
         items = await self._take_now(limit)
         if items:
             return items
@@ -69,16 +68,18 @@ class QueueOps:
         if moved is None:
             return []
         moved = moved if isinstance(moved, bytes) else moved.encode()
-        self._marker.submit(self._mark_running, moved)
         return [(b"@" + moved, moved)]
 
-    def _mark_running(self, message: bytes) -> None:
-        """Mark a claimed message's job running, off the event loop (sync user code may hold the loop)."""
+    def mark_running(self, job_id: str) -> None:
+        """Mark a claimed message's job running, from a side thread: sync user code may hold the event
+        loop for as long as the request runs, and the job must read `running` meanwhile."""
+        self._marker.submit(self._mark_sync, job_id)
+
+    def _mark_sync(self, job_id: str) -> None:
         try:
-            job_id = parse_message(message).job_id
             self._mark(keys=[_keys.job(job_id)], args=[time.time()])
-        except (BadRequestError, redis.exceptions.RedisError) as exc:
-            logger.debug("could not mark a claimed job running: %s", exc)
+        except redis.exceptions.RedisError as exc:
+            logger.debug("could not mark job %s running: %s", job_id, exc)
 
     async def _take_now(self, limit: int) -> list[tuple[Token, bytes]]:
         self._takes += 1
