@@ -110,6 +110,21 @@ async def _workers(count: int, items: Iterator[int], work: Any) -> None:
     await asyncio.gather(*(worker(k) for k in range(count)))
 
 
+async def _submit_then_fetch(
+    result: PathResult, n: int, concurrency: int, timeout_s: float, submit: Any, fetch: Any
+) -> None:
+    """Submit every job, then read every result back, timing both from the first submit."""
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s):
+            await _workers(concurrency, iter(range(n)), submit)
+            result.submit_s = time.perf_counter() - t0
+            await _workers(concurrency, iter(range(n)), fetch)
+            result.fetched_s = time.perf_counter() - t0
+    except TimeoutError:
+        result.timed_out = True
+
+
 def _finished_at(redis_url: str, job_ids: list[str | None]) -> float:
     """The latest `finished_at` among the jobs, read from their job hashes in pipelined chunks."""
     import redis
@@ -176,15 +191,9 @@ async def http_path(host: str, port: int, redis_url: str, n: int, concurrency: i
                 break
         _check(result, i, job if status == 200 else {"status": f"HTTP {status}"})
 
-    wall0, t0 = time.time(), time.perf_counter()
+    wall0 = time.time()
     try:
-        async with asyncio.timeout(timeout_s):
-            await _workers(concurrency, iter(range(n)), submit)
-            result.submit_s = time.perf_counter() - t0
-            await _workers(concurrency, iter(range(n)), fetch)
-            result.fetched_s = time.perf_counter() - t0
-    except TimeoutError:
-        result.timed_out = True
+        await _submit_then_fetch(result, n, concurrency, timeout_s, submit, fetch)
     finally:
         for conn in conns:
             conn.close()
@@ -220,15 +229,8 @@ async def direct_path(redis_url: str, n: int, concurrency: int, timeout_s: float
             else:
                 _check(result, i, {"status": "succeeded", "result": value})
 
-        wall0, t0 = time.time(), time.perf_counter()
-        try:
-            async with asyncio.timeout(timeout_s):
-                await _workers(concurrency, iter(range(n)), submit)
-                result.submit_s = time.perf_counter() - t0
-                await _workers(concurrency, iter(range(n)), fetch)
-                result.fetched_s = time.perf_counter() - t0
-        except TimeoutError:
-            result.timed_out = True
+        wall0 = time.time()
+        await _submit_then_fetch(result, n, concurrency, timeout_s, submit, fetch)
     result.complete_s = _finished_at(redis_url, [j.id if j else None for j in jobs]) - wall0
     return result
 

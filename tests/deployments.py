@@ -44,11 +44,13 @@ def _redis() -> redis.Redis:
     return _client
 
 
-def record_execution(tag: str) -> None:
+def record_execution(tag: str) -> int:
+    """Count one run of `tag` and note the process; returns how many runs there have been."""
     pipe = _redis().pipeline()
     pipe.incr(executions_key(tag))
     pipe.rpush(pids_key(tag), os.getpid())
-    pipe.execute()
+    count, _ = pipe.execute()
+    return int(count)
 
 
 # --- handles and composition -------------------------------------------------------------------------

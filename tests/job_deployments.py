@@ -1,9 +1,10 @@
 """The application the job and client tests serve: `jobs`, at route prefix /jobtest.
 
 Module level, so worker processes import it as they would a user's module. What ran is recorded in the
-Redis the replica serves from (`REDIS_URL`, set in every replica process) under keys starting with
-`serve-test-jobs:`, so tests can prove that work ran, ran once, or never ran. Work that must stay busy
-waits for the test to push to its release key instead of sleeping a fixed time.
+Redis the replica serves from (`REDIS_URL`, set in every replica process), with the execution counters of
+`tests.deployments` and keys starting with `serve-test-jobs:`, so tests can prove that work ran, ran once,
+or never ran. Work that must stay busy waits for the test to push to its release key instead of sleeping a
+fixed time.
 
     Front       the HTTP ingress: echoes the request; `slow` waits for its release key (async)
     Gate        one replica, one request at a time (sync): `hold` keeps it busy so later jobs stay queued
@@ -27,21 +28,12 @@ import redis.asyncio as aioredis
 from starlette.requests import Request
 
 from app import DeploymentHandle, _keys, deployment
+from tests.deployments import _redis, executions_key, record_execution
 
 APP_NAME = "jobs"
 ROUTE_PREFIX = "/jobtest"
 KEY_PREFIX = "serve-test-jobs:"
 HOLD_TIMEOUT_S = 60.0
-
-
-def executions_key(tag: str) -> str:
-    """A counter each run of a recorded method increments."""
-    return f"{KEY_PREFIX}executions:{tag}"
-
-
-def pids_key(tag: str) -> str:
-    """The pids of the replica processes that ran it, in order."""
-    return f"{KEY_PREFIX}pids:{tag}"
 
 
 def release_key(tag: str) -> str:
@@ -59,15 +51,7 @@ def stopped_key(tag: str) -> str:
     return f"{KEY_PREFIX}stopped:{tag}"
 
 
-_client: redis.Redis | None = None
 _async_client: aioredis.Redis | None = None
-
-
-def _redis() -> redis.Redis:
-    global _client
-    if _client is None:
-        _client = redis.Redis.from_url(os.environ["REDIS_URL"])
-    return _client
 
 
 def _aredis() -> aioredis.Redis:
@@ -75,15 +59,6 @@ def _aredis() -> aioredis.Redis:
     if _async_client is None:
         _async_client = aioredis.Redis.from_url(os.environ["REDIS_URL"])
     return _async_client
-
-
-def record(tag: str) -> int:
-    """Count one run of `tag` and note the process; returns how many runs there have been."""
-    pipe = _redis().pipeline()
-    pipe.incr(executions_key(tag))
-    pipe.rpush(pids_key(tag), os.getpid())
-    count, _ = pipe.execute()
-    return int(count)
 
 
 def wait_for_release(tag: str, timeout_s: float = HOLD_TIMEOUT_S) -> bool:
@@ -96,14 +71,14 @@ class Gate:
 
     def hold(self, tag: str, timeout_s: float = HOLD_TIMEOUT_S) -> str:
         """Keep the replica busy until the test releases it."""
-        record(tag)
+        record_execution(tag)
         try:
             return "released" if wait_for_release(tag, timeout_s) else "not released"
         finally:
             _redis().set(done_key(tag), 1, ex=600)
 
     def mark(self, tag: str) -> str:
-        record(tag)
+        record_execution(tag)
         return tag
 
     def add(self, a: int, b: int = 0) -> int:
@@ -121,7 +96,7 @@ class AsyncWork:
 
     async def stoppable(self, tag: str) -> str:
         """Runs until cancelled (or a minute passes), and says which happened."""
-        record(tag)
+        record_execution(tag)
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
@@ -139,7 +114,7 @@ ShortLived = Gate.options(
 class Crashy:
     def work(self, tag: str) -> dict[str, int]:
         """The first run blocks (the test kills its replica); the redelivered run returns at once."""
-        run = record(tag)
+        run = record_execution(tag)
         if run == 1:
             wait_for_release(tag)
         return {"pid": os.getpid(), "run": run}
@@ -165,7 +140,7 @@ class Front:
     async def slow(self, request: Request) -> dict[str, Any]:
         """Answers once the test releases `?tag=`."""
         tag = request.query_params["tag"]
-        record(tag)
+        record_execution(tag)
         await _aredis().blpop([release_key(tag)], timeout=HOLD_TIMEOUT_S)
         return {"tag": tag, "json": await request.json()}
 

@@ -25,6 +25,7 @@ from app import _keys
 from app._launcher import child_env, free_port
 from tests import job_deployments as jd
 from tests.conftest import Served, wait_until
+from tests.deployments import pids_key
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -333,7 +334,7 @@ def test_a_replica_killed_mid_job_is_redelivered_and_the_job_ends_once(http: htt
     job_id = jd.submit(http, "Crashy/work", tag)
     try:
         wait_until(lambda: jd.executions(r, tag) == 1, what="the job to start")
-        pid = int(r.lindex(jd.pids_key(tag), 0))
+        pid = int(r.lindex(pids_key(tag), 0))
         replica_pids = {json.loads(raw)["pid"] for raw in r.hvals(_keys.replicas("jobs", "Crashy"))}
         assert pid in replica_pids
         os.kill(pid, signal.SIGKILL)
