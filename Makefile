@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check bench install clean
+.PHONY: run test check typecheck bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch first, pinned: this takes the local CPU build instead of several GB of CUDA packages.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[models,test]"
+	$(BIN)/pip install -q -e ".[models,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,9 +26,17 @@ run: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-check: $(STAMP)
-	$(BIN)/ruff check app workers api tests examples benchmarks
+# mypy cannot follow setuptools' package-dir mapping (celery_serve -> app/, .workers -> workers/, .api -> api/),
+# so it checks a tree of links laid out as the installed package.
+typecheck: $(STAMP)
+	rm -rf build/typecheck && mkdir -p build/typecheck/celery_serve
+	ln -s $(CURDIR)/app/* build/typecheck/celery_serve/
+	ln -s $(CURDIR)/workers build/typecheck/celery_serve/workers
+	ln -s $(CURDIR)/api build/typecheck/celery_serve/api
 	$(BIN)/mypy
+
+check: $(STAMP) typecheck
+	$(BIN)/ruff check app workers api tests examples benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -36,4 +44,4 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/model_throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,9 +1,9 @@
 """The HTTP gateway: FastAPI for its own endpoints, the proxy for everything the applications serve.
 
 /-/healthz, /-/routes, /docs, /openapi.json   -> the FastAPI control app below
-/metrics (also /-/metrics)                     -> Prometheus metrics (api.metrics)
-/jobs/...                                      -> api.jobs (submit, poll, cancel)
-anything else                                  -> api.proxy.Proxy (route prefix -> deployment queue)
+/metrics (also /-/metrics)                     -> Prometheus metrics (celery_serve.api.metrics)
+/jobs/...                                      -> celery_serve.api.jobs (submit, poll, cancel)
+anything else                                  -> celery_serve.api.proxy.Proxy (route prefix -> deployment queue)
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
-from api.jobs import jobs_router
-from api.metrics import CONTENT_TYPE, GatewayMetrics
-from api.proxy import Proxy
-from api.routes import RouteTable
-from app._jobs import JobStore
-from app._transport import QueueTransport, target_name
-from app.config import ServeSettings
+from celery_serve._wire.jobs import JobStore
+from celery_serve._wire.transport import QueueTransport, target_name
+from celery_serve.api.jobs import jobs_router
+from celery_serve.api.metrics import CONTENT_TYPE, GatewayMetrics
+from celery_serve.api.proxy import Proxy
+from celery_serve.api.routes import RouteTable
+from celery_serve.config import ServeSettings
 
 logger = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ import redis.exceptions
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
-from api.proxy import accepted_payload, http_envelope, read_body
-from api.routes import RouteTable
-from app._jobs import TERMINAL, JobStore
-from app._spec import AppSpec, DeploymentSpec
-from app._transport import QueueTransport
-from app.exceptions import BackpressureError, BadRequestError, DeploymentNotFoundError, ServeError
+from celery_serve._runtime.spec import AppSpec, DeploymentSpec
+from celery_serve._wire.jobs import TERMINAL, JobStore
+from celery_serve._wire.transport import QueueTransport
+from celery_serve.api.proxy import accepted_payload, http_envelope, read_body
+from celery_serve.api.routes import RouteTable
+from celery_serve.exceptions import BackpressureError, BadRequestError, DeploymentNotFoundError, ServeError
 
 MAX_WAIT_S = 300.0
 _METHOD_OVERRIDE = "x-http-method-override"

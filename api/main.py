@@ -1,4 +1,4 @@
-"""Run the gateway under uvicorn: `celery-serve gateway` or `python -m api.main`."""
+"""Run the gateway under uvicorn: `celery-serve gateway` or `python -m celery_serve.api.main`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 
 import uvicorn
 
-from api.gateway import create_gateway
-from app.config import ServeSettings
+from celery_serve.api.gateway import create_gateway
+from celery_serve.config import ServeSettings
 
 
 def serve(settings: ServeSettings) -> None:

@@ -5,7 +5,7 @@ Two kinds of series:
   `serve_request_latency_seconds{application,deployment}`. A request costs a dict lookup, an increment
   and a bisect into the latency buckets (about a microsecond): the gateway is one asyncio thread, so its
   counts need none of prometheus-client's locks, and become metric families only when scraped.
-- The deployments' state, read from Redis when Prometheus scrapes (`app.status`): queue depth, requests in
+- The deployments' state, read from Redis when Prometheus scrapes (`celery_serve.status`): queue depth, requests in
   flight, replicas (current, desired, ready), what the replicas answered and their batch sizes. Every
   gateway reports these the same, so aggregate them with `max` across gateways, not `sum`.
 """
@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from app.status import Snapshot, aread_snapshot
+from celery_serve.status import Snapshot, aread_snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

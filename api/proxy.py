@@ -20,12 +20,12 @@ from typing import Any
 import redis.exceptions
 from starlette.types import Receive, Scope, Send
 
-from api.routes import RouteTable
-from app import _results
-from app._envelope import new_task_id
-from app._spec import AppSpec, DeploymentSpec
-from app._transport import QueueTransport, Submitted, target_name
-from app.exceptions import BackpressureError, PayloadTooLargeError, RequestTimeoutError, ServeError
+from celery_serve._runtime.spec import AppSpec, DeploymentSpec
+from celery_serve._wire import results as _results
+from celery_serve._wire.envelope import new_task_id
+from celery_serve._wire.transport import QueueTransport, Submitted, target_name
+from celery_serve.api.routes import RouteTable
+from celery_serve.exceptions import BackpressureError, PayloadTooLargeError, RequestTimeoutError, ServeError
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ class Proxy:
             sub = await self.transport.submit(dep, method, http=http, task_id=task_id)
             record = await self.transport.wait(sub, target_name(dep), timeout_s=spill_after_s)
         except redis.exceptions.RedisError as exc:
+            self.routes.mark_stale()
             await send_unavailable(send, http["path"], exc, task_id)
             return
         except BackpressureError as exc:

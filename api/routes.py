@@ -14,8 +14,8 @@ import time
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from app import _keys
-from app._spec import AppSpec, DeploymentSpec
+from celery_serve._runtime.spec import AppSpec, DeploymentSpec
+from celery_serve._wire import keys as _keys
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ class RouteTable:
         if found is None and await self.refresh_on_miss():
             found = self.match(path)
         return found
+
+    def mark_stale(self) -> None:
+        """Redis just failed a command: the next miss must ask Redis (and fail), not trust the cache."""
+        self._refreshed_at = 0.0
 
     async def refresh_on_miss(self) -> bool:
         """Read the specs again after a lookup found nothing, unless that was just done; True if it was."""

@@ -1,20 +1,26 @@
 """celery-serve: Ray Serve's programming model on Redis queues and Celery worker pools.
 
-from app import deployment, run
+    import celery_serve as serve
 
-@deployment
-def hello(request):
-    return f"Hello {request.query_params.get('name', 'world')}!"
+    @serve.deployment
+    def hello(request):
+        return f"Hello {request.query_params.get('name', 'world')}!"
 
-handle = run(hello.bind())
+    handle = serve.run(hello.bind())
+
+This module is the whole public API (`__all__`, pinned by tests/test_exported_members.py). The wire
+protocol (`celery_serve._wire`), the run-time orchestration (`celery_serve._runtime`) and the command line
+(`celery_serve._cli`) are private; the worker side is `celery_serve.workers`, the gateway
+`celery_serve.api`.
 """
 
-from app._serve import run, shutdown
-from app.batch import batch
-from app.client import AsyncClient, Client, Job, get_deployment_handle
-from app.context import ReplicaContext, get_replica_context
-from app.deployment import Application, Deployment, deployment, ingress
-from app.exceptions import (
+from celery_serve._runtime.serve import run, shutdown
+from celery_serve.application import Application, Parallel, Pipeline
+from celery_serve.batch import batch
+from celery_serve.client import AsyncClient, Client, Job, get_deployment_handle
+from celery_serve.context import ReplicaContext, get_replica_context
+from celery_serve.deployment import Deployment, deployment, ingress
+from celery_serve.exceptions import (
     BackpressureError,
     BadRequestError,
     DeploymentConfigError,
@@ -26,8 +32,10 @@ from app.exceptions import (
     ServeError,
     ServeStartupError,
 )
-from app.handle import DeploymentHandle, DeploymentResponse
-from app.pipeline import Parallel, Pipeline, parallel, pipeline
+from celery_serve.handle import DeploymentHandle, DeploymentResponse
+from celery_serve.pipeline import parallel, pipeline
+
+__version__ = "0.2.0"
 
 __all__ = [
     "Application",

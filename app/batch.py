@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
-from app.exceptions import DeploymentConfigError
+from celery_serve.exceptions import DeploymentConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -21,9 +21,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from app import _context
-from app._jobs import TERMINAL, JobStore, check_job_id
-from app.exceptions import (
+from celery_serve._runtime import context as _context
+from celery_serve._wire.jobs import TERMINAL, JobStore, check_job_id
+from celery_serve.exceptions import (
     BackpressureError,
     DeploymentNotFoundError,
     JobCancelledError,
@@ -31,7 +31,7 @@ from app.exceptions import (
     ServeError,
     error_from_dict,
 )
-from app.handle import DeploymentHandle
+from celery_serve.handle import DeploymentHandle
 
 if TYPE_CHECKING:
     import httpx
@@ -74,9 +74,9 @@ def _raise_for_job(job: dict[str, Any]) -> Any:
 
 
 def _module_of(exc_type: str | None) -> str:
-    from app import exceptions
+    from celery_serve import exceptions
 
-    return "app.exceptions" if exc_type and isinstance(getattr(exceptions, exc_type, None), type) else "remote"
+    return "celery_serve.exceptions" if exc_type and isinstance(getattr(exceptions, exc_type, None), type) else "remote"
 
 
 def _raise_for_response(response: httpx.Response) -> None:
@@ -134,7 +134,7 @@ class _RedisTransport:
     """Straight onto the deployment's queue, with the gateway's envelope, deadlines and job records."""
 
     def __init__(self, redis_url: str) -> None:
-        from app._transport import QueueTransport
+        from celery_serve._wire.transport import QueueTransport
 
         self.queue = QueueTransport(redis_url)
         self.jobs = JobStore(self.queue.redis)
@@ -146,7 +146,7 @@ class _RedisTransport:
             self._started = True
 
     async def call(self, app: str, deployment: str, method: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        from app import _results
+        from celery_serve._wire import results as _results
 
         await self._start()
         target = await self.queue.target(app, deployment)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.exceptions import DeploymentConfigError
+from celery_serve.exceptions import DeploymentConfigError
 
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
 DEFAULT_MAX_QUEUED_REQUESTS = 10_000

@@ -1,6 +1,6 @@
 """What a replica knows about itself: which deployment it serves, its CPU share and its device.
 
-    from app import get_replica_context
+    from celery_serve import get_replica_context
 
     @deployment(num_gpus=0.5, allow_cpu_fallback=True)
     class Model:
@@ -35,10 +35,14 @@ class ReplicaContext:
 
     @property
     def device(self) -> Any:
-        """The replica's `torch.device`: `cuda:0` (its pinned GPU) or `cpu`."""
-        import torch
-
-        return torch.device("cuda", 0) if self.device_kind == "cuda" else torch.device("cpu")
+        """The replica's device: `cuda:0` (its pinned GPU) or `cpu`, as a `torch.device` when torch is
+        installed and as that string otherwise (celery-serve itself does not need torch)."""
+        name = "cuda:0" if self.device_kind == "cuda" else "cpu"
+        try:
+            import torch
+        except ImportError:
+            return name
+        return torch.device(name)
 
 
 def get_replica_context() -> ReplicaContext:

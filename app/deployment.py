@@ -8,11 +8,12 @@ import cheaply in the gateway, the workers and tests alike.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, overload
 
-from app.config import DeploymentConfig, make_config
-from app.exceptions import DeploymentConfigError
+from celery_serve.application import Application
+from celery_serve.config import DeploymentConfig, make_config
+from celery_serve.exceptions import DeploymentConfigError
 
 _INGRESS_ATTR = "__serve_ingress_app__"
 
@@ -59,29 +60,11 @@ class Deployment:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise DeploymentConfigError(
             f"deployment '{self.name}' cannot be called directly: build an application with "
-            f"{self.name}.bind(...) and start it with app.run(...) or `celery-serve run`"
+            f"{self.name}.bind(...) and start it with serve.run(...) or `celery-serve run`"
         )
 
     def __repr__(self) -> str:
         return f"Deployment(name={self.name!r}, num_replicas={self._config.num_replicas})"
-
-
-class Application:
-    """A bound deployment: the deployment plus its constructor arguments (which may hold other apps)."""
-
-    def __init__(self, deployment: Deployment, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.deployment = deployment
-        self.args = args
-        self.kwargs = kwargs
-
-    def __rshift__(self, other: Any) -> Any:
-        """`A.bind() >> B.bind()`: a pipeline (see `app.pipeline`)."""
-        from app.pipeline import Pipeline
-
-        return Pipeline([[self]]) >> other
-
-    def __repr__(self) -> str:
-        return f"Application({self.deployment.name!r})"
 
 
 @overload
@@ -132,65 +115,3 @@ def ingress(fastapi_app: Any) -> Callable[[Any], Any]:
         return target
 
     return decorate
-
-
-def iter_applications(value: Any) -> Iterator[Application]:
-    """Yield the Applications found in a bind argument, looking inside lists, tuples and dicts."""
-    if isinstance(value, Application):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from iter_applications(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from iter_applications(item)
-
-
-def replace_applications(value: Any, replace: Callable[[Application], Any]) -> Any:
-    """Copy a bind argument with every Application in it replaced by `replace(app)`."""
-    if isinstance(value, Application):
-        return replace(value)
-    if isinstance(value, list):
-        return [replace_applications(v, replace) for v in value]
-    if isinstance(value, tuple):
-        return tuple(replace_applications(v, replace) for v in value)
-    if isinstance(value, dict):
-        return {k: replace_applications(v, replace) for k, v in value.items()}
-    return value
-
-
-def flatten(root: Application | list[Application]) -> dict[str, Application]:
-    """Name every Application in the graph (or graphs), roots after what they bind; repeated names get a
-    `_1`, `_2` suffix.
-
-    The order and names are deterministic, so a worker that imports the same application finds the same
-    deployment under the same name.
-    """
-    names: dict[int, str] = {}
-    ordered: dict[str, Application] = {}
-    taken: set[str] = set()
-
-    def visit(node: Application, path: tuple[int, ...]) -> None:
-        if id(node) in names:
-            return
-        if id(node) in path:
-            raise DeploymentConfigError(f"the application graph has a cycle through '{node.deployment.name}'")
-        for child in [*iter_applications(list(node.args)), *iter_applications(node.kwargs)]:
-            visit(child, (*path, id(node)))
-        name, n = node.deployment.name, 1
-        while name in taken:
-            name, n = f"{node.deployment.name}_{n}", n + 1
-        taken.add(name)
-        names[id(node)] = name
-        ordered[name] = node
-
-    for node in root if isinstance(root, list) else [root]:
-        visit(node, ())
-    return ordered
-
-
-def name_of(graph: dict[str, Application], node: Application) -> str:
-    for name, candidate in graph.items():
-        if candidate is node:
-            return name
-    raise DeploymentConfigError(f"{node!r} is not part of this application")

@@ -12,8 +12,9 @@ import concurrent.futures
 from collections.abc import Generator
 from typing import Any
 
-from app import _context, _results
-from app.exceptions import RequestTimeoutError
+from celery_serve._runtime import context as _context
+from celery_serve._wire import results as _results
+from celery_serve.exceptions import RequestTimeoutError
 
 
 class DeploymentResponse:

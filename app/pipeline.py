@@ -17,62 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.deployment import Application, Deployment
-from app.exceptions import DeploymentConfigError
+from celery_serve.application import Parallel, Pipeline
+from celery_serve.exceptions import DeploymentConfigError
 
-Stage = list[Application]
-
-
-def _as_application(step: Any) -> Application:
-    if isinstance(step, Application):
-        return step
-    if isinstance(step, Deployment):
-        return step.bind()
-    raise DeploymentConfigError(
-        f"a pipeline step must be a deployment or a bound deployment (X.bind()), got {type(step).__name__}"
-    )
-
-
-class Parallel:
-    """Steps that run on the same input at once; the next step receives the list of their results."""
-
-    def __init__(self, *steps: Any) -> None:
-        if len(steps) < 2:
-            raise DeploymentConfigError(f"parallel() takes at least two deployments, got {len(steps)}")
-        self.stage: Stage = [_as_application(s) for s in steps]
-
-    def __rshift__(self, other: Any) -> Pipeline:
-        return Pipeline([self.stage]) >> other
-
-    def __repr__(self) -> str:
-        return f"parallel({', '.join(a.deployment.name for a in self.stage)})"
-
-
-class Pipeline:
-    """A sequence of stages; each stage is one deployment or a parallel group."""
-
-    def __init__(self, stages: list[Stage]) -> None:
-        self.stages = stages
-
-    def __rshift__(self, other: Any) -> Pipeline:
-        if isinstance(other, Pipeline):
-            return Pipeline(self.stages + other.stages)
-        if isinstance(other, Parallel):
-            return Pipeline([*self.stages, other.stage])
-        return Pipeline([*self.stages, [_as_application(other)]])
-
-    def __rrshift__(self, other: Any) -> Pipeline:
-        return Pipeline([[_as_application(other)]]) >> self
-
-    @property
-    def applications(self) -> list[Application]:
-        return [app for stage in self.stages for app in stage]
-
-    def __repr__(self) -> str:
-        return " >> ".join(
-            stage[0].deployment.name if len(stage) == 1 else f"parallel({', '.join(a.deployment.name for a in stage)})"
-            for stage in self.stages
-        )
+__all__ = ["Parallel", "Pipeline", "parallel", "pipeline"]
 
 
 def parallel(*steps: Any) -> Parallel:

@@ -17,9 +17,9 @@ from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from app import _keys
-from app._spec import AppSpec
-from app.config import autoscaling_of
+from celery_serve._runtime.spec import AppSpec
+from celery_serve._wire import keys as _keys
+from celery_serve.config import autoscaling_of
 
 RATE_WINDOW_S = 10.0  # "recent" throughput: over about the last ten seconds of the scaler's samples
 HISTORY_LENGTH = 300  # samples the scaler keeps per deployment (five minutes at one a second)
@@ -31,7 +31,7 @@ Command = tuple[str, tuple[Any, ...]]
 
 @dataclass
 class WorkerStatus:
-    """A deployment's Celery worker as it registered itself (see `workers.pool.ReplicaPool`)."""
+    """A deployment's Celery worker as it registered itself (see `celery_serve.workers.pool.ReplicaPool`)."""
 
     hostname: str
     app: str

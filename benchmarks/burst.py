@@ -36,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from starlette.requests import Request  # noqa: E402
 
-from app import deployment  # noqa: E402
 from benchmarks._load import _Conn, build_request  # noqa: E402
+from celery_serve import deployment  # noqa: E402
 
 WORK_S = 0.05
 PHASES = [(5.0, 4.0), (10.0, 50.0), (12.0, 4.0), (10.0, 50.0), (8.0, 4.0)]  # (seconds, requests per second)
@@ -155,8 +155,8 @@ async def send_load(host: str, port: int, path: str, times: list[float], run: Ru
 
 
 def sample_replicas(redis_url: str, app: str, run: Run, stop: threading.Event) -> None:
-    from app._redis import sync_client
-    from app.status import read_snapshot
+    from celery_serve._wire.connections import sync_client
+    from celery_serve.status import read_snapshot
 
     client = sync_client(redis_url)
     started = time.perf_counter()
@@ -169,7 +169,8 @@ def sample_replicas(redis_url: str, app: str, run: Run, stop: threading.Event) -
 
 
 def measure(label: str, application: Any, scale: float, port: int) -> Run:
-    from app import _serve, run
+    from celery_serve import run
+    from celery_serve._runtime import serve as _serve
 
     name = label
     run_ = Run(label)
@@ -221,8 +222,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("SERVE_LOG_LEVEL", "WARNING")
     os.environ.setdefault("SERVE_SCALER_LOG_LEVEL", "WARNING")  # the timeline shows what it did
-    from app import shutdown
-    from app._launcher import free_port
+    from celery_serve import shutdown
+    from celery_serve._runtime.launcher import free_port
 
     port = free_port()
     runs = []

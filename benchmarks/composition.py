@@ -25,10 +25,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    import app as serve
-    from app._launcher import free_port
+    import celery_serve as serve
     from benchmarks import composition_app
     from benchmarks.noop import app as noop_app
+    from celery_serve._runtime.launcher import free_port
 
     port = free_port()
     serve.run(noop_app, name="noop", route_prefix="/noop", port=port)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app import DeploymentHandle, deployment
+from celery_serve import DeploymentHandle, deployment
 
 
 def _text(value: Any) -> str:

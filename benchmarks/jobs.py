@@ -129,7 +129,7 @@ def _finished_at(redis_url: str, job_ids: list[str | None]) -> float:
     """The latest `finished_at` among the jobs, read from their job hashes in pipelined chunks."""
     import redis
 
-    from app import _keys
+    from celery_serve._wire import keys as _keys
 
     client = redis.Redis.from_url(redis_url)
     latest = 0.0
@@ -202,8 +202,8 @@ async def http_path(host: str, port: int, redis_url: str, n: int, concurrency: i
 
 
 async def direct_path(redis_url: str, n: int, concurrency: int, timeout_s: float) -> PathResult:
-    from app import AsyncClient, ServeError
-    from app.client import AsyncJob
+    from celery_serve import AsyncClient, ServeError
+    from celery_serve.client import AsyncJob
 
     result = PathResult("direct: AsyncClient(redis_url).submit", n, concurrency)
     async with AsyncClient(redis_url=redis_url, app=APP_NAME) as client:
@@ -257,10 +257,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("SERVE_LOG_LEVEL", "WARNING")
 
-    import app as serve
-    from app._launcher import free_port
+    import celery_serve as serve
     from benchmarks.jobs_app import NUM_REPLICAS
     from benchmarks.jobs_app import app as bench_app
+    from celery_serve._runtime.launcher import free_port
 
     port = free_port()
     started = time.perf_counter()

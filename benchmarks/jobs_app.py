@@ -1,6 +1,6 @@
 """The deployment the jobs benchmark serves: trivial work, so the figures describe the job machinery."""
 
-from app import deployment
+from celery_serve import deployment
 
 NUM_REPLICAS = 3
 

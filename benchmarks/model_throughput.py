@@ -33,8 +33,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from app import deployment  # noqa: E402
 from benchmarks._load import Result, build_request, run_load  # noqa: E402
+from celery_serve import deployment  # noqa: E402
 from examples.embeddings import MAX_BATCH_SIZE, NUM_CPUS, Embedder  # noqa: E402
 
 RAW_B1_S = 4.0
@@ -184,8 +184,8 @@ class BatchStats:
     """The replicas' own counters (requests, batches), refreshed in Redis by each replica's heartbeat."""
 
     def __init__(self, redis_url: str, app_name: str, deployment_name: str) -> None:
-        from app import _keys
-        from app._redis import sync_client
+        from celery_serve._wire import keys as _keys
+        from celery_serve._wire.connections import sync_client
 
         self.redis = sync_client(redis_url)
         self.key = _keys.replica_stats(app_name, deployment_name)
@@ -276,9 +276,9 @@ def main() -> int:
     print(f"raw: batch 1 {raw1.per_s:.1f}/s, batch {MAX_BATCH_SIZE} {raw32.per_s:.1f}/s", flush=True)
     del encoder
 
-    import app as serve
-    from app import _serve
-    from app._launcher import free_port
+    import celery_serve as serve
+    from celery_serve._runtime import serve as _serve
+    from celery_serve._runtime.launcher import free_port
 
     port = free_port()
     variants: list[tuple[str, str, str, Any]] = [

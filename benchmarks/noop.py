@@ -1,6 +1,6 @@
 """The no-op deployment the overhead benchmark serves: it greets, like the floor app, and does nothing else."""
 
-from app import deployment
+from celery_serve import deployment
 
 
 @deployment(max_queued_requests=-1)

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    from app._launcher import free_port
+    from celery_serve._runtime.launcher import free_port
 
     results: list[Result] = []
     bare_port = free_port()
@@ -83,7 +83,7 @@ def main() -> None:
         bare.terminate()
         bare.wait()
 
-    import app as serve
+    import celery_serve as serve
     from benchmarks.noop import app as noop_app
 
     port = free_port()

@@ -4,7 +4,7 @@ celery-serve run examples.composition:app
 curl http://127.0.0.1:8000/         ->  Hello world!
 """
 
-from app import DeploymentHandle, deployment
+from celery_serve import DeploymentHandle, deployment
 
 
 @deployment

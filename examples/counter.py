@@ -10,7 +10,7 @@ The count lives in the replica (one replica by default), as in the original.
 
 from fastapi import FastAPI
 
-from app import deployment, ingress
+from celery_serve import deployment, ingress
 
 api = FastAPI()
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from app import batch, deployment, get_replica_context
-from app.exceptions import BadRequestError
+from celery_serve import batch, deployment, get_replica_context
+from celery_serve.exceptions import BadRequestError
 from examples._model import Encoder
 
 NUM_CPUS = 1  # a replica's torch threads; on a 2-core machine the other core serves the gateway and Redis

@@ -4,7 +4,7 @@ celery-serve run examples.hello:app
 curl 'http://127.0.0.1:8000/?name=Ada'      ->  Hello Ada!
 """
 
-from app import deployment
+from celery_serve import deployment
 
 
 @deployment

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from app import DeploymentHandle, batch, deployment, get_replica_context, parallel
+from celery_serve import DeploymentHandle, batch, deployment, get_replica_context, parallel
 from examples._model import Encoder
 from examples.sentiment import NearestCentroid, load_examples
 
@@ -41,7 +41,7 @@ def text_of(value: Any) -> str:
     if isinstance(value, dict):
         value = value.get("text", "")
     if not isinstance(value, str) or len(value.strip()) < 2:
-        from app import BadRequestError
+        from celery_serve import BadRequestError
 
         raise BadRequestError('send a text of at least 2 characters: ?text=..., a JSON string, or {"text": ...}')
     return value

@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from app import DeploymentHandle, deployment, ingress
+from celery_serve import DeploymentHandle, deployment, ingress
 from examples.embeddings import Embedder
 
 EXAMPLES_PATH = Path(__file__).with_name("sentiment_examples.json")

@@ -19,8 +19,8 @@ import httpx
 import pytest
 import redis
 
-from app import DeploymentHandle
-from app._launcher import ProcessGroup, child_env, free_port, gateway_command, start_embedded_redis
+from celery_serve import DeploymentHandle
+from celery_serve._runtime.launcher import ProcessGroup, child_env, free_port, gateway_command, start_embedded_redis
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ def wait_until(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: 
 
 
 def start_gateway(group: ProcessGroup, redis_url: str, env: dict[str, str] | None = None) -> str:
-    """Start a gateway process (`python -m api.main`) of its own; returns its URL once it answers."""
+    """Start a gateway process (`python -m celery_serve.api.main`) of its own; returns its URL once it answers."""
     port = free_port()
     group.start("gateway", gateway_command(redis_url, "127.0.0.1", port), env=child_env(env))
     url = f"http://127.0.0.1:{port}"
@@ -103,7 +103,8 @@ def _test_applications() -> dict[str, tuple[Any, str]]:
 @pytest.fixture(scope="session")
 def served(redis_url: str) -> Iterator[Served]:
     """Every test application, running behind one gateway (started together: start-up is the slow part)."""
-    from app import _serve, run
+    from celery_serve import run
+    from celery_serve._runtime import serve as _serve
 
     os.environ.setdefault("SERVE_LOG_LEVEL", "WARNING")
     port = free_port()
@@ -134,7 +135,7 @@ def served(redis_url: str) -> Iterator[Served]:
 
 def _stop_workers_together() -> None:
     """SIGTERM every worker at once (shutdown() stops them one by one, which adds up with many)."""
-    from app import _serve
+    from celery_serve._runtime import serve as _serve
 
     session = _serve._session
     if session is None:

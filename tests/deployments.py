@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app import DeploymentHandle, batch, deployment, ingress
+from celery_serve import DeploymentHandle, batch, deployment, ingress
 
 KEY_PREFIX = "serve-test:"
 

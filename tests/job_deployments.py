@@ -27,7 +27,8 @@ import redis
 import redis.asyncio as aioredis
 from starlette.requests import Request
 
-from app import DeploymentHandle, _keys, deployment
+from celery_serve import DeploymentHandle, deployment
+from celery_serve._wire import keys as _keys
 from tests.deployments import _redis, executions_key, record_execution
 
 APP_NAME = "jobs"
@@ -157,7 +158,7 @@ def deploy(redis_url: str) -> None:
     """Run the `jobs` application in the test session (once per session's Redis)."""
     global _deployed_to
     if _deployed_to != redis_url:
-        from app import run
+        from celery_serve import run
 
         run(app, name=APP_NAME, route_prefix=ROUTE_PREFIX, redis_url=redis_url, startup_timeout_s=150)
         _deployed_to = redis_url

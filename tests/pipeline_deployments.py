@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import Any
 
-from app import DeploymentHandle, batch, deployment, parallel
+from celery_serve import DeploymentHandle, batch, deployment, parallel
 from tests.deployments import record_execution
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from starlette.requests import Request
 
-from app import batch, deployment
+from celery_serve import batch, deployment
 
 _client: redis.Redis | None = None
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from app import deployment
-from app.config import AUTO_MAX_REPLICAS, AutoscalingConfig, make_config, start_replicas
-from app.exceptions import DeploymentConfigError
-from workers.autoscaling import (
+from celery_serve import deployment
+from celery_serve.config import AUTO_MAX_REPLICAS, AutoscalingConfig, make_config, start_replicas
+from celery_serve.exceptions import DeploymentConfigError
+from celery_serve.workers.autoscaling import (
     AutoscalingContext,
     Machine,
     PoolInfo,

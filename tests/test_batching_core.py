@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from app import batch
-from app.batch import BatchConfig, batch_config
-from app.exceptions import DeploymentConfigError
-from workers.batching import (
+from celery_serve import batch
+from celery_serve.batch import BatchConfig, batch_config
+from celery_serve.exceptions import DeploymentConfigError
+from celery_serve.workers.batching import (
     ArrivalRate,
     BatchSizeMismatchError,
     Item,

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from app import (
+from celery_serve import (
     AsyncClient,
     BackpressureError,
     Client,
@@ -30,7 +30,7 @@ from app import (
     ServeError,
     get_deployment_handle,
 )
-from app._launcher import child_env
+from celery_serve._runtime.launcher import child_env
 from tests import job_deployments as jd
 from tests.conftest import Served
 
@@ -235,7 +235,7 @@ def test_get_deployment_handle_in_this_process(jobs: Served) -> None:
 
 def test_get_deployment_handle_in_a_process_that_has_only_redis_url(jobs: Served) -> None:
     code = (
-        "from app import get_deployment_handle\n"
+        "from celery_serve import get_deployment_handle\n"
         "print(get_deployment_handle('AsyncWork', app_name='jobs').double.remote(21).result(timeout_s=60))\n"
     )
     done = subprocess.run(

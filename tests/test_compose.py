@@ -62,7 +62,7 @@ def test_the_application_is_deployed_once(compose: dict[str, Any]) -> None:
 
 
 def test_each_deployment_has_a_scalable_worker_service(compose: dict[str, Any]) -> None:
-    from app._spec import build_spec
+    from celery_serve._runtime.spec import build_spec
     from examples.sentiment import app as sentiment_app
 
     deployments = set(build_spec(sentiment_app, "default", None).deployments)

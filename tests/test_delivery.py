@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from app import DeploymentHandle, RequestTimeoutError, deployment
-from app._envelope import build_message, parse_message
-from app._keys import queue, replica_claim, replica_inflight, replicas, result
-from app._serve import delete_app, deploy_spec
-from app._spec import build_spec
+from celery_serve import DeploymentHandle, RequestTimeoutError, deployment
+from celery_serve._runtime.serve import delete_app, deploy_spec
+from celery_serve._runtime.spec import build_spec
+from celery_serve._wire.envelope import build_message, parse_message
+from celery_serve._wire.keys import queue, replica_claim, replica_inflight, replicas, result
 from tests.conftest import Served, wait_until
 from tests.deployments import executions_key, pids_key
 
@@ -112,7 +112,7 @@ def test_a_handle_call_carries_its_deadline_as_the_expires_header(served: Served
 
 
 def test_a_plain_celery_client_can_call_a_deployment(served: Served) -> None:
-    from workers.celery_app import make_celery
+    from celery_serve.workers.celery_app import make_celery
 
     celery = make_celery(served.redis_url)
     try:

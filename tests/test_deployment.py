@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from app import Application, Deployment, DeploymentConfigError, deployment, ingress
-from app.config import DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_REQUEST_TIMEOUT_S
-from app.deployment import flatten
+from celery_serve import Application, Deployment, DeploymentConfigError, deployment, ingress
+from celery_serve.application import flatten
+from celery_serve.config import DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_REQUEST_TIMEOUT_S
 
 
 @deployment

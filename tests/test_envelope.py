@@ -12,8 +12,8 @@ import uuid
 import pytest
 import redis
 
-from app import BadRequestError
-from app._envelope import build_message, parse_message
+from celery_serve import BadRequestError
+from celery_serve._wire.envelope import build_message, parse_message
 
 
 def _message(**overrides: object) -> dict:
@@ -103,7 +103,7 @@ def test_malformed_messages_raise_bad_request(raw: bytes | str) -> None:
 
 
 def test_a_message_sent_by_celery_send_task_is_parsed(redis_url: str, redis_client: redis.Redis) -> None:
-    from workers.celery_app import make_celery
+    from celery_serve.workers.celery_app import make_celery
 
     queue = f"serve.unit-{uuid.uuid4().hex[:8]}.Dep"
     celery = make_celery(redis_url)

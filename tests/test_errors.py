@@ -15,11 +15,12 @@ import httpx
 import pytest
 import redis
 
-from app import _keys, deployment
-from app._envelope import parse_message
-from app._launcher import ProcessGroup, start_embedded_redis
-from app._serve import deploy_spec
-from app._spec import build_spec
+from celery_serve import deployment
+from celery_serve._runtime.launcher import ProcessGroup, start_embedded_redis
+from celery_serve._runtime.serve import deploy_spec
+from celery_serve._runtime.spec import build_spec
+from celery_serve._wire import keys as _keys
+from celery_serve._wire.envelope import parse_message
 from tests.conftest import Served, start_gateway, wait_until
 from tests.deployments import executions_key
 

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from app._launcher import free_port
+from celery_serve._runtime.launcher import free_port
 from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def cli_command(*args: str) -> list[str]:
     if script.exists():
         return [str(script), *args]
     found = shutil.which("celery-serve")
-    return [found, *args] if found else [sys.executable, "-m", "app.cli", *args]
+    return [found, *args] if found else [sys.executable, "-m", "celery_serve._cli", *args]
 
 
 @dataclass
@@ -165,7 +165,12 @@ def test_example_runs_with_the_cli_and_stops_cleanly(
 
     children = cli.descendants()
     commands = [" ".join(p.cmdline()) for p in children]
-    for part in ("redis-server", "api.main", "app.cli worker", "workers.replica_main"):
+    for part in (
+        "redis-server",
+        "celery_serve.api.main",
+        "celery_serve._cli worker",
+        "celery_serve.workers.replica_main",
+    ):
         assert any(part in c for c in commands), f"no {part} among the CLI's processes: {commands}"
 
     check(f"http://127.0.0.1:{port}")

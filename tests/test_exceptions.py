@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from app import (
+from celery_serve import (
     BackpressureError,
     BadRequestError,
     DeploymentConfigError,
@@ -19,7 +19,7 @@ from app import (
     ServeError,
     ServeStartupError,
 )
-from app.exceptions import error_from_dict
+from celery_serve.exceptions import error_from_dict
 
 SERVE_ERRORS = [
     ServeError,

@@ -1,10 +1,10 @@
-"""The public API is what `app/__init__.py` exports; this test pins it (as httpx's does)."""
+"""The public API is what `celery_serve` (app/__init__.py) exports; this test pins it (as httpx's does)."""
 
 from __future__ import annotations
 
 import types
 
-import app
+import celery_serve
 
 EXPECTED = [
     "Application",
@@ -40,18 +40,18 @@ EXPECTED = [
 
 
 def test_all_is_pinned() -> None:
-    assert sorted(app.__all__) == EXPECTED
+    assert sorted(celery_serve.__all__) == EXPECTED
 
 
 def test_every_exported_name_exists() -> None:
-    missing = [name for name in app.__all__ if not hasattr(app, name)]
+    missing = [name for name in celery_serve.__all__ if not hasattr(celery_serve, name)]
     assert missing == []
 
 
 def test_nothing_public_is_left_out_of_all() -> None:
     public = {
         name
-        for name, value in vars(app).items()
+        for name, value in vars(celery_serve).items()
         if not name.startswith("_") and not isinstance(value, types.ModuleType)
     }
-    assert public == set(app.__all__)
+    assert public == set(celery_serve.__all__)

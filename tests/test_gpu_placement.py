@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from app import deployment
-from app._serve import plan_gpus
-from app._spec import build_spec
-from workers.gpus import PlacementError, discover_devices, parse_devices, plan_placement, replica_env
+from celery_serve import deployment
+from celery_serve._runtime.serve import plan_gpus
+from celery_serve._runtime.spec import build_spec
+from celery_serve.workers.gpus import PlacementError, discover_devices, parse_devices, plan_placement, replica_env
 
 
 def test_discovery_takes_the_devices_it_is_told() -> None:

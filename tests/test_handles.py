@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from app import (
+from celery_serve import (
     DeploymentHandle,
     DeploymentNotFoundError,
     DeploymentResponse,

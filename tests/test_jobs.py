@@ -21,8 +21,8 @@ import httpx
 import pytest
 import redis
 
-from app import _keys
-from app._launcher import child_env, free_port
+from celery_serve._runtime.launcher import child_env, free_port
+from celery_serve._wire import keys as _keys
 from tests import job_deployments as jd
 from tests.conftest import Served, wait_until
 from tests.deployments import pids_key
@@ -290,7 +290,7 @@ def test_prefer_respond_async_answers_202_when_not_done_in_time_and_the_job_fini
 
 def _start_gateway(redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "api.main", "--port", str(port), "--redis-url", redis_url]
+    cmd = [sys.executable, "-m", "celery_serve.api.main", "--port", str(port), "--redis-url", redis_url]
     proc = subprocess.Popen(cmd, env=child_env())
     url = f"http://127.0.0.1:{port}"
 

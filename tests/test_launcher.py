@@ -1,4 +1,4 @@
-"""Starting and stopping child processes (`app._launcher`)."""
+"""Starting and stopping child processes (`celery_serve._runtime.launcher`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from app._launcher import ProcessGroup, free_port, spawn
+from celery_serve._runtime.launcher import ProcessGroup, free_port, spawn
 from tests.conftest import wait_until
 
 SLEEPER = [sys.executable, "-c", "import signal; signal.pause()"]  # runs until signalled
@@ -39,7 +39,7 @@ def test_a_child_started_from_a_short_lived_thread_outlives_the_thread() -> None
 
 def test_a_child_dies_with_the_process_that_started_it() -> None:
     starter = (
-        "import signal; from app._launcher import spawn; "
+        "import signal; from celery_serve._runtime.launcher import spawn; "
         f"p = spawn({SLEEPER!r}); print(p.pid, flush=True); signal.pause()"
     )
     parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, cwd=os.getcwd())

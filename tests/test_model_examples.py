@@ -24,7 +24,7 @@ import pytest
 from fastapi import FastAPI, Query
 from fastapi.testclient import TestClient
 
-from app._launcher import free_port
+from celery_serve._runtime.launcher import free_port
 from examples._model import EMBEDDING_DIM, missing_dependencies
 
 _MISSING = missing_dependencies()
@@ -84,7 +84,7 @@ def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
 
 def _celery_serve() -> list[str]:
     script = Path(sys.executable).with_name("celery-serve")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "celery_serve._cli"]
 
 
 def start_cli(target: str, log: Path) -> Cli:

@@ -17,8 +17,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import _serve, run
-from app._launcher import child_env
+from celery_serve import run
+from celery_serve._runtime import serve as _serve
+from celery_serve._runtime.launcher import child_env
 from tests import scaling_deployments as sd
 from tests.conftest import Served, wait_until
 
@@ -169,7 +170,7 @@ def test_metrics_carry_requests_latency_queue_in_flight_batches_and_replicas(
 
 def celery_serve(served: Served, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args, "--redis-url", served.redis_url],
+        [sys.executable, "-m", "celery_serve._cli", *args, "--redis-url", served.redis_url],
         capture_output=True,
         text=True,
         timeout=60,

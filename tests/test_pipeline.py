@@ -10,8 +10,8 @@ import httpx
 import pytest
 import redis
 
-import app as serve
-from app import Client, DeploymentHandle, RemoteError, RequestTimeoutError
+import celery_serve as serve
+from celery_serve import Client, DeploymentHandle, RemoteError, RequestTimeoutError
 from tests import pipeline_deployments as pd
 from tests.conftest import STARTUP_TIMEOUT_S, Served, wait_until
 from tests.deployments import executions_key

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app._launcher import free_port
+from celery_serve._runtime.launcher import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

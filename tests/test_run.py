@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app import DeploymentConfigError, ServeError, ServeStartupError, _serve, run
+from celery_serve import DeploymentConfigError, ServeError, ServeStartupError, run
+from celery_serve._runtime import serve as _serve
 from tests import deployments
 from tests.conftest import STARTUP_TIMEOUT_S, Served
 

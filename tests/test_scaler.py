@@ -20,12 +20,13 @@ import psutil
 import pytest
 import redis
 
-from app import DeploymentHandle, _serve, run
-from app._launcher import scaler_command
-from app.status import DeploymentStatus, read_snapshot
+from celery_serve import DeploymentHandle, run
+from celery_serve._runtime import serve as _serve
+from celery_serve._runtime.launcher import scaler_command
+from celery_serve.status import DeploymentStatus, read_snapshot
+from celery_serve.workers.celery_app import make_celery
 from tests import scaling_deployments as sd
 from tests.conftest import Served, wait_until
-from workers.celery_app import make_celery
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,7 +36,7 @@ def replica_processes(app_name: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = proc.info["cmdline"] or []
-        if proc.info["status"] == psutil.STATUS_ZOMBIE or "workers.replica_main" not in cmdline:
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or "celery_serve.workers.replica_main" not in cmdline:
             continue
         if "--app" in cmdline and cmdline[cmdline.index("--app") + 1] == app_name:
             found.append(proc)
@@ -211,7 +212,7 @@ def test_retired_replicas_finish_what_they_hold(served: Served, deploy: Callable
 
 def test_run_restarts_a_dead_scaler_and_serves_on_without_flower(redis_url: str) -> None:
     """What `celery-serve run` does when one of its optional processes exits."""
-    from app._launcher import ProcessGroup
+    from celery_serve._runtime.launcher import ProcessGroup
 
     group = ProcessGroup()
     session = _serve._Session(redis_url, group, flower_url="http://127.0.0.1:5555")

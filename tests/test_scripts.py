@@ -15,10 +15,13 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from app import BackpressureError, _keys, _results, _scripts, deployment
-from app._envelope import parse_message
-from app._spec import build_spec
-from app._transport import QueueTransport
+from celery_serve import BackpressureError, deployment
+from celery_serve._runtime.spec import build_spec
+from celery_serve._wire import keys as _keys
+from celery_serve._wire import results as _results
+from celery_serve._wire import scripts as _scripts
+from celery_serve._wire.envelope import parse_message
+from celery_serve._wire.transport import QueueTransport
 
 
 @deployment

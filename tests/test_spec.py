@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from app import DeploymentConfigError, DeploymentHandle, deployment
-from app._spec import AppSpec, build_spec, resolve_deployment
+from celery_serve import DeploymentConfigError, DeploymentHandle, deployment
+from celery_serve._runtime.spec import AppSpec, build_spec, resolve_deployment
 from tests import deployments
 
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 import redis
 
-from app import _keys
-from app._launcher import ProcessGroup, free_port, start_embedded_redis
+from celery_serve._runtime.launcher import ProcessGroup, free_port, start_embedded_redis
+from celery_serve._wire import keys as _keys
 from tests.conftest import wait_until
 from tests.test_examples import CliProcess, env_without_redis, gone
 
@@ -48,7 +48,7 @@ def test_deploy_gateway_and_worker_as_separate_processes(own_redis: str) -> None
         assert httpx.get(f"http://127.0.0.1:{port}/-/routes").json() == {"/": "hello"}
 
         replicas = worker.descendants()
-        assert any("workers.replica_main" in " ".join(p.cmdline()) for p in replicas)
+        assert any("celery_serve.workers.replica_main" in " ".join(p.cmdline()) for p in replicas)
         for cli in processes:
             cli.proc.send_signal(signal.SIGTERM)
         assert worker.proc.wait(timeout=90) == 0, worker.output

@@ -4,7 +4,7 @@
 waits in its queue plus what replicas have taken and not finished), its current replica count and the
 delay timers it carries over, it says how many replicas to run now and why. `plan_resize` then spreads a
 replica count over the deployment's workers without putting more on a machine than its cores and GPUs
-hold. `workers.scaler` is the thin glue that feeds them from Redis and applies what they return.
+hold. `celery_serve.workers.scaler` is the thin glue that feeds them from Redis and applies what they return.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from app.config import AutoscalingConfig
+from celery_serve.config import AutoscalingConfig
 
 _EPS = 1e-9  # load / target is a float: 7 / 0.7 must round up to 10, not 11
 

@@ -1,6 +1,6 @@
 """The batching core: which requests run together, how long to wait for company, who gets what back.
 
-Plain Python, no Redis and no Celery, so every rule is unit-tested in microseconds; `workers.consumer`
+Plain Python, no Redis and no Celery, so every rule is unit-tested in microseconds; `celery_serve.workers.consumer`
 connects it to the queue.
 
 Rules:
@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from app.exceptions import ServeError
+from celery_serve.exceptions import ServeError
 
 K = TypeVar("K")
 

@@ -1,7 +1,7 @@
 """The Celery app every celery-serve process shares: JSON only, late acknowledgement, Redis everywhere.
 
 Deployment requests are Celery task messages on per-deployment queues; replicas drain those queues
-themselves (see `workers.consumer`), so this app mostly carries Celery's own machinery: worker identity,
+themselves (see `celery_serve.workers.consumer`), so this app mostly carries Celery's own machinery: worker identity,
 heartbeats and remote control (Flower, `celery inspect`, `celery control pool_grow`), and it lets any
 Celery client call a deployment with `send_task`.
 """
@@ -12,7 +12,7 @@ import os
 
 from celery import Celery
 
-from app._redis import redacted
+from celery_serve._wire.connections import redacted
 
 
 def make_celery(redis_url: str | None = None) -> Celery:

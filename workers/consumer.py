@@ -4,7 +4,7 @@ A replica that becomes free takes what is waiting (up to what it can run soon) i
 and stores all the results with one script call that also acknowledges the messages. When the queue is
 empty it blocks on the queue, so an idle replica costs nothing and a lone request starts at once.
 Messages stay in the replica's in-flight hash until acknowledged; if the replica dies, another replica's
-reaper puts them back on the queue (see `app._scripts`).
+reaper puts them back on the queue (see `celery_serve._wire.scripts`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from typing import Any
 import redis
 import redis.exceptions
 
-from app import _keys, _results
-from app._envelope import Envelope, build_message, parse_message
-from app._redis import BLOCK_S
-from app.exceptions import BadRequestError
-from workers.batching import ArrivalRate, Outcome, wait_budget
-from workers.events import TaskEvents
-from workers.replica import Replica
-from workers.replica_redis import Done, Heartbeat, QueueOps, ReplicaStats, Token
+from celery_serve._wire import keys as _keys
+from celery_serve._wire import results as _results
+from celery_serve._wire.connections import BLOCK_S
+from celery_serve._wire.envelope import Envelope, build_message, parse_message
+from celery_serve.exceptions import BadRequestError
+from celery_serve.workers.batching import ArrivalRate, Outcome, wait_budget
+from celery_serve.workers.events import TaskEvents
+from celery_serve.workers.replica import Replica
+from celery_serve.workers.replica_redis import Done, Heartbeat, QueueOps, ReplicaStats, Token
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ second and sends them with Celery's `EventDispatcher` in buffered batches (one m
 events, which Celery's `EventReceiver` and Flower read as `task.multi`). Over Redis, events travel by
 PUBLISH on the `celeryev` fanout exchange. Like Celery's worker, replicas send task events only while a monitor
 asks for them: Flower (and `celery control enable_events`) broadcasts `enable_events`, which the
-deployment's worker turns into a short-lived Redis key (`workers.worker`); without it the thread drops
+deployment's worker turns into a short-lived Redis key (`celery_serve.workers.worker`); without it the thread drops
 the tuples unbuilt, so an unwatched deployment pays nothing but the appends. `SERVE_TASK_EVENTS=1` sends
 them always, `0` never.
 """
@@ -24,10 +24,10 @@ import threading
 import time
 from typing import Any
 
-from app import _keys
-from app._envelope import Envelope
-from app._redis import sync_client
-from workers.batching import Outcome
+from celery_serve._wire import keys as _keys
+from celery_serve._wire.connections import sync_client
+from celery_serve._wire.envelope import Envelope
+from celery_serve.workers.batching import Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class TaskEvents:
 
     def _get_dispatcher(self) -> Any:
         if self._dispatcher is None:
-            from workers.celery_app import make_celery
+            from celery_serve.workers.celery_app import make_celery
 
             celery = make_celery(self.url)
             self._connection = celery.connection_for_write()

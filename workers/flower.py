@@ -1,8 +1,8 @@
-"""Flower for a celery-serve deployment: `python -m workers.flower --redis-url URL [--port 5555]`.
+"""Flower for a celery-serve deployment: `python -m celery_serve.workers.flower --redis-url URL [--port 5555]`.
 
 Flower is Celery's own monitor: it lists every deployment's worker (`<app>.<deployment>.<pid>@<host>`),
 the queues they serve (their `active_queues` reply includes the deployment queue) and every request as a
-task named `<app>.<deployment>.<method>`, from the task events replicas send (`workers.events`).
+task named `<app>.<deployment>.<method>`, from the task events replicas send (`celery_serve.workers.events`).
 Started by `celery-serve run` (`--no-flower` to skip). It binds to loopback unless told otherwise; set
 `FLOWER_BASIC_AUTH=user:password` (or `--flower-basic-auth`) before exposing it.
 """
@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from workers.celery_app import make_celery
+from celery_serve.workers.celery_app import make_celery
 
 
 def main(argv: list[str] | None = None) -> int:

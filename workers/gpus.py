@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from app.exceptions import ServeStartupError
+from celery_serve.exceptions import ServeStartupError
 
 DEVICES_ENV = "SERVE_GPU_DEVICES"  # e.g. "0,1"; "" means no GPU; unset means ask nvidia-smi
 _EPSILON = 1e-9

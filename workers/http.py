@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message
 
-from app.exceptions import BadRequestError
+from celery_serve.exceptions import BadRequestError
 
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.routing import APIRoute
 
-from app.exceptions import DeploymentConfigError
+from celery_serve.exceptions import DeploymentConfigError
 
 
 def bind_ingress(fastapi_app: FastAPI, cls: type, instance: Any) -> FastAPI:

@@ -23,10 +23,11 @@ from typing import Any
 
 from celery.concurrency.base import BasePool
 
-from app import _keys, _scripts
-from app._launcher import spawn
-from app._redis import sync_client
-from workers.gpus import plan_placement, replica_env
+from celery_serve._runtime.launcher import spawn
+from celery_serve._wire import keys as _keys
+from celery_serve._wire import scripts as _scripts
+from celery_serve._wire.connections import sync_client
+from celery_serve.workers.gpus import plan_placement, replica_env
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class ReplicaPool(BasePool):
         return [
             sys.executable,
             "-m",
-            "workers.replica_main",
+            "celery_serve.workers.replica_main",
             "--app",
             conf.serve_app,
             "--deployment",

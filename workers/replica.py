@@ -11,15 +11,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from app import _results
-from app._envelope import Envelope
-from app._spec import AppSpec, resolve_deployment
-from app.batch import BatchConfig, batch_config
-from app.exceptions import DeploymentNotFoundError, ServeError
-from app.handle import DeploymentHandle
-from workers.batching import Item, Outcome, form_batches, run_batch_async
-from workers.http import ServeRequest, body_of, build_scope, encode_result, run_asgi, to_jsonable
-from workers.ingress import bind_ingress
+from celery_serve._runtime.spec import AppSpec, resolve_deployment
+from celery_serve._wire import results as _results
+from celery_serve._wire.envelope import Envelope
+from celery_serve.batch import BatchConfig, batch_config
+from celery_serve.exceptions import DeploymentNotFoundError, ServeError
+from celery_serve.handle import DeploymentHandle
+from celery_serve.workers.batching import Item, Outcome, form_batches, run_batch_async
+from celery_serve.workers.http import ServeRequest, body_of, build_scope, encode_result, run_asgi, to_jsonable
+from celery_serve.workers.ingress import bind_ingress
 
 logger = logging.getLogger(__name__)
 

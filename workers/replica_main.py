@@ -1,4 +1,4 @@
-"""A replica process: `python -m workers.replica_main --app A --deployment D --redis-url URL`.
+"""A replica process: `python -m celery_serve.workers.replica_main --app A --deployment D --redis-url URL`.
 
 Started by the deployment's worker pool (one process per replica, spawned, never forked, so no CUDA or
 Redis state leaks from the parent). Loads the application spec from Redis, imports and constructs the user's
@@ -15,13 +15,14 @@ import signal
 import sys
 import traceback
 
-from app import _context, _keys
-from app._redis import sync_client
-from app._spec import AppSpec
-from workers.consumer import ReplicaServer
-from workers.replica import Replica
+from celery_serve._runtime import context as _context
+from celery_serve._runtime.spec import AppSpec
+from celery_serve._wire import keys as _keys
+from celery_serve._wire.connections import sync_client
+from celery_serve.workers.consumer import ReplicaServer
+from celery_serve.workers.replica import Replica
 
-logger = logging.getLogger("workers.replica")
+logger = logging.getLogger("celery_serve.workers.replica")
 
 EXIT_CONFIG = 3
 

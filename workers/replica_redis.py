@@ -1,6 +1,6 @@
 """The Redis side of one replica: taking and acknowledging messages, its heartbeat, its statistics.
 
-`QueueOps` is every queue operation a replica makes, each one script call (see `app._scripts`);
+`QueueOps` is every queue operation a replica makes, each one script call (see `celery_serve._wire.scripts`);
 `Heartbeat` keeps the replica registered and alive, and reaps replicas of the same deployment that died;
 `ReplicaStats` counts what the replica did, for the scaler, `/metrics` and `celery-serve status`.
 """
@@ -17,10 +17,11 @@ from typing import Any
 import redis
 import redis.exceptions
 
-from app import _keys, _scripts
-from app._redis import async_client, sync_client
-from app._spec import DeploymentSpec
-from workers.http import to_jsonable
+from celery_serve._runtime.spec import DeploymentSpec
+from celery_serve._wire import keys as _keys
+from celery_serve._wire import scripts as _scripts
+from celery_serve._wire.connections import async_client, sync_client
+from celery_serve.workers.http import to_jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class QueueOps:
         """What is waiting (up to `limit`), or, when nothing is, the next message as soon as it arrives.
 
         A message from the blocking pop stays in the claim list and starts at once; its token is
-        "@" + the message, which is how it is acknowledged (see `app._scripts`), and the caller marks its
+        "@" + the message, which is how it is acknowledged (see `celery_serve._wire.scripts`), and the caller marks its
         job running with `mark_running` (DRAIN does that itself for what it takes)."""
         items = await self._take_now(limit)
         if items:

@@ -1,9 +1,9 @@
-"""The scaler: `celery-serve scaler`, started by `celery-serve run` and `app.run()`.
+"""The scaler: `celery-serve scaler`, started by `celery-serve run` and `serve.run()`.
 
 Every `metrics_interval_s` it reads each autoscaled deployment's queue depth and in-flight count (see
-`app.status`), asks the pure policy (`workers.autoscaling.decide`) how many replicas to run, spreads that
-over the deployment's workers within each machine's cores and GPUs (`plan_resize`), and resizes their
-pools with Celery's remote control (`pool_grow` / `pool_shrink`, to each worker by hostname). Every
+`celery_serve.status`), asks the pure policy (`celery_serve.workers.autoscaling.decide`) how many replicas
+to run, spreads that over the deployment's workers within each machine's cores and GPUs (`plan_resize`),
+and resizes their pools with Celery's remote control (`pool_grow` / `pool_shrink`, to each worker by hostname). Every
 change, and every change it starts waiting for, is logged at INFO with its inputs and reason.
 
 It holds no state of its own: pool sizes come from the workers' registrations, the delay timers and the
@@ -27,11 +27,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from app import _keys, _scripts
-from app._redis import sync_client
-from app.config import AutoscalingConfig, autoscaling_of
-from app.status import HISTORY_LENGTH, RETIRED, DeploymentStatus, Snapshot, read_snapshot
-from workers.autoscaling import AutoscalingContext, Decision, Machine, PoolInfo, decide, plan_resize, room
+from celery_serve._wire import keys as _keys
+from celery_serve._wire import scripts as _scripts
+from celery_serve._wire.connections import sync_client
+from celery_serve.config import AutoscalingConfig, autoscaling_of
+from celery_serve.status import HISTORY_LENGTH, RETIRED, DeploymentStatus, Snapshot, read_snapshot
+from celery_serve.workers.autoscaling import AutoscalingContext, Decision, Machine, PoolInfo, decide, plan_resize, room
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class CeleryResize:
     """Resizes a worker's pool with Celery's remote control, waiting for the worker's reply."""
 
     def __init__(self, redis_url: str) -> None:
-        from workers.celery_app import make_celery
+        from celery_serve.workers.celery_app import make_celery
 
         self.control = make_celery(redis_url).control
 

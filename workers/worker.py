@@ -16,14 +16,14 @@ from typing import Any
 from celery.worker import control as celery_control
 from kombu import Exchange, Queue
 
-from app import _keys
-from app._redis import sync_client
-from app._spec import AppSpec
-from app.config import start_replicas
-from app.exceptions import DeploymentNotFoundError
-from workers.celery_app import make_celery
-from workers.gpus import PlacementError, discover_devices, plan_placement
-from workers.pool import ReplicaPool
+from celery_serve._runtime.spec import AppSpec
+from celery_serve._wire import keys as _keys
+from celery_serve._wire.connections import sync_client
+from celery_serve.config import start_replicas
+from celery_serve.exceptions import DeploymentNotFoundError
+from celery_serve.workers.celery_app import make_celery
+from celery_serve.workers.gpus import PlacementError, discover_devices, plan_placement
+from celery_serve.workers.pool import ReplicaPool
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _active_queues(state: Any) -> list[dict[str, Any]]:
 
 def _enable_events(state: Any) -> Any:
     """Celery's `enable_events` (Flower sends it every 5 s), which also tells this deployment's replicas
-    to send task events: they publish only while `serve:task-events` exists (see `workers.events`)."""
+    to send task events: they publish only while `serve:task-events` exists (see `celery_serve.workers.events`)."""
     conf = state.consumer.app.conf
     try:
         sync_client(conf.serve_redis_url).set(_keys.TASK_EVENTS, 1, ex=TASK_EVENTS_TTL_S)

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from app.exceptions import ServeError, error_from_dict
+from celery_serve.exceptions import ServeError, error_from_dict
 
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
@@ -44,7 +44,7 @@ def expired(task_id: str, deployment: str) -> str:
     error = {
         "exc_type": "RequestTimeoutError",
         "exc_message": f"the request to '{deployment}' passed its deadline before a replica started it",
-        "exc_module": "app.exceptions",
+        "exc_module": "celery_serve.exceptions",
     }
     return _record(task_id, REVOKED, error, http_status=504)
 
@@ -63,7 +63,7 @@ def cancelled(task_id: str) -> str:
     error = {
         "exc_type": "JobCancelledError",
         "exc_message": f"job {task_id} was cancelled",
-        "exc_module": "app.exceptions",
+        "exc_module": "celery_serve.exceptions",
     }
     return _record(task_id, REVOKED, error, http_status=409)
 

@@ -14,8 +14,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from app._transport import QueueTransport
-from app.exceptions import ServeError
+from celery_serve._wire.transport import QueueTransport
+from celery_serve.exceptions import ServeError
 
 T = TypeVar("T")
 
@@ -34,7 +34,7 @@ def redis_url() -> str:
     url = _redis_url or os.environ.get("REDIS_URL")
     if not url:
         raise ServeError(
-            "celery-serve is not running in this process: call app.run(...) first, or set REDIS_URL to the "
+            "celery-serve is not running in this process: call serve.run(...) first, or set REDIS_URL to the "
             "Redis your deployments use"
         )
     return url

@@ -22,7 +22,7 @@ import time
 from types import FrameType
 from typing import Any
 
-from app.exceptions import DeploymentConfigError, ServeError
+from celery_serve.exceptions import DeploymentConfigError, ServeError
 
 
 def import_application(path: str) -> Any:
@@ -56,7 +56,7 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from app import _serve
+    from celery_serve._runtime import serve as _serve
 
     os.environ.setdefault("SERVE_LOG_LEVEL", args.log_level)
     application = import_application(args.target)
@@ -105,15 +105,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_scaler(args: argparse.Namespace) -> int:
-    from workers.scaler import run_scaler
+    from celery_serve.workers.scaler import run_scaler
 
     run_scaler(_require_redis(args))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from app._redis import sync_client
-    from app.status import read_snapshot, status_json, status_table
+    from celery_serve._wire.connections import sync_client
+    from celery_serve.status import read_snapshot, status_json, status_table
 
     snapshot = read_snapshot(sync_client(_require_redis(args)))
     print(status_json(snapshot) if args.json else status_table(snapshot))
@@ -121,8 +121,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from app import _serve
-    from app._spec import build_spec
+    from celery_serve._runtime import serve as _serve
+    from celery_serve._runtime.spec import build_spec
 
     spec = build_spec(import_application(args.target), args.name, args.route_prefix, source=_source(args.target))
     _serve.deploy_spec(_require_redis(args), spec)
@@ -131,14 +131,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from app import _serve
+    from celery_serve._runtime import serve as _serve
 
     _serve.delete_app(_require_redis(args), args.name)
     return 0
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from api.main import main as gateway_main
+    from celery_serve.api.main import main as gateway_main
 
     gateway_main(
         [
@@ -160,8 +160,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         _run_worker(args, url)
     except ServeError as exc:
-        from app import _keys
-        from app._redis import sync_client
+        from celery_serve._wire import keys as _keys
+        from celery_serve._wire.connections import sync_client
 
         sync_client(url).set(_keys.deployment_error(args.app_name, args.deployment), str(exc), ex=60)
         raise
@@ -169,12 +169,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace, url: str) -> None:
-    from workers.gpus import parse_devices
-    from workers.worker import run_worker
+    from celery_serve.workers.gpus import parse_devices
+    from celery_serve.workers.worker import run_worker
 
     if args.target:
-        from app import _serve
-        from app._spec import build_spec
+        from celery_serve._runtime import serve as _serve
+        from celery_serve._runtime.spec import build_spec
 
         _serve.deploy_spec(
             url,

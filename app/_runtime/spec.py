@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from app import _keys
-from app.config import DeploymentConfig, validate_route_prefix
-from app.deployment import Application, Deployment, flatten, name_of, replace_applications
-from app.exceptions import DeploymentConfigError
-from app.pipeline import Pipeline
+from celery_serve._wire import keys as _keys
+from celery_serve.application import Application, Pipeline, flatten, name_of, replace_applications
+from celery_serve.config import DeploymentConfig, validate_route_prefix
+from celery_serve.deployment import Deployment
+from celery_serve.exceptions import DeploymentConfigError
 
 _HANDLE_MARK = "__serve_handle__"
 _MAIN_ALIAS = "__serve_main__"

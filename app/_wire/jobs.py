@@ -18,9 +18,11 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from app import _keys, _results, _scripts
-from app._redis import BLOCK_S
-from app.exceptions import BadRequestError, DeploymentNotFoundError
+from celery_serve._wire import keys as _keys
+from celery_serve._wire import results as _results
+from celery_serve._wire import scripts as _scripts
+from celery_serve._wire.connections import BLOCK_S
+from celery_serve.exceptions import BadRequestError, DeploymentNotFoundError
 
 logger = logging.getLogger(__name__)
 

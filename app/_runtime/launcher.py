@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app._redis import sync_client
-from app.exceptions import ServeStartupError
+from celery_serve._wire.connections import sync_client
+from celery_serve.exceptions import ServeStartupError
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def gateway_command(redis_url: str, host: str, port: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "api.main",
+        "celery_serve.api.main",
         "--redis-url",
         redis_url,
         "--host",
@@ -221,19 +221,29 @@ def gateway_command(redis_url: str, host: str, port: int) -> list[str]:
 
 def scaler_command(redis_url: str) -> list[str]:
     log_level = os.environ.get("SERVE_SCALER_LOG_LEVEL", "INFO")  # its decisions are logged at INFO
-    return [sys.executable, "-m", "app.cli", "scaler", "--redis-url", redis_url, "--log-level", log_level]
+    return [sys.executable, "-m", "celery_serve._cli", "scaler", "--redis-url", redis_url, "--log-level", log_level]
 
 
 def flower_command(redis_url: str, port: int, address: str = "127.0.0.1") -> list[str]:
     """Flower on this Redis; basic auth travels in the environment (FLOWER_BASIC_AUTH), not in argv."""
-    return [sys.executable, "-m", "workers.flower", "--redis-url", redis_url, "--port", str(port), "--address", address]
+    return [
+        sys.executable,
+        "-m",
+        "celery_serve.workers.flower",
+        "--redis-url",
+        redis_url,
+        "--port",
+        str(port),
+        "--address",
+        address,
+    ]
 
 
 def worker_command(redis_url: str, app: str, deployment: str, placement: list[list[str]] | None = None) -> list[str]:
     log_level = os.environ.get("SERVE_LOG_LEVEL", "WARNING")
     extra = ["--placement", json.dumps(placement)] if placement else []
     return [
-        sys.executable, "-m", "app.cli", "worker", *extra,
+        sys.executable, "-m", "celery_serve._cli", "worker", *extra,
         "--app-name", app,
         "--deployment", deployment,
         "--redis-url", redis_url,

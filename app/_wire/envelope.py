@@ -20,8 +20,8 @@ from typing import Any
 
 import orjson
 
-from app import _keys
-from app.exceptions import BadRequestError
+from celery_serve._wire import keys as _keys
+from celery_serve.exceptions import BadRequestError
 
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 DEFAULT_RETENTION_S = 24 * 3600  # for messages from plain Celery clients, which carry no retention

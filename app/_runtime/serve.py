@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from app import _context, _keys
-from app._launcher import (
+from celery_serve._runtime import context as _context
+from celery_serve._runtime.launcher import (
     ManagedProcess,
     ProcessGroup,
     flower_command,
@@ -28,12 +28,13 @@ from app._launcher import (
     wait_for_redis,
     worker_command,
 )
-from app._redis import sync_client
-from app._spec import AppSpec, build_spec
-from app.config import start_replicas
-from app.deployment import Application
-from app.exceptions import ServeError, ServeStartupError
-from app.handle import DeploymentHandle
+from celery_serve._runtime.spec import AppSpec, build_spec
+from celery_serve._wire import keys as _keys
+from celery_serve._wire.connections import sync_client
+from celery_serve.application import Application
+from celery_serve.config import start_replicas
+from celery_serve.exceptions import ServeError, ServeStartupError
+from celery_serve.handle import DeploymentHandle
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def run(
             session.group.start("gateway", gateway_command(session.redis_url, host, port))
             session.gateway_url = f"http://{host}:{port}"
         if not session.scaler and os.environ.get("SERVE_SCALER", "1") != "0":
-            # one per session; more against the same Redis stand by (see workers.scaler)
+            # one per session; more against the same Redis stand by (see celery_serve.workers.scaler)
             session.group.start("scaler", scaler_command(session.redis_url))
             session.scaler = True
         old = session.workers.pop(spec.name, set())
@@ -145,7 +146,7 @@ def plan_gpus(spec: AppSpec, devices: list[str] | None = None) -> dict[str, list
     """Place every GPU deployment's replicas on this machine's GPUs together, so that fractional
     deployments share devices without oversubscribing them. Deployments left out run where their worker
     decides (CPU fallback, or a clear error)."""
-    from workers.gpus import PlacementError, discover_devices, plan_placement
+    from celery_serve.workers.gpus import PlacementError, discover_devices, plan_placement
 
     gpu_deployments = [d for d in spec.deployments.values() if float(d.config.get("num_gpus") or 0) > 0]
     if not gpu_deployments:
@@ -234,7 +235,7 @@ def worker_registered(client: Any, app: str, deployment: str) -> bool:
 def start_flower(port: int | None = 5555, address: str = "127.0.0.1", basic_auth: str | None = None) -> str:
     """Start Flower for this session's Redis (once); returns its URL. `basic_auth` is `user:password`
     (several separated by commas), default `$FLOWER_BASIC_AUTH`; it binds to loopback unless told otherwise."""
-    from app._launcher import child_env
+    from celery_serve._runtime.launcher import child_env
 
     with _lock:
         if _session is None:

@@ -19,11 +19,12 @@ from typing import Any
 import orjson
 import redis.exceptions
 
-from app import _keys, _scripts
-from app._envelope import build_message, new_task_id, parallel_signature, signature
-from app._redis import BLOCK_S, async_client
-from app._spec import AppSpec, DeploymentSpec
-from app.exceptions import BackpressureError, DeploymentNotFoundError, RequestTimeoutError
+from celery_serve._runtime.spec import AppSpec, DeploymentSpec
+from celery_serve._wire import keys as _keys
+from celery_serve._wire import scripts as _scripts
+from celery_serve._wire.connections import BLOCK_S, async_client
+from celery_serve._wire.envelope import build_message, new_task_id, parallel_signature, signature
+from celery_serve.exceptions import BackpressureError, DeploymentNotFoundError, RequestTimeoutError
 
 logger = logging.getLogger(__name__)
 
