@@ -1,10 +1,6 @@
-"""Run the gateway under uvicorn: `celery-serve gateway` or `python -m celery_serve.api.main`."""
+"""Run the gateway under uvicorn (`celery-serve gateway`)."""
 
 from __future__ import annotations
-
-import argparse
-import logging
-import os
 
 import uvicorn
 
@@ -28,23 +24,3 @@ def serve(settings: ServeSettings) -> None:
         backlog=4096,  # thousands of clients may connect at once
     )
     uvicorn.Server(config).run()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="celery-serve gateway")
-    parser.add_argument("--host", default=os.environ.get("SERVE_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("SERVE_PORT", "8000")))
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
-    parser.add_argument("--log-level", default=os.environ.get("SERVE_LOG_LEVEL", "WARNING"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s [gateway] %(name)s: %(message)s"
-    )
-    settings = ServeSettings(host=args.host, port=args.port, log_level=args.log_level)
-    if args.redis_url:
-        settings.redis_url = args.redis_url
-    serve(settings)
-
-
-if __name__ == "__main__":
-    main()

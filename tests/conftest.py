@@ -40,7 +40,7 @@ def wait_until(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: 
 
 
 def start_gateway(group: ProcessGroup, redis_url: str, env: dict[str, str] | None = None) -> str:
-    """Start a gateway process (`python -m celery_serve.api.main`) of its own; returns its URL once it answers."""
+    """Start a gateway process (`python -m celery_serve gateway`) of its own; returns its URL once it answers."""
     port = free_port()
     group.start("gateway", gateway_command(redis_url, "127.0.0.1", port), env=child_env(env))
     url = f"http://127.0.0.1:{port}"

@@ -30,7 +30,7 @@ def cli_command(*args: str) -> list[str]:
     if script.exists():
         return [str(script), *args]
     found = shutil.which("celery-serve")
-    return [found, *args] if found else [sys.executable, "-m", "celery_serve._cli", *args]
+    return [found, *args] if found else [sys.executable, "-m", "celery_serve", *args]
 
 
 @dataclass
@@ -167,8 +167,8 @@ def test_example_runs_with_the_cli_and_stops_cleanly(
     commands = [" ".join(p.cmdline()) for p in children]
     for part in (
         "redis-server",
-        "celery_serve.api.main",
-        "celery_serve._cli worker",
+        "celery_serve gateway",
+        "celery_serve worker",
         "celery_serve.workers.replica_main",
     ):
         assert any(part in c for c in commands), f"no {part} among the CLI's processes: {commands}"

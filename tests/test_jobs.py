@@ -290,7 +290,7 @@ def test_prefer_respond_async_answers_202_when_not_done_in_time_and_the_job_fini
 
 def _start_gateway(redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "celery_serve.api.main", "--port", str(port), "--redis-url", redis_url]
+    cmd = [sys.executable, "-m", "celery_serve", "gateway", "--port", str(port), "--redis-url", redis_url]
     proc = subprocess.Popen(cmd, env=child_env())
     url = f"http://127.0.0.1:{port}"
 

@@ -84,7 +84,7 @@ def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
 
 def _celery_serve() -> list[str]:
     script = Path(sys.executable).with_name("celery-serve")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "celery_serve._cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "celery_serve"]
 
 
 def start_cli(target: str, log: Path) -> Cli:

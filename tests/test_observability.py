@@ -170,7 +170,7 @@ def test_metrics_carry_requests_latency_queue_in_flight_batches_and_replicas(
 
 def celery_serve(served: Served, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "celery_serve._cli", *args, "--redis-url", served.redis_url],
+        [sys.executable, "-m", "celery_serve", *args, "--redis-url", served.redis_url],
         capture_output=True,
         text=True,
         timeout=60,

@@ -207,7 +207,8 @@ def gateway_command(redis_url: str, host: str, port: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "celery_serve.api.main",
+        "celery_serve",
+        "gateway",
         "--redis-url",
         redis_url,
         "--host",
@@ -221,7 +222,7 @@ def gateway_command(redis_url: str, host: str, port: int) -> list[str]:
 
 def scaler_command(redis_url: str) -> list[str]:
     log_level = os.environ.get("SERVE_SCALER_LOG_LEVEL", "INFO")  # its decisions are logged at INFO
-    return [sys.executable, "-m", "celery_serve._cli", "scaler", "--redis-url", redis_url, "--log-level", log_level]
+    return [sys.executable, "-m", "celery_serve", "scaler", "--redis-url", redis_url, "--log-level", log_level]
 
 
 def flower_command(redis_url: str, port: int, address: str = "127.0.0.1") -> list[str]:
@@ -243,7 +244,7 @@ def worker_command(redis_url: str, app: str, deployment: str, placement: list[li
     log_level = os.environ.get("SERVE_LOG_LEVEL", "WARNING")
     extra = ["--placement", json.dumps(placement)] if placement else []
     return [
-        sys.executable, "-m", "celery_serve._cli", "worker", *extra,
+        sys.executable, "-m", "celery_serve", "worker", *extra,
         "--app-name", app,
         "--deployment", deployment,
         "--redis-url", redis_url,

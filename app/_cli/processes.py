@@ -1,0 +1,110 @@
+"""The long-running parts, one per command, for running across machines: `gateway`, `worker`, `scaler`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from celery_serve._cli.common import (
+    HelpFormatter,
+    add_log_level,
+    add_name,
+    add_redis_url,
+    add_route_prefix,
+    env_default,
+    import_application,
+    require_redis,
+    source_of,
+)
+from celery_serve.exceptions import ServeError
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from celery_serve.api.main import serve
+    from celery_serve.config import ServeSettings
+
+    settings = ServeSettings(host=args.host, port=args.port, log_level=args.log_level)
+    settings.redis_url = require_redis(args)
+    serve(settings)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    url = require_redis(args)
+    try:
+        _run_worker(args, url)
+    except ServeError as exc:
+        from celery_serve._wire import keys as _keys
+        from celery_serve._wire.connections import sync_client
+
+        sync_client(url).set(_keys.deployment_error(args.name, args.deployment), str(exc), ex=60)
+        raise
+    return 0
+
+
+def _run_worker(args: argparse.Namespace, url: str) -> None:
+    from celery_serve.workers.gpus import parse_devices
+    from celery_serve.workers.worker import run_worker
+
+    if args.target:
+        from celery_serve._runtime import serve as _serve
+        from celery_serve._runtime.spec import build_spec
+
+        _serve.deploy_spec(
+            url,
+            build_spec(import_application(args.target), args.name, args.route_prefix, source=source_of(args.target)),
+        )
+    run_worker(
+        url,
+        args.name,
+        args.deployment,
+        replicas=args.replicas,
+        log_level=args.log_level,
+        devices=parse_devices(args.devices) if args.devices is not None else None,
+        placement=json.loads(args.placement) if args.placement else None,
+    )
+
+
+def cmd_scaler(args: argparse.Namespace) -> int:
+    from celery_serve.workers.scaler import run_scaler
+
+    run_scaler(require_redis(args))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    gateway = sub.add_parser(
+        "gateway", help="run the HTTP gateway against an existing Redis", formatter_class=HelpFormatter
+    )
+    gateway.add_argument("--host", default=env_default("SERVE_HOST", "127.0.0.1"), help="address ($SERVE_HOST)")
+    gateway.add_argument(
+        "--port", type=int, default=int(env_default("SERVE_PORT", "8000") or 8000), help="port ($SERVE_PORT)"
+    )
+    add_redis_url(gateway)
+    add_log_level(gateway)
+    gateway.set_defaults(func=cmd_gateway)
+
+    worker = sub.add_parser(
+        "worker", help="run one deployment's worker pool against an existing Redis", formatter_class=HelpFormatter
+    )
+    worker.add_argument("target", nargs="?", metavar="MODULE:APP", help="deploy this application first (optional)")
+    worker.add_argument("--deployment", "-d", required=True, help="the deployment whose replicas this pool runs")
+    add_name(worker)
+    worker.add_argument("--replicas", type=int, default=None, help="replicas to start (default: the deployment's)")
+    add_route_prefix(worker)
+    worker.add_argument(
+        "--devices",
+        default=env_default("SERVE_GPU_DEVICES"),
+        help="GPU ids this worker may use, e.g. 0,1 ($SERVE_GPU_DEVICES; default: all nvidia-smi finds)",
+    )
+    worker.add_argument("--placement", default=None, help=argparse.SUPPRESS)  # per-replica devices, from `run`
+    add_redis_url(worker)
+    add_log_level(worker)
+    worker.set_defaults(func=cmd_worker)
+
+    scaler = sub.add_parser(
+        "scaler", help="run the autoscaler against an existing Redis", formatter_class=HelpFormatter
+    )
+    add_redis_url(scaler)
+    add_log_level(scaler, env="SERVE_SCALER_LOG_LEVEL", fallback="INFO")
+    scaler.set_defaults(func=cmd_scaler)

@@ -1,0 +1,130 @@
+"""`celery-serve run` (everything on this machine) and `celery-serve deploy` (the spec alone)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from types import FrameType
+
+from celery_serve._cli.common import (
+    HelpFormatter,
+    add_log_level,
+    add_name,
+    add_redis_url,
+    add_route_prefix,
+    env_default,
+    import_application,
+    require_redis,
+    source_of,
+)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, _frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from celery_serve._runtime import serve as _serve
+
+    os.environ.setdefault("SERVE_LOG_LEVEL", args.log_level)
+    application = import_application(args.target)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        _serve.run(
+            application,
+            name=args.name,
+            route_prefix=args.route_prefix,
+            host=args.host,
+            port=args.port,
+            redis_url=args.redis_url,
+            _source=source_of(args.target),
+        )
+        session = _serve._session
+        assert session is not None
+        flower = None
+        if not args.no_flower:
+            flower = _serve.start_flower(args.flower_port, args.flower_address, args.flower_basic_auth)
+        spec_prefix = args.route_prefix or "/"
+        print(f"celery-serve: application '{args.name}' from {args.target}", flush=True)
+        route = "" if spec_prefix == "/" else spec_prefix
+        print(f"  HTTP      {session.gateway_url}{route}/  (docs: {session.gateway_url}/docs)", flush=True)
+        embedded = "" if (args.redis_url or os.environ.get("REDIS_URL")) else "  (embedded)"
+        print(f"  Redis     {session.redis_url}{embedded}", flush=True)
+        print(f"  workers   {', '.join(sorted(session.workers.get(args.name, [])))}", flush=True)
+        if flower:
+            print(f"  Flower    {flower}/", flush=True)
+        print(f"  metrics   {session.gateway_url}/metrics  (celery-serve status for a table)", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+        while True:
+            dead = _serve.essential_dead(session)
+            if dead:
+                print(
+                    f"celery-serve: {dead[0].name} exited with code {dead[0].proc.returncode}; stopping",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.5)
+    except (KeyboardInterrupt, _Stop):
+        print("celery-serve: stopping...", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _serve.shutdown()
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from celery_serve._runtime import serve as _serve
+    from celery_serve._runtime.spec import build_spec
+
+    spec = build_spec(import_application(args.target), args.name, args.route_prefix, source=source_of(args.target))
+    _serve.deploy_spec(require_redis(args), spec)
+    print(f"deployed '{spec.name}' ({', '.join(spec.deployments)}) at {spec.route_prefix}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser(
+        "run",
+        help="run an application and everything it needs on this machine",
+        description="Start Redis (embedded, unless --redis-url or $REDIS_URL), the HTTP gateway, the scaler, "
+        "Flower and one worker pool per deployment, and serve until Ctrl-C.",
+        formatter_class=HelpFormatter,
+    )
+    run.add_argument("target", metavar="MODULE:APP", help="the application to serve, e.g. examples.hello:app")
+    add_name(run)
+    add_route_prefix(run)
+    run.add_argument("--host", default=env_default("SERVE_HOST", "127.0.0.1"), help="gateway address ($SERVE_HOST)")
+    run.add_argument(
+        "--port", type=int, default=int(env_default("SERVE_PORT", "8000") or 8000), help="gateway port ($SERVE_PORT)"
+    )
+    run.add_argument("--no-flower", action="store_true", help="do not start Flower")
+    run.add_argument("--flower-port", type=int, default=5555, help="Flower's port")
+    run.add_argument("--flower-address", default="127.0.0.1", help="Flower's bind address (loopback only by default)")
+    run.add_argument(
+        "--flower-basic-auth",
+        default=env_default("FLOWER_BASIC_AUTH"),
+        metavar="USER:PASSWORD",
+        help="credentials for Flower ($FLOWER_BASIC_AUTH)",
+    )
+    add_redis_url(run)
+    add_log_level(run)
+    run.set_defaults(func=cmd_run)
+
+    deploy = sub.add_parser(
+        "deploy",
+        help="write an application's spec to Redis (workers and gateways pick it up)",
+        formatter_class=HelpFormatter,
+    )
+    deploy.add_argument("target", metavar="MODULE:APP", help="the application to deploy")
+    add_name(deploy)
+    add_route_prefix(deploy)
+    add_redis_url(deploy)
+    add_log_level(deploy)
+    deploy.set_defaults(func=cmd_deploy)
