@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,13 +18,19 @@ from typing import Any
 
 import redis.exceptions
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
+from celery_serve import __version__
+from celery_serve._runtime.logs import ACCESS_LOGGER
+from celery_serve._wire import keys as _keys
 from celery_serve._wire.jobs import JobStore
 from celery_serve._wire.transport import QueueTransport, target_name
 from celery_serve.api.jobs import jobs_router
 from celery_serve.api.metrics import CONTENT_TYPE, GatewayMetrics
+from celery_serve.api.openapi import merge_openapi
 from celery_serve.api.proxy import Proxy
 from celery_serve.api.routes import RouteTable
 from celery_serve.config import ServeSettings
@@ -45,6 +52,7 @@ class Gateway:
         self.proxy = Proxy(self.transport, self.routes, settings.max_body_bytes)
         self.jobs = JobStore(self.transport.redis)
         self.metrics = GatewayMetrics()
+        self._own_openapi: dict[str, Any] | None = None
         self.control = self._control_app()
 
     @contextlib.asynccontextmanager
@@ -66,8 +74,28 @@ class Gateway:
         control = FastAPI(
             title="celery-serve gateway",
             description="Deployments are served under their application's route prefix; see /-/routes.",
+            version=__version__,
             lifespan=self.lifespan,
+            openapi_url=None,  # served below: the gateway's own schema plus every application's routes
+            docs_url=None,
+            redoc_url=None,
         )
+
+        @control.get("/openapi.json", include_in_schema=False)
+        async def openapi_json() -> JSONResponse:
+            return JSONResponse(await self._openapi(control))
+
+        @control.get("/docs", include_in_schema=False)
+        async def docs() -> Response:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="celery-serve - Swagger UI")
+
+        @control.get("/docs/oauth2-redirect", include_in_schema=False)
+        async def oauth2_redirect() -> Response:
+            return get_swagger_ui_oauth2_redirect_html()
+
+        @control.get("/redoc", include_in_schema=False)
+        async def redoc() -> Response:
+            return get_redoc_html(openapi_url="/openapi.json", title="celery-serve - ReDoc")
 
         @control.get("/-/healthz", summary="Is the gateway up and can it reach Redis?")
         async def healthz() -> Any:
@@ -90,35 +118,83 @@ class Gateway:
         control.include_router(jobs_router(self.transport, self.routes, self.jobs, self.settings.max_body_bytes))
         return control
 
+    async def _openapi(self, control: FastAPI) -> dict[str, Any]:
+        """The gateway's endpoints and, under each route prefix, the routes of every application."""
+        if self._own_openapi is None:
+            self._own_openapi = get_openapi(
+                title=control.title, version=control.version, description=control.description, routes=control.routes
+            )
+        try:
+            await self.routes.refresh()
+            raw = await self.transport.redis.hgetall(_keys.OPENAPI)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            logger.warning("could not read the applications' OpenAPI schemas: %s", exc)
+            return self._own_openapi
+        schemas = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+        return merge_openapi(self._own_openapi, [(spec, schemas.get(spec.name)) for spec in self.routes.apps])
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self.control(scope, receive, send)
             return
         path = scope.get("path", "")
-        if path.startswith(("/-/", "/jobs/")) or path in _CONTROL_PATHS:
-            await self.control(scope, receive, send)
-        elif scope["type"] == "http":
-            await self._proxy_counted(scope, receive, send)
-        else:
-            await self.proxy(scope, receive, send)
+        control = path.startswith(("/-/", "/jobs/")) or path in _CONTROL_PATHS
+        if scope["type"] != "http":
+            await (self.control if control else self.proxy)(scope, receive, send)
+            return
+        await self._http(scope, receive, send, control)
 
-    async def _proxy_counted(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The proxy, with the request counted by deployment and status for /metrics."""
+    async def _http(self, scope: Scope, receive: Receive, send: Send, control: bool) -> None:
+        """One HTTP request: served, counted for /metrics (application requests), and access-logged."""
         started = time.perf_counter()
         status = 500
+        request_id = ""
 
         async def send_and_note(message: Message) -> None:
-            nonlocal status
+            nonlocal status, request_id
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for name, value in message.get("headers") or ():
+                    if name == b"x-request-id":
+                        request_id = value.decode("latin-1")
             await send(message)
 
         try:
-            await self.proxy(scope, receive, send_and_note)
+            await (self.control if control else self.proxy)(scope, receive, send_and_note)
         finally:
-            found = self.routes.match(scope["path"])
-            app, deployment = (found[0].name, target_name(found[1])) if found else ("", "")
-            self.metrics.observe(app, deployment, status, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            deployment = ""
+            if not control:
+                found = self.routes.match(scope["path"])
+                app, deployment = (found[0].name, target_name(found[1])) if found else ("", "")
+                self.metrics.observe(app, deployment, status, elapsed)
+            if _access.isEnabledFor(logging.INFO):
+                _log_access(scope, request_id, deployment, status, elapsed)
+
+
+_access = logging.getLogger(ACCESS_LOGGER)
+
+
+def _log_access(scope: Scope, request_id: str, deployment: str, status: int, elapsed_s: float) -> None:
+    method, path = scope["method"], scope["path"]
+    latency_ms = round(elapsed_s * 1000, 2)
+    _access.info(
+        "%s %s %s %s %d %.2fms",
+        request_id or "-",
+        method,
+        path,
+        deployment or "-",
+        status,
+        latency_ms,
+        extra={
+            "request_id": request_id or None,
+            "method": method,
+            "path": path,
+            "deployment": deployment or None,
+            "status": status,
+            "latency_ms": latency_ms,
+        },
+    )
 
 
 def create_gateway(settings: ServeSettings | None = None) -> Gateway:

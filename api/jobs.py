@@ -2,12 +2,13 @@
 
     POST   /jobs/<deployment>[/<method>]   a call with arguments, as through a handle; JSON body:
                                            {"args": [...], "kwargs": {...}}, or any JSON value as the one argument
-    POST   /jobs/<route path>              the same HTTP request a synchronous call to that path takes
+    POST   /jobs/-/<route path>            the same HTTP request a synchronous call to /<route path> takes
                                            (X-HTTP-Method-Override picks GET/PUT/...; default POST)
     GET    /jobs/{id}[?wait=N]             status, and the result or error once it ended
     DELETE /jobs/{id}                      cancel: unstarted work never runs; running async work is stopped
 
-A deployment name is tried first, then the route table (an application's ingress serves the path).
+The two submit forms cannot be confused: `-` is never a deployment name, and a name that is not a
+deployment (or a pipeline application) answers 404 with the deployments there are, never a guess.
 `Idempotency-Key` makes a repeated submit return the first job instead of running it again.
 """
 
@@ -28,6 +29,7 @@ from celery_serve.api.routes import RouteTable
 from celery_serve.exceptions import BackpressureError, BadRequestError, DeploymentNotFoundError, ServeError
 
 MAX_WAIT_S = 300.0
+ROUTE_JOBS = "-"  # POST /jobs/-/<path>: a job for an HTTP route (deployment names never start with "-")
 _METHOD_OVERRIDE = "x-http-method-override"
 
 
@@ -60,22 +62,22 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
                 request.receive, request.headers.get("content-length", "").encode() or None, max_body_bytes
             )
             name, _, rest = target.strip("/").partition("/")
-            dep = find_deployment(name, app)
-            if dep is None and await routes.refresh_on_miss():  # deployed a moment ago?
-                dep = find_deployment(name, app)
             key = request.headers.get("idempotency-key")
-            if dep is not None:  # a deployment by name: a call with arguments, as through a handle
+            if name != ROUTE_JOBS:  # a deployment by name: a call with arguments, as through a handle
+                dep = find_deployment(name, app)
+                if dep is None and await routes.refresh_on_miss():  # deployed a moment ago?
+                    dep = find_deployment(name, app)
+                if dep is None:
+                    return _unknown_deployment(name, app)
                 args, kwargs = _call_arguments(body)
                 sub = await transport.submit(
                     dep, rest or "__call__", args, kwargs, job=True, idempotency_key=key, expect_reply=False
                 )
-            else:  # a path some application serves: the same HTTP request a synchronous call takes
-                path = "/" + target.strip("/")
-                found = routes.match(path)
+            else:  # /jobs/-/<path>: the same HTTP request a synchronous call to /<path> takes
+                path = "/" + rest.strip("/")
+                found = await routes.match_fresh(path)
                 if found is None:
-                    raise DeploymentNotFoundError(
-                        f"no deployment named '{name}' and no application serves {path}; see /-/routes"
-                    )
+                    raise DeploymentNotFoundError(f"no application serves {path}; see /-/routes")
                 _, dep = found
                 verb = request.headers.get(_METHOD_OVERRIDE, "POST").upper()
                 http = http_envelope(request.scope, body, path=path, method=verb)
@@ -94,6 +96,20 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
             response_headers["Idempotent-Replayed"] = "true"
             payload["status"] = (await jobs.get(sub.task_id))["status"]
         return JSONResponse(payload, status_code=202, headers=response_headers)
+
+    def _unknown_deployment(name: str, app: str | None) -> JSONResponse:
+        known = sorted(
+            {f"{spec.name}:{d}" for spec in routes.apps for d in spec.deployments if app in (None, spec.name)}
+            | {f"{spec.name}:{spec.name}" for spec in routes.apps if spec.is_pipeline and app in (None, spec.name)}
+        )
+        where = f" in application '{app}'" if app else ""
+        message = (
+            f"no deployment named '{name}'{where}; POST /jobs/<deployment>[/<method>] calls a deployment (see "
+            f"'deployments', as application:deployment), POST /jobs/-/<path> sends an HTTP request to a route"
+        )
+        return JSONResponse(
+            {"error": "DeploymentNotFoundError", "message": message, "deployments": known}, status_code=404
+        )
 
     @router.get("/{job_id}", summary="A job's status, and its result or error once it ended")
     async def get(

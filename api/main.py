@@ -17,7 +17,8 @@ def serve(settings: ServeSettings) -> None:
         loop="auto",  # uvloop when installed
         http="auto",  # httptools when installed
         lifespan="on",
-        access_log=False,  # one line per request is too much at thousands of requests per second
+        access_log=False,  # the gateway writes its own access line (request id, deployment, latency)
+        log_config=None,  # keep the process's logging (celery_serve._runtime.logs), one format everywhere
         log_level=settings.log_level.lower(),
         timeout_keep_alive=30,  # load balancers and benchmark clients keep connections open
         timeout_graceful_shutdown=5,  # on SIGTERM, give in-flight requests 5 s (their jobs stay in Redis)

@@ -72,7 +72,7 @@ class DeploymentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_\-]+$")
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
     num_replicas: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1
     route_prefix: str | None = None
     max_queued_requests: int = Field(default=DEFAULT_MAX_QUEUED_REQUESTS, ge=-1)

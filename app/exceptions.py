@@ -8,6 +8,7 @@
     ├── BackpressureError            the deployment's queue is full (HTTP 503, retry later)
     ├── RequestTimeoutError          no result before the request's deadline (HTTP 504; also TimeoutError)
     ├── JobCancelledError            the job was cancelled before it finished (HTTP 409)
+    ├── ApplicationConflictError     the application name belongs to another live run (HTTP 409)
     ├── RemoteError                  user code raised; carries the remote type and message (HTTP 500)
     └── ServeStartupError            something `run` needed did not come up
 
@@ -63,6 +64,13 @@ class RequestTimeoutError(ServeError, TimeoutError):
 
 
 class JobCancelledError(ServeError):
+    http_status = 409
+
+
+class ApplicationConflictError(ServeError):
+    """Another live `celery-serve run` (or `serve.run()`) serves an application of this name on this Redis;
+    stop it, choose another name, or replace it explicitly (`--replace`, `run(..., replace=True)`)."""
+
     http_status = 409
 
 

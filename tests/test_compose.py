@@ -1,7 +1,9 @@
-"""docker-compose.yml runs the sentiment example as in production; `docker-compose config` validates it."""
+"""docker-compose.yml runs every part of the sentiment example as in production (Redis, gateway, workers,
+scaler, Flower, each health-checked); `docker-compose config` validates it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,16 +16,44 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://redis:6379/0"
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
+FLOWER_AUTH = "admin:s3cret-for-the-test"
+
+
+def _config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("the docker-compose binary is not installed (apt-get install docker-compose)")
-    done = subprocess.run(
-        [binary, "-f", "docker-compose.yml", "config"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    return subprocess.run(
+        [binary, "-f", "docker-compose.yml", "config"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
     )
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    done = _config({**os.environ, "FLOWER_BASIC_AUTH": FLOWER_AUTH})
     assert done.returncode == 0, done.stderr
     return yaml.safe_load(done.stdout)
+
+
+def test_flower_needs_credentials_from_the_environment(compose: dict[str, Any]) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
+    refused = _config(env)
+    assert refused.returncode != 0 and "set FLOWER_BASIC_AUTH=user:password" in refused.stderr
+    flower = compose["services"]["flower"]
+    assert flower["command"][:2] == ["celery-serve", "flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == FLOWER_AUTH
+    # docker-compose 1.x writes a port with a host address in the short form, 2.x in the long one
+    ports = [p if isinstance(p, str) else f"{p['host_ip']}:{p['published']}:{p['target']}" for p in flower["ports"]]
+    assert [p.removesuffix("/tcp") for p in ports] == ["127.0.0.1:5555:5555"]
+
+
+def test_every_long_running_part_is_health_checked(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"redis", "gateway", "scaler", "flower", "worker-embedder", "worker-sentimentclassifier"} <= set(services)
+    for name, service in services.items():
+        if name != "deploy-spec":
+            assert service["healthcheck"]["test"][0] == "CMD", name
+    assert services["scaler"]["command"] == ["celery-serve", "scaler"]
 
 
 def _serve_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -41,10 +41,10 @@ class CliProcess:
     lines: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, *args: str, env: dict[str, str] | None = None) -> CliProcess:
+    def start(cls, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> CliProcess:
         proc = subprocess.Popen(
             cli_command(*args),
-            cwd=ROOT,
+            cwd=cwd or ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -158,7 +158,8 @@ def test_example_runs_with_the_cli_and_stops_cleanly(
     stop: Callable[[CliProcess], None],
 ) -> None:
     port = free_port()
-    cli = CliProcess.start("run", target, "--port", str(port), env=env_without_redis())
+    flower = str(free_port())
+    cli = CliProcess.start("run", target, "--port", str(port), "--flower-port", flower, env=env_without_redis())
     cli_processes.append(cli)
     cli.wait_for_line(READY_LINE, timeout_s=150)
     assert f"http://127.0.0.1:{port}" in cli.output and "(embedded)" in cli.output

@@ -84,7 +84,7 @@ def test_submit_by_deployment_name_takes_args_and_kwargs_or_one_json_value(http:
 
 
 def test_submit_to_a_route_carries_the_same_http_request_as_a_sync_call(http: httpx.Client) -> None:
-    response = http.post("/jobs/jobtest/items/7", params={"color": "red"}, json={"n": 1})
+    response = http.post("/jobs/-/jobtest/items/7", params={"color": "red"}, json={"n": 1})
     assert response.status_code == 202
     job = jd.finished(http, response.json()["job_id"])
     assert job["status"] == "succeeded" and job["status_code"] == 200
@@ -94,7 +94,7 @@ def test_submit_to_a_route_carries_the_same_http_request_as_a_sync_call(http: ht
     sync = http.post("/jobtest/items/7", params={"color": "red"}, json={"n": 1}).json()
     assert {k: sync[k] for k in ("method", "path", "json")} == {k: result[k] for k in ("method", "path", "json")}
 
-    put = http.post("/jobs/jobtest", headers={"X-HTTP-Method-Override": "PUT"})
+    put = http.post("/jobs/-/jobtest", headers={"X-HTTP-Method-Override": "PUT"})
     assert jd.finished(http, put.json()["job_id"])["result"]["method"] == "PUT"
 
 
@@ -102,6 +102,8 @@ def test_submit_to_nothing_is_404_and_an_unreadable_body_is_400(http: httpx.Clie
     missing = http.post("/jobs/NoSuchDeployment", json=1)
     assert missing.status_code == 404
     assert missing.json()["error"] == "DeploymentNotFoundError"
+    assert "jobs:Gate" in missing.json()["deployments"]
+    assert http.post("/jobs/-/no/such/route", json=1).status_code == 404
     bad = http.post("/jobs/Gate/mark", params={"app": "jobs"}, content=b"{not json")
     assert bad.status_code == 400
     assert bad.json()["error"] == "BadRequestError"

@@ -92,7 +92,7 @@ def start_cli(target: str, log: Path) -> Cli:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SERVE_LOG_LEVEL": "WARNING"}
     env.pop("REDIS_URL", None)  # embed a Redis of its own
     with open(log, "wb") as fh:
-        command = [*_celery_serve(), "run", target, "--port", str(port)]
+        command = [*_celery_serve(), "run", target, "--port", str(port), "--flower-port", str(free_port())]
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     return Cli(proc, f"http://127.0.0.1:{port}", log)
 
@@ -225,3 +225,18 @@ def test_concurrent_callers_each_get_their_own_embedding(embeddings: httpx.Clien
     with ThreadPoolExecutor(len(texts)) as pool:
         got = list(pool.map(lambda t: _embed(embeddings, t).json()["embedding"], texts))
     np.testing.assert_allclose(np.array(got), expected, atol=1e-4)
+
+
+def test_the_readme_jobs_example_works_on_the_served_example(sentiment: httpx.Client) -> None:
+    """The README's `curl -X POST localhost:8000/jobs/...` line, sent to the example `make run` serves."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("curl -X POST localhost:8000/jobs/"))
+    match = re.match(r"curl -X POST localhost:8000(?P<path>/jobs/\S+) -d '(?P<body>[^']*)'", line)
+    assert match, line
+    submitted = sentiment.post(match["path"], content=match["body"])
+    assert submitted.status_code == 202, submitted.text
+    job = sentiment.get(f"/jobs/{submitted.json()['job_id']}", params={"wait": 60}).json()
+    assert job["status"] == "succeeded", job
+    assert len(job["result"]) == 384

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 import traceback
+from typing import Any
 
 from celery_serve._runtime import context as _context
+from celery_serve._runtime import logs
 from celery_serve._runtime.spec import AppSpec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire.connections import sync_client
@@ -36,11 +39,21 @@ def _load_spec(url: str, app: str) -> AppSpec:
 
 async def _serve(url: str, spec: AppSpec, deployment: str, replica_id: str | None) -> None:
     replica = Replica(spec, deployment)
+    if replica.ingress is not None and deployment == spec.ingress:
+        _publish_openapi(url, spec.name, replica.ingress)
     server = ReplicaServer(url, replica, replica_id)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
     await server.run()
+
+
+def _publish_openapi(url: str, app: str, ingress: Any) -> None:
+    """Write the FastAPI ingress's OpenAPI schema to Redis, where the gateway's /docs finds it."""
+    try:
+        sync_client(url).hset(_keys.OPENAPI, app, json.dumps(ingress.openapi()))
+    except Exception as exc:  # noqa: BLE001 - /docs is a convenience: serving goes on without it
+        logger.warning("could not publish the OpenAPI schema of '%s' for /docs: %s", app, exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replica-id", default=None, help="given by the pool, so it can hand back our work")
     parser.add_argument("--log-level", default=os.environ.get("SERVE_LOG_LEVEL", "WARNING"))
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s [{args.deployment} %(process)d] %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, args.deployment)
     os.environ["CELERY_SERVE_REPLICA"] = "1"
     os.environ["REDIS_URL"] = args.redis_url
     os.environ["SERVE_APP"] = args.app

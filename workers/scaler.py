@@ -14,13 +14,11 @@ one started again picks up where it was, without duplicate or orphan replicas. O
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -274,20 +272,3 @@ def run_scaler(redis_url: str, stop: threading.Event | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     Scaler(redis_url).run(stop)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="celery-serve scaler")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
-    parser.add_argument("--log-level", default=os.environ.get("SERVE_SCALER_LOG_LEVEL", "INFO"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s [scaler] %(message)s")
-    if not args.redis_url:
-        print("celery-serve scaler: pass --redis-url or set REDIS_URL", file=sys.stderr)
-        return 2
-    run_scaler(args.redis_url)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

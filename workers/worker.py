@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from typing import Any
 
 from celery.worker import control as celery_control
@@ -105,6 +106,7 @@ def run_worker(
     )
     os.environ["REDIS_URL"] = url
     install_control_commands()
+    keep_our_logging()
     worker = celery.Worker(
         hostname=hostname,
         pool_cls=ReplicaPool,
@@ -193,3 +195,26 @@ def install_control_commands() -> None:
     celery_control.Panel.data["active_queues"] = _active_queues
     celery_control.Panel.data["enable_events"] = _enable_events
     celery_control.Panel.data["disable_events"] = _disable_events
+
+
+def _keep_logging(**_kwargs: Any) -> None:
+    """A `setup_logging` receiver: its presence tells Celery the process's logging is already set up."""
+
+
+def _say(message: str, _file: Any = None) -> None:
+    logger.info("%s", message.strip())
+
+
+def keep_our_logging() -> None:
+    """Leave logging as `celery_serve._runtime.logs` set it up, in this worker process: Celery configures
+    nothing, and its own shutdown notices ("worker: Warm shutdown (MainProcess)", printed raw to stdout by
+    every worker) become INFO lines in the common format."""
+    from celery import signals
+    from celery.apps import worker as celery_worker
+
+    signals.setup_logging.connect(_keep_logging, weak=False)
+    celery_worker.safe_say = _say  # type: ignore[assignment]
+    if hasattr(os, "getuid") and os.getuid() == 0:
+        # Celery's multi-line SecurityWarning is about accepting pickle as root; this worker accepts JSON only.
+        warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges")
+        logger.warning("running as root: an unprivileged user is safer (messages are JSON only, never pickle)")

@@ -1,18 +1,21 @@
 """The `celery-serve` command line. Thin: each subcommand parses, then calls functions tests call too.
 
 One parser; the subcommands live in modules by what they do, each adding its own with `register()`:
-`serving` (run, deploy), `processes` (gateway, worker, scaler), `operations` (status, delete).
+`serving` (run, deploy), `processes` (gateway, worker, scaler, flower), `operations` (status, delete).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+import redis.exceptions
 
 from celery_serve import __version__
 from celery_serve._cli import operations, processes, serving
 from celery_serve._cli.common import HelpFormatter
+from celery_serve._runtime import logs
+from celery_serve._runtime.logs import redact
 from celery_serve.exceptions import ServeError
 
 _COMMANDS = (serving, processes, operations)
@@ -25,8 +28,12 @@ Serve Ray Serve-style applications on Redis queues and Celery worker pools.
   celery-serve gateway              the HTTP gateway alone
   celery-serve worker -d NAME       one deployment's worker pool alone
   celery-serve scaler               the autoscaler alone
+  celery-serve flower               Flower, Celery's monitor
   celery-serve status [--json]      what every deployment is doing
   celery-serve delete NAME          remove an application
+  celery-serve shutdown             stop the run started from this folder
+
+Without --redis-url, status, delete and shutdown act on the run started from this folder.
 """
 
 
@@ -39,17 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+def _component(args: argparse.Namespace) -> str:
+    """How this process is named in its log lines: the command, and for a worker its deployment."""
+    if args.command == "worker":
+        return f"worker {args.name}.{args.deployment}"
+    return str(args.command)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    logs.configure(args.log_level, _component(args), args.log_format, access_log=getattr(args, "access_log", None))
     try:
         return int(args.func(args) or 0)
     except ServeError as exc:
-        print(f"celery-serve: {exc}", file=sys.stderr)
+        print(f"celery-serve: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except redis.exceptions.RedisError as exc:  # Redis went away mid-command: one line, not a traceback
+        print(f"celery-serve: Redis error: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

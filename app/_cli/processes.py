@@ -7,6 +7,7 @@ import json
 
 from celery_serve._cli.common import (
     HelpFormatter,
+    add_access_log,
     add_log_level,
     add_name,
     add_redis_url,
@@ -72,6 +73,12 @@ def cmd_scaler(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flower(args: argparse.Namespace) -> int:
+    from celery_serve.workers.flower import run_flower
+
+    return run_flower(require_redis(args), args.port, args.address, args.log_level)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     gateway = sub.add_parser(
         "gateway", help="run the HTTP gateway against an existing Redis", formatter_class=HelpFormatter
@@ -82,6 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_redis_url(gateway)
     add_log_level(gateway)
+    add_access_log(gateway)
     gateway.set_defaults(func=cmd_gateway)
 
     worker = sub.add_parser(
@@ -108,3 +116,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_redis_url(scaler)
     add_log_level(scaler, env="SERVE_SCALER_LOG_LEVEL", fallback="INFO")
     scaler.set_defaults(func=cmd_scaler)
+
+    flower = sub.add_parser(
+        "flower",
+        help="run Flower, Celery's monitor, against an existing Redis",
+        description="Flower shows every deployment's workers and every request as a task. Its credentials come "
+        "from $FLOWER_BASIC_AUTH (user:password); set them before binding beyond loopback.",
+        formatter_class=HelpFormatter,
+    )
+    flower.add_argument(
+        "--port", type=int, default=int(env_default("FLOWER_PORT", "5555") or 5555), help="port ($FLOWER_PORT)"
+    )
+    flower.add_argument(
+        "--address", default=env_default("FLOWER_ADDRESS", "127.0.0.1"), help="bind address ($FLOWER_ADDRESS)"
+    )
+    add_redis_url(flower)
+    add_log_level(flower)
+    flower.set_defaults(func=cmd_flower)

@@ -11,6 +11,7 @@ from types import FrameType
 
 from celery_serve._cli.common import (
     HelpFormatter,
+    add_access_log,
     add_log_level,
     add_name,
     add_redis_url,
@@ -32,9 +33,15 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from celery_serve._runtime import serve as _serve
+    from celery_serve._runtime.launcher import check_port_free
+    from celery_serve.exceptions import ServeStartupError
 
     os.environ.setdefault("SERVE_LOG_LEVEL", args.log_level)
     application = import_application(args.target)
+    # Both ports are checked before anything starts, so a taken one costs no start-up and leaves nothing behind.
+    check_port_free(args.host, args.port, "the gateway", "--port ")
+    if not args.no_flower:
+        check_port_free(args.flower_address, args.flower_port, "Flower", "--flower-port ")
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
         _serve.run(
@@ -44,13 +51,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             redis_url=args.redis_url,
+            replace=args.replace,
             _source=source_of(args.target),
+            _kind="cli",
         )
         session = _serve._session
         assert session is not None
         flower = None
         if not args.no_flower:
-            flower = _serve.start_flower(args.flower_port, args.flower_address, args.flower_basic_auth)
+            try:
+                flower = _serve.start_flower(args.flower_port, args.flower_address, args.flower_basic_auth)
+            except ServeStartupError as exc:
+                print(f"celery-serve: {exc}", file=sys.stderr, flush=True)
         spec_prefix = args.route_prefix or "/"
         print(f"celery-serve: application '{args.name}' from {args.target}", flush=True)
         route = "" if spec_prefix == "/" else spec_prefix
@@ -82,11 +94,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from celery_serve._runtime import serve as _serve
     from celery_serve._runtime.spec import build_spec
+    from celery_serve._wire.connections import wait_for_redis
 
+    url = require_redis(args)
     spec = build_spec(import_application(args.target), args.name, args.route_prefix, source=source_of(args.target))
-    _serve.deploy_spec(require_redis(args), spec)
+    wait_for_redis(url)
+    _serve.deploy_spec(url, spec, replace=args.replace)
     print(f"deployed '{spec.name}' ({', '.join(spec.deployments)}) at {spec.route_prefix}")
     return 0
+
+
+def _add_replace(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="take over an application of the same name that another live run serves on this Redis",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -106,15 +129,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--no-flower", action="store_true", help="do not start Flower")
     run.add_argument("--flower-port", type=int, default=5555, help="Flower's port")
-    run.add_argument("--flower-address", default="127.0.0.1", help="Flower's bind address (loopback only by default)")
+    run.add_argument("--flower-address", default="127.0.0.1", help="Flower's bind address")
     run.add_argument(
         "--flower-basic-auth",
         default=env_default("FLOWER_BASIC_AUTH"),
         metavar="USER:PASSWORD",
         help="credentials for Flower ($FLOWER_BASIC_AUTH)",
     )
+    _add_replace(run)
     add_redis_url(run)
     add_log_level(run)
+    add_access_log(run)
     run.set_defaults(func=cmd_run)
 
     deploy = sub.add_parser(
@@ -125,6 +150,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("target", metavar="MODULE:APP", help="the application to deploy")
     add_name(deploy)
     add_route_prefix(deploy)
+    _add_replace(deploy)
     add_redis_url(deploy)
     add_log_level(deploy)
     deploy.set_defaults(func=cmd_deploy)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -20,12 +21,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from celery_serve._wire.connections import sync_client
+from celery_serve._wire.connections import wait_for_redis
 from celery_serve.exceptions import ServeStartupError
 
 logger = logging.getLogger(__name__)
@@ -185,21 +185,24 @@ def start_embedded_redis(group: ProcessGroup, data_dir: str | None = None, port:
     ]  # fmt: skip
     group.start("redis", cmd, quiet=True)
     url = f"redis://127.0.0.1:{port}/0"
-    wait_for_redis(url, 15.0)
+    wait_for_redis(url, 15.0)  # a fresh redis-server loads nothing; 15 s covers a loaded machine
     return url
 
 
-def wait_for_redis(url: str, timeout_s: float) -> None:
-    client = sync_client(url)
-    deadline = time.monotonic() + timeout_s
-    while True:
+def check_port_free(host: str, port: int, what: str, hint: str) -> None:
+    """Fail before anything starts when `what` could not bind host:port (another run holds it, say)."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            client.ping()
-            return
-        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
-            if time.monotonic() > deadline:
-                raise ServeStartupError(f"Redis at {url} did not answer within {timeout_s:.0f}s: {exc}") from None
-            time.sleep(0.05)
+            sock.bind((host, port))
+        except OSError as exc:
+            reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ServeStartupError(
+                f"{what} cannot listen on {host}:{port}: {reason} (another celery-serve run?); choose another "
+                f"port ({hint}...)"
+            ) from None
 
 
 def gateway_command(redis_url: str, host: str, port: int) -> list[str]:
@@ -227,17 +230,14 @@ def scaler_command(redis_url: str) -> list[str]:
 
 def flower_command(redis_url: str, port: int, address: str = "127.0.0.1") -> list[str]:
     """Flower on this Redis; basic auth travels in the environment (FLOWER_BASIC_AUTH), not in argv."""
+    log_level = os.environ.get("SERVE_LOG_LEVEL", "WARNING")
     return [
-        sys.executable,
-        "-m",
-        "celery_serve.workers.flower",
-        "--redis-url",
-        redis_url,
-        "--port",
-        str(port),
-        "--address",
-        address,
-    ]
+        sys.executable, "-m", "celery_serve", "flower",
+        "--redis-url", redis_url,
+        "--port", str(port),
+        "--address", address,
+        "--log-level", log_level,
+    ]  # fmt: skip
 
 
 def worker_command(redis_url: str, app: str, deployment: str, placement: list[list[str]] | None = None) -> list[str]:

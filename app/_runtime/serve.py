@@ -11,15 +11,19 @@ import atexit
 import json
 import logging
 import os
+import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery_serve._runtime import context as _context
+from celery_serve._runtime import state
 from celery_serve._runtime.launcher import (
     ManagedProcess,
     ProcessGroup,
+    check_port_free,
     flower_command,
     free_port,
     gateway_command,
@@ -30,15 +34,20 @@ from celery_serve._runtime.launcher import (
 )
 from celery_serve._runtime.spec import AppSpec, build_spec
 from celery_serve._wire import keys as _keys
-from celery_serve._wire.connections import sync_client
+from celery_serve._wire import scripts as _scripts
+from celery_serve._wire.connections import REDIS_WAIT_S, check_url, sync_client
 from celery_serve.application import Application
 from celery_serve.config import start_replicas
-from celery_serve.exceptions import ServeError, ServeStartupError
+from celery_serve.exceptions import ApplicationConflictError, ServeError, ServeStartupError
 from celery_serve.handle import DeploymentHandle
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STARTUP_TIMEOUT_S = 180.0
+
+
+OWNER_BEAT_S = 3.0  # how often a run says it is alive
+OWNER_TTL_S = 15.0  # how long after its last beat a run's applications may be taken over
 
 
 @dataclass
@@ -47,30 +56,111 @@ class _Session:
 
     redis_url: str
     group: ProcessGroup
+    kind: str = "python"  # "cli" when `celery-serve run` started it
+    id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    started_at: float = field(default_factory=time.time)
     gateway_url: str | None = None
     workers: dict[str, set[str]] = field(default_factory=dict)  # app name -> process names
     scaler: bool = False
     scaler_died_at: float = float("-inf")  # when it was last started again after exiting
     flower_url: str | None = None
+    beat: _OwnerBeat | None = None
+
+    @property
+    def owner(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "kind": self.kind,
+            "started_at": self.started_at,
+        }
+
+    def record(self) -> state.RunRecord:
+        return state.RunRecord(
+            pid=os.getpid(),
+            redis_url=self.redis_url,
+            kind=self.kind,
+            session_id=self.id,
+            cwd=os.getcwd(),
+            started_at=self.started_at,
+            gateway_url=self.gateway_url,
+            flower_url=self.flower_url,
+            apps=sorted(self.workers),
+            children=[{"name": m.name, "pid": m.proc.pid} for m in self.group.processes],
+        )
+
+
+class _OwnerBeat(threading.Thread):
+    """Tells Redis every few seconds that this run is alive, so its application names stay its own."""
+
+    def __init__(self, redis_url: str, session_id: str) -> None:
+        super().__init__(name="celery-serve-owner", daemon=True)
+        self.client = sync_client(redis_url)
+        self.session_id = session_id
+        self.stopping = threading.Event()
+
+    def beat(self) -> None:
+        self.client.hset(_keys.OWNERS, self.session_id, time.time() + OWNER_TTL_S)
+
+    def run(self) -> None:
+        while not self.stopping.wait(OWNER_BEAT_S):
+            try:
+                self.beat()
+            except Exception as exc:  # noqa: BLE001 - Redis may be restarting; the next beat tries again
+                logger.debug("owner beat failed: %s", exc)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        try:
+            self.client.hdel(_keys.OWNERS, self.session_id)
+        except Exception as exc:  # noqa: BLE001 - Redis may be gone; the entry ages out anyway
+            logger.debug("could not remove the owner entry: %s", exc)
 
 
 _lock = threading.RLock()
 _session: _Session | None = None
 
 
-def deploy_spec(redis_url: str, spec: AppSpec) -> None:
-    """Write (or replace) an application's spec; gateways pick it up within a second."""
+def deploy_spec(redis_url: str, spec: AppSpec, *, replace: bool = False) -> None:
+    """Write an application's spec (gateways pick it up within a second).
+
+    Refuses with `ApplicationConflictError` when another live run owns the name, unless `replace`.
+    """
     client = sync_client(redis_url)
+    found = client.register_script(_scripts.CLAIM_APP)(
+        keys=[_keys.APPS, _keys.OWNERS],
+        args=[spec.name, spec.to_json(), (spec.owner or {}).get("id", ""), time.time(), 1 if replace else 0],
+    )
+    if found:
+        raise ApplicationConflictError(_conflict_message(spec.name, AppSpec.from_json(found).owner or {}))
+    pipe = client.pipeline(transaction=False)
     for name in spec.deployments:
-        client.delete(_keys.deployment_error(spec.name, name))
-    client.hset(_keys.APPS, spec.name, spec.to_json())
-    client.publish(_keys.APPS_CHANGED, spec.name)
+        pipe.delete(_keys.deployment_error(spec.name, name))
+    pipe.publish(_keys.APPS_CHANGED, spec.name)
+    pipe.execute()
 
 
-def delete_app(redis_url: str, name: str) -> None:
+def _conflict_message(name: str, owner: dict[str, Any]) -> str:
+    how = "celery-serve run" if owner.get("kind") == "cli" else "serve.run()"
+    since = time.strftime("%H:%M:%S", time.localtime(float(owner.get("started_at") or 0)))
+    return (
+        f"application '{name}' is served by another live run ({how}, pid {owner.get('pid')} on "
+        f"{owner.get('host')}, since {since}); stop it first (`celery-serve shutdown` in its folder), choose "
+        "another name (--name), or replace it (--replace; run(..., replace=True))"
+    )
+
+
+def delete_app(redis_url: str, name: str, *, owner_id: str | None = None) -> bool:
+    """Remove an application's spec; with `owner_id`, only while that run still owns it. True if removed."""
     client = sync_client(redis_url)
-    client.hdel(_keys.APPS, name)
-    client.publish(_keys.APPS_CHANGED, name)
+    if owner_id is not None:
+        removed = bool(client.register_script(_scripts.RELEASE_APP)(keys=[_keys.APPS], args=[name, owner_id]))
+    else:
+        removed = bool(client.hdel(_keys.APPS, name))
+    if removed:
+        client.publish(_keys.APPS_CHANGED, name)
+    return removed
 
 
 def run(
@@ -83,14 +173,18 @@ def run(
     redis_url: str | None = None,
     blocking: bool = False,
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+    replace: bool = False,
     _source: str | None = None,
+    _kind: str = "python",
 ) -> DeploymentHandle:
     """Deploy an application and return a handle to its ingress deployment.
 
     Starts an embedded Redis unless `redis_url` or `REDIS_URL` is given, the HTTP gateway on host:port
     and the scaler (unless this process already started them; `SERVE_SCALER=0` skips the scaler), and
-    one worker pool per deployment. Running an application again under the same name replaces it. An
-    autoscaled deployment is ready with its `initial_replicas` (or `min_replicas`, which may be 0).
+    one worker pool per deployment. Running an application again from this process replaces it; an
+    application of the same name that another live run serves on the same Redis is refused
+    (`ApplicationConflictError`) unless `replace=True`. An autoscaled deployment is ready with its
+    `initial_replicas` (or `min_replicas`, which may be 0).
     """
     if os.environ.get("CELERY_SERVE_REPLICA"):
         raise ServeError(
@@ -101,19 +195,27 @@ def run(
     spec = build_spec(target, name, route_prefix, source=_source)
     with _lock:
         if _session is None:
-            group = ProcessGroup()
             url = redis_url or os.environ.get("REDIS_URL")
             if url:
-                wait_for_redis(url, 15.0)
+                check_url(url)
+            check_port_free(host, port, "the gateway", "port=")
+            group = ProcessGroup()
+            if url:
+                wait_for_redis(url, REDIS_WAIT_S)
             else:
                 url = start_embedded_redis(group)
-            _session = _Session(url, group)
+            _session = _Session(url, group, kind=_kind)
+            _session.beat = _OwnerBeat(url, _session.id)
+            _session.beat.beat()
+            _session.beat.start()
             atexit.register(shutdown)
         session = _session
         _context.set_redis_url(session.redis_url)
         placements = plan_gpus(spec)
-        deploy_spec(session.redis_url, spec)
+        spec.owner = session.owner
+        deploy_spec(session.redis_url, spec, replace=replace)
         if session.gateway_url is None:
+            check_port_free(host, port, "the gateway", "port=")
             session.group.start("gateway", gateway_command(session.redis_url, host, port))
             session.gateway_url = f"http://{host}:{port}"
         if not session.scaler and os.environ.get("SERVE_SCALER", "1") != "0":
@@ -129,12 +231,13 @@ def run(
             session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep, placements.get(dep)))
             names.add(proc_name)
         session.workers[spec.name] = names
+        state.save(session.record())
     try:
         wait_until_ready(session, spec, startup_timeout_s)
     except ServeStartupError:
         with _lock:
             session.group.stop(session.workers.pop(spec.name, set()))
-        delete_app(session.redis_url, spec.name)
+        delete_app(session.redis_url, spec.name, owner_id=session.id)
         raise
     handle = DeploymentHandle(spec.ingress, spec.name)
     if blocking:
@@ -232,20 +335,52 @@ def worker_registered(client: Any, app: str, deployment: str) -> bool:
     return False
 
 
+FLOWER_START_S = 30.0  # Flower imports Celery and Tornado, then asks the workers for their state
+
+
 def start_flower(port: int | None = 5555, address: str = "127.0.0.1", basic_auth: str | None = None) -> str:
-    """Start Flower for this session's Redis (once); returns its URL. `basic_auth` is `user:password`
-    (several separated by commas), default `$FLOWER_BASIC_AUTH`; it binds to loopback unless told otherwise."""
+    """Start Flower for this session's Redis (once) and wait until it answers; returns its URL.
+
+    `basic_auth` is `user:password` (several separated by commas), default `$FLOWER_BASIC_AUTH`; it binds to
+    loopback unless told otherwise. `ServeStartupError` if it exits or does not answer in time (it is then
+    stopped, and serving goes on without it)."""
     from celery_serve._runtime.launcher import child_env
 
     with _lock:
         if _session is None:
             raise ServeError("start_flower() needs a running application: call run() first")
-        if _session.flower_url is None:
-            port = port or free_port(address if address not in ("", "0.0.0.0") else "127.0.0.1")
-            env = child_env({"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else None)
-            _session.group.start("flower", flower_command(_session.redis_url, port, address), env=env)
-            _session.flower_url = f"http://{address or '127.0.0.1'}:{port}"
-        return _session.flower_url
+        if _session.flower_url is not None:
+            return _session.flower_url
+        session = _session
+        port = port or free_port(address if address not in ("", "0.0.0.0") else "127.0.0.1")
+        env = child_env({"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else None)
+        managed = session.group.start("flower", flower_command(session.redis_url, port, address), env=env)
+        url = f"http://{address if address not in ('', '0.0.0.0') else '127.0.0.1'}:{port}"
+    if not _answers_http(url, managed, FLOWER_START_S):
+        with _lock:
+            session.group.stop({"flower"})
+        raise ServeStartupError(
+            f"Flower did not start on {address}:{port} (exit code {managed.proc.returncode}); serving goes on "
+            "without it (see its log above; --no-flower skips it)"
+        )
+    with _lock:
+        session.flower_url = url
+        state.save(session.record())
+    return url
+
+
+def _answers_http(url: str, managed: ManagedProcess, timeout_s: float) -> bool:
+    """Does the process answer HTTP at `url` (any status: Flower asks for credentials) before it exits?"""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and managed.proc.poll() is None:
+        try:
+            httpx.get(url + "/healthcheck", timeout=1.0)
+            return True
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return False
 
 
 _SCALER_RESTART_S = 10.0
@@ -282,8 +417,9 @@ def delete(name: str) -> None:
             return
         session = _session
         names = session.workers.pop(name, set())
-    delete_app(session.redis_url, name)
+    delete_app(session.redis_url, name, owner_id=session.id)
     session.group.stop(names)
+    state.save(session.record())
 
 
 def _wait_for_route(session: _Session, spec: AppSpec, deadline: float) -> None:
@@ -322,12 +458,16 @@ def shutdown() -> None:
         return
     _context.reset()
     _context.set_redis_url(None)
+    state.remove(session.record())
     session.group.stop({"scaler"})  # first, so it does not grow pools that are stopping
     try:
         for app_name in session.workers:
-            delete_app(session.redis_url, app_name)
+            # only what this run still owns: a later run that replaced an application keeps it
+            delete_app(session.redis_url, app_name, owner_id=session.id)
     except Exception as exc:  # noqa: BLE001 - Redis may already be gone; stopping matters more
         logger.warning("could not remove application specs from Redis: %s", exc)
+    if session.beat is not None:
+        session.beat.stop()
     session.group.stop()
 
 

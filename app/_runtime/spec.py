@@ -54,6 +54,7 @@ class AppSpec:
     source: dict[str, Any] | None = None
     deployed_at: float = field(default_factory=time.time)
     pipeline: list[list[str]] | None = None  # stages of deployment names, for a pipeline application
+    owner: dict[str, Any] | None = None  # the run serving it {id, pid, host, kind, started_at}; None: `deploy`
 
     @property
     def is_pipeline(self) -> bool:
@@ -68,6 +69,7 @@ class AppSpec:
                 "source": self.source,
                 "deployed_at": self.deployed_at,
                 "pipeline": self.pipeline,
+                "owner": self.owner,
                 "deployments": {
                     name: {
                         "config": d.config,
@@ -94,6 +96,7 @@ class AppSpec:
             source=data.get("source"),
             deployed_at=data.get("deployed_at", 0.0),
             pipeline=data.get("pipeline"),
+            owner=data.get("owner"),
         )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 APPS = "serve:apps"  # hash: application name -> JSON spec
 APPS_CHANGED = "serve:apps:changed"  # pub/sub channel: an application was deployed or deleted
 GATEWAYS = "serve:gateways"  # hash: gateway id -> JSON {url, started_at}
+OWNERS = "serve:owners"  # hash: run session id -> the time (epoch s) until which that run is known alive
+OPENAPI = "serve:openapi"  # hash: application name -> its FastAPI ingress's OpenAPI schema (JSON)
 RESULT_PREFIX = "celery-task-meta-"
 
 

@@ -245,3 +245,33 @@ RESIGN = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+# KEYS: applications hash, owners hash. ARGV: app name, spec JSON, this run's session id ('' for an unowned
+# deploy), now, replace (0/1). Writes the spec unless the application belongs to another run that is still
+# alive (its owners entry is in the future): then returns the spec it found (which names its owner) and
+# writes nothing. Returns false when the spec was written.
+CLAIM_APP = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and ARGV[5] ~= '1' then
+  local ok, spec = pcall(cjson.decode, current)
+  local owner = ok and type(spec) == 'table' and type(spec.owner) == 'table' and spec.owner.id or nil
+  if type(owner) == 'string' and owner ~= ARGV[3] then
+    local alive_until = tonumber(redis.call('HGET', KEYS[2], owner) or '0') or 0
+    if alive_until > tonumber(ARGV[4]) then return current end
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return false
+"""
+
+# KEYS: applications hash. ARGV: app name, this run's session id. Removes the application only if this run
+# still owns it (a later run that replaced it keeps it). Returns 1 when removed.
+RELEASE_APP = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then return 0 end
+local ok, spec = pcall(cjson.decode, current)
+local owner = ok and type(spec) == 'table' and type(spec.owner) == 'table' and spec.owner.id or nil
+if owner ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"""
