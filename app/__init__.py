@@ -21,6 +21,7 @@ from celery_serve.client import AsyncClient, Client, Job, get_deployment_handle
 from celery_serve.context import ReplicaContext, get_replica_context
 from celery_serve.deployment import Deployment, deployment, ingress
 from celery_serve.exceptions import (
+    ApplicationConflictError,
     BackpressureError,
     BadRequestError,
     DeploymentConfigError,
@@ -39,6 +40,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Application",
+    "ApplicationConflictError",
     "AsyncClient",
     "BackpressureError",
     "BadRequestError",

@@ -106,20 +106,16 @@ class RemoteError(ServeError):
         }
 
 
-_SERVE_ERRORS: dict[str, type[ServeError]] = {
-    cls.__name__: cls
-    for cls in (
-        ServeError,
-        DeploymentConfigError,
-        DeploymentNotFoundError,
-        BadRequestError,
-        PayloadTooLargeError,
-        BackpressureError,
-        RequestTimeoutError,
-        JobCancelledError,
-        ServeStartupError,
-    )
-}
+def _serve_errors() -> dict[str, type[ServeError]]:
+    """Every ServeError class by name (RemoteError aside: it carries the remote type instead)."""
+    found: dict[str, type[ServeError]] = {"ServeError": ServeError}
+    pending = list(ServeError.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls is not RemoteError and cls.__module__ == __name__:
+            found[cls.__name__] = cls
+    return found
 
 
 def error_from_dict(data: dict[str, Any], deployment: str = "") -> ServeError:
@@ -128,6 +124,7 @@ def error_from_dict(data: dict[str, Any], deployment: str = "") -> ServeError:
     message = data.get("exc_message", "")
     if isinstance(message, (list, tuple)):
         message = " ".join(str(part) for part in message)
-    if data.get("exc_module") == __name__ and exc_type in _SERVE_ERRORS:
-        return _SERVE_ERRORS[exc_type](str(message))
+    known = _serve_errors()
+    if data.get("exc_module") == __name__ and exc_type in known:
+        return known[exc_type](str(message))
     return RemoteError(exc_type, str(message), str(data.get("deployment") or deployment))

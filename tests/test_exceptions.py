@@ -8,6 +8,7 @@ import pickle
 import pytest
 
 from celery_serve import (
+    ApplicationConflictError,
     BackpressureError,
     BadRequestError,
     DeploymentConfigError,
@@ -30,6 +31,7 @@ SERVE_ERRORS = [
     BackpressureError,
     RequestTimeoutError,
     JobCancelledError,
+    ApplicationConflictError,
     ServeStartupError,
 ]
 

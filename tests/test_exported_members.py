@@ -8,6 +8,7 @@ import celery_serve
 
 EXPECTED = [
     "Application",
+    "ApplicationConflictError",
     "AsyncClient",
     "BackpressureError",
     "BadRequestError",

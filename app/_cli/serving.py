@@ -21,6 +21,7 @@ from celery_serve._cli.common import (
     require_redis,
     source_of,
 )
+from celery_serve._wire.connections import redacted
 
 
 class _Stop(Exception):
@@ -68,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         route = "" if spec_prefix == "/" else spec_prefix
         print(f"  HTTP      {session.gateway_url}{route}/  (docs: {session.gateway_url}/docs)", flush=True)
         embedded = "" if (args.redis_url or os.environ.get("REDIS_URL")) else "  (embedded)"
-        print(f"  Redis     {session.redis_url}{embedded}", flush=True)
+        print(f"  Redis     {redacted(session.redis_url)}{embedded}", flush=True)
         print(f"  workers   {', '.join(sorted(session.workers.get(args.name, [])))}", flush=True)
         if flower:
             print(f"  Flower    {flower}/", flush=True)
