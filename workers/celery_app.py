@@ -9,15 +9,37 @@ Celery client call a deployment with `send_task`.
 from __future__ import annotations
 
 import os
+from typing import Any
+from urllib.parse import quote
 
 from celery import Celery
 
 from celery_serve._wire.connections import redacted
+from celery_serve._wire.urls import parse_redis_url
+
+
+def kombu_url(url: str) -> tuple[str, dict[str, Any]]:
+    """The broker/backend URL and transport options kombu and Celery take for a celery-serve Redis URL.
+
+    A Sentinel URL becomes kombu's `sentinel://...;sentinel://...` list with `master_name` (and the
+    Sentinels' own password, if any) in the transport options."""
+    target = parse_redis_url(url)
+    if target.kind == "single":
+        return url, {}
+    auth = ""
+    if target.password is not None:
+        auth = f"{quote(target.username or '', safe='')}:{quote(target.password, safe='')}@"
+    nodes = ";".join(f"sentinel://{auth}{host}:{port}/{target.db}" for host, port in target.hosts)
+    options: dict[str, Any] = {"master_name": target.master}
+    if target.sentinel_password:
+        options["sentinel_kwargs"] = {"password": target.sentinel_password}
+    return nodes, options
 
 
 def make_celery(redis_url: str | None = None) -> Celery:
     url = redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-    celery = Celery("celery_serve", broker=url, backend=url, set_as_current=False)
+    broker, sentinel_options = kombu_url(url)
+    celery = Celery("celery_serve", broker=broker, backend=broker, set_as_current=False)
     celery.conf.update(
         # Safe wire format: a message in any other content type is rejected, never unpickled.
         task_serializer="json",
@@ -34,7 +56,8 @@ def make_celery(redis_url: str | None = None) -> Celery:
         result_expires=int(os.environ.get("SERVE_RESULT_TTL_S", 24 * 3600)),
         # Messages that a dead consumer held come back after this long (kombu's own unacked restore);
         # replicas use their own faster heartbeat-based restore.
-        broker_transport_options={"visibility_timeout": 3600},
+        broker_transport_options={"visibility_timeout": 3600, **sentinel_options},
+        result_backend_transport_options=sentinel_options,
         # Keep retrying the broker at start-up instead of exiting when Redis is a moment late.
         broker_connection_retry_on_startup=True,
         # Workers describe themselves in Flower by deployment; task events are sent by replicas.

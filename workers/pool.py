@@ -61,6 +61,7 @@ class ReplicaPool(BasePool):
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._redis = sync_client(self.app.conf.serve_redis_url)
+        self.redis_client = self._redis  # shared with the worker's remote-control commands
         self._restore = self._redis.register_script(_scripts.RESTORE)
         self._registered_at = 0.0
 

@@ -36,7 +36,11 @@ def control_queue(app: str, deployment: str) -> str:
 
 def wait_for_spec(url: str, app: str, timeout_s: float | None = None) -> AppSpec:
     """Wait until the application is deployed (a worker may start before `deploy` ran)."""
-    client = sync_client(url)
+    with sync_client(url) as client:  # closed once the spec is read: the worker keeps no idle connection for it
+        return _wait_for_spec(client, app, timeout_s)
+
+
+def _wait_for_spec(client: Any, app: str, timeout_s: float | None) -> AppSpec:
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     announced = False
     while True:
@@ -169,12 +173,19 @@ def _active_queues(state: Any) -> list[dict[str, Any]]:
     return queues
 
 
+def _pool_client(state: Any) -> Any:
+    """The Redis client of this worker's replica pool: remote-control commands open no connections of their own
+    (Flower sends enable_events every 5 s)."""
+    pool = getattr(state.consumer, "pool", None)
+    client = getattr(pool, "redis_client", None)
+    return client if client is not None else sync_client(state.consumer.app.conf.serve_redis_url)
+
+
 def _enable_events(state: Any) -> Any:
     """Celery's `enable_events` (Flower sends it every 5 s), which also tells this deployment's replicas
     to send task events: they publish only while `serve:task-events` exists (see `celery_serve.workers.events`)."""
-    conf = state.consumer.app.conf
     try:
-        sync_client(conf.serve_redis_url).set(_keys.TASK_EVENTS, 1, ex=TASK_EVENTS_TTL_S)
+        _pool_client(state).set(_keys.TASK_EVENTS, 1, ex=TASK_EVENTS_TTL_S)
     except Exception as exc:  # noqa: BLE001 - events are best effort
         logger.warning("could not enable task events in Redis: %s", exc)
     return _original_enable_events(state)
@@ -182,7 +193,7 @@ def _enable_events(state: Any) -> Any:
 
 def _disable_events(state: Any) -> Any:
     try:
-        sync_client(state.consumer.app.conf.serve_redis_url).delete(_keys.TASK_EVENTS)
+        _pool_client(state).delete(_keys.TASK_EVENTS)
     except Exception as exc:  # noqa: BLE001 - the key expires anyway
         logger.warning("could not disable task events in Redis: %s", exc)
     return _original_disable_events(state)

@@ -21,12 +21,44 @@ import redis.exceptions
 
 from celery_serve._runtime.spec import AppSpec, DeploymentSpec
 from celery_serve._wire import keys as _keys
+from celery_serve._wire import results as _results
 from celery_serve._wire import scripts as _scripts
 from celery_serve._wire.connections import BLOCK_S, async_client
 from celery_serve._wire.envelope import build_message, new_task_id, parallel_signature, signature
-from celery_serve.exceptions import BackpressureError, DeploymentNotFoundError, RequestTimeoutError
+from celery_serve.exceptions import (
+    BackpressureError,
+    DeploymentConfigError,
+    DeploymentNotFoundError,
+    RequestTimeoutError,
+)
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplicaWait:
+    """How many Redis replicas must hold a request before it counts as accepted (0: do not wait)."""
+
+    replicas: int = 0
+    timeout_ms: int = 1000
+
+    @classmethod
+    def from_env(cls, replicas: int | None = None, timeout_ms: int | None = None) -> ReplicaWait:
+        def read(name: str, given: int | None, default: int, low: int) -> int:
+            raw = given if given is not None else os.environ.get(name)
+            if raw in (None, ""):
+                return default
+            try:
+                value = int(raw)
+            except (TypeError, ValueError):
+                value = low - 1
+            if not low <= value <= 100_000:
+                raise DeploymentConfigError(f"{name} must be an integer >= {low}, got {raw!r}")
+            return value
+
+        return cls(
+            read("SERVE_REDIS_WAIT_REPLICAS", replicas, 0, 0), read("SERVE_REDIS_WAIT_TIMEOUT_MS", timeout_ms, 1000, 1)
+        )
 
 _DRAIN = 512
 _SPEC_TTL_S = 2.0
@@ -177,14 +209,22 @@ def _pipeline_messages(spec: AppSpec, job_id: str, common: dict[str, Any]) -> li
 
 
 class QueueTransport:
-    """Enqueue a request for a deployment and await its result record."""
+    """Enqueue a request for a deployment and await its result record.
 
-    def __init__(self, url: str) -> None:
+    With `wait_replicas=N` (default `SERVE_REDIS_WAIT_REPLICAS`), a request counts as accepted only once N
+    Redis replicas hold it (`WAIT` right after the enqueue, on its connection): a failover then loses no
+    accepted request. When fewer confirm within `wait_timeout_ms`, the request is withdrawn (if no replica
+    started it) and the submit fails as Redis being unavailable (503).
+    """
+
+    def __init__(self, url: str, *, wait_replicas: int | None = None, wait_timeout_ms: int | None = None) -> None:
         self.url = url
         self.redis = async_client(url)
         self.waiter = ResultWaiter(url)
         self._enqueue = self.redis.register_script(_scripts.ENQUEUE)
         self._specs: dict[str, tuple[float, AppSpec]] = {}
+        durability = ReplicaWait.from_env(wait_replicas, wait_timeout_ms)
+        self.wait_replicas, self.wait_timeout_ms = durability.replicas, durability.timeout_ms
 
     async def start(self) -> None:
         await self.waiter.start()
@@ -283,15 +323,17 @@ class QueueTransport:
         fut = self.waiter.expect(job_id) if expect_reply else asyncio.get_running_loop().create_future()
         app = target.name if isinstance(target, AppSpec) else target.app
         idem_key = _keys.idempotency(app, name, idempotency_key) if idempotency_key else _keys.job(job_id)
+        keys = [_keys.job(job_id), idem_key, *(q for q, _ in messages)]
+        args = [
+            limit, job_id, now, retention, app, name, method, deadline,
+            1 if idempotency_key else 0, reply or "", "async" if job else "sync",
+            *(m for _, m in messages),
+        ]  # fmt: skip
         try:
-            depth, existing = await self._enqueue(
-                keys=[_keys.job(job_id), idem_key, *(q for q, _ in messages)],
-                args=[
-                    limit, job_id, now, retention, app, name, method, deadline,
-                    1 if idempotency_key else 0, reply or "", "async" if job else "sync",
-                    *(m for _, m in messages),
-                ],
-            )  # fmt: skip
+            if self.wait_replicas:
+                depth, existing = await self._enqueue_replicated(job_id, name, keys, args, retention)
+            else:
+                depth, existing = await self._enqueue(keys=keys, args=args)
         except BaseException:
             self.waiter.discard(job_id)
             raise
@@ -305,6 +347,57 @@ class QueueTransport:
                 "retry shortly or raise max_queued_requests / num_replicas"
             )
         return Submitted(job_id, fut, deadline)
+
+    async def _enqueue_replicated(
+        self, job_id: str, name: str, keys: list[str], args: list[Any], retention: int
+    ) -> tuple[int, bytes]:
+        """ENQUEUE, then WAIT on the same connection until `wait_replicas` replicas hold the write."""
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._enqueue.sha, len(keys), *keys, *args)
+                pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+                enqueued, replicated = await pipe.execute(raise_on_error=False)
+            if isinstance(enqueued, redis.exceptions.NoScriptError) and attempt == 1:
+                await self.redis.script_load(_scripts.ENQUEUE)  # a restarted or promoted Redis: load it, retry
+                continue
+            if isinstance(enqueued, Exception):
+                raise enqueued
+            if isinstance(replicated, Exception):
+                raise replicated
+            depth, existing = enqueued
+            if depth > 0 and int(replicated) < self.wait_replicas:
+                queued = list(zip(keys[2:], args[11:], strict=True))
+                await self._withdraw(job_id, name, int(replicated), retention, queued)
+                raise redis.exceptions.ConnectionError(
+                    f"only {int(replicated)} of the {self.wait_replicas} Redis replicas SERVE_REDIS_WAIT_REPLICAS "
+                    f"asks for confirmed the request within {self.wait_timeout_ms} ms; it was not accepted"
+                )
+            return int(depth), existing
+        raise redis.exceptions.NoScriptError("the enqueue script could not be loaded")
+
+    async def _withdraw(
+        self, job_id: str, name: str, replicated: int, retention: int, queued: list[tuple[str, str]]
+    ) -> None:
+        """Take back a request that was not replicated in time: off its queue(s) if no replica took it yet,
+        and its job ended as cancelled (a replica skips cancelled work), so the caller's retry is the only copy
+        that runs. Best effort: the master may be the very thing failing."""
+        error = {
+            "exc_type": "ServeError",
+            "exc_message": f"request to '{name}' was not accepted: only {replicated} of {self.wait_replicas} "
+            "Redis replicas confirmed it in time",
+            "exc_module": "celery_serve.exceptions",
+        }
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for queue, message in queued:
+                    pipe.lrem(queue, 1, message)
+                await pipe.execute()
+            await self.redis.register_script(_scripts.FINISH)(
+                keys=[_keys.job(job_id), _keys.result(job_id)],
+                args=[time.time(), _results.failure(job_id, error, 503), retention, "cancelled", 1],
+            )
+        except redis.exceptions.RedisError as exc:
+            logger.warning("could not withdraw unreplicated request %s: %s", job_id, exc)
 
     async def wait(self, sub: Submitted, dep: str, timeout_s: float | None = None) -> dict[str, Any] | None:
         """The result record; `RequestTimeoutError` at the request's deadline; None when `timeout_s`
