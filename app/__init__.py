@@ -29,9 +29,11 @@ from celery_serve.exceptions import (
     JobCancelledError,
     PayloadTooLargeError,
     RemoteError,
+    ReplicaCrashError,
     RequestTimeoutError,
     ServeError,
     ServeStartupError,
+    ServiceUnavailableError,
 )
 from celery_serve.handle import DeploymentHandle, DeploymentResponse
 from celery_serve.pipeline import parallel, pipeline
@@ -57,9 +59,11 @@ __all__ = [
     "Pipeline",
     "RemoteError",
     "ReplicaContext",
+    "ReplicaCrashError",
     "RequestTimeoutError",
     "ServeError",
     "ServeStartupError",
+    "ServiceUnavailableError",
     "batch",
     "deployment",
     "get_deployment_handle",
