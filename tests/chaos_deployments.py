@@ -38,7 +38,7 @@ def _maybe_die(value: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-@serve.deployment(num_replicas=2, max_ongoing_requests=8, request_timeout_s=60)
+@serve.deployment(num_replicas=2, max_ongoing_requests=8, request_timeout_s=60, job_retention_s=300)
 class Echo:
     def __call__(self, value: Any, sleep_s: float = 0.0) -> dict[str, Any]:
         _record(value)
