@@ -257,12 +257,17 @@ class Ledger:
         for thread in self.threads:
             thread.join(30)
 
-    def check(self, grace_s: float = 60.0, expect_success: bool = True) -> Report:
-        """Read every accepted job back (waiting up to `grace_s` for the last ones to end)."""
-        report = Report(accepted=len(self.accepted), refused=self.refused)
+    def check(self, grace_s: float = 60.0, ids: list[str] | None = None, report: Report | None = None) -> Report:
+        """Read accepted jobs back (all, or `ids`), waiting up to `grace_s` for the last ones to end; adds to
+        `report` when given (a long run checks as it goes, before records pass their retention)."""
+        with self.lock:
+            chosen = {job_id: self.accepted[job_id] for job_id in (list(self.accepted) if ids is None else ids)}
+            if report is None:
+                report = Report()
+            report.accepted, report.refused = len(self.accepted), self.refused
         deadline = time.monotonic() + grace_s
         with self.stack.http(timeout=grace_s + 10) as http:
-            for job_id, value in self.accepted.items():
+            for job_id, value in chosen.items():
                 wait = max(0.0, min(30.0, deadline - time.monotonic()))
                 response = http.get(f"/jobs/{job_id}", params={"wait": wait})
                 if response.status_code == 404:
@@ -285,7 +290,7 @@ class Ledger:
                     report.reasons[(job.get("error") or {}).get("type", "?")] += 1
                     report.where.setdefault(status, job)
             pipe = self.stack.redis.pipeline(transaction=False)
-            for value in self.accepted.values():
+            for value in chosen.values():
                 pipe.llen(f"chaos:runs:{value}")
-            report.executions = Counter(int(n) for n in pipe.execute())
+            report.executions.update(int(n) for n in pipe.execute())
         return report
