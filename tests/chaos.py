@@ -279,9 +279,12 @@ class Ledger:
         except redis.RedisError as exc:
             return repr(exc)
 
-    def check(self, grace_s: float = 60.0, ids: list[str] | None = None, report: Report | None = None) -> Report:
+    def check(
+        self, grace_s: float = 60.0, ids: list[str] | None = None, report: Report | None = None, forget: bool = False
+    ) -> Report:
         """Read accepted jobs back (all, or `ids`), waiting up to `grace_s` for the last ones to end; adds to
-        `report` when given (a long run checks as it goes, before records pass their retention)."""
+        `report` when given (a long run checks as it goes, before records pass their retention). `forget` deletes
+        the test's own run counters once read, so a soak's Redis memory is celery-serve's alone."""
         with self.lock:
             chosen = {job_id: self.accepted[job_id] for job_id in (list(self.accepted) if ids is None else ids)}
             if report is None:
@@ -317,4 +320,9 @@ class Ledger:
             for value in chosen.values():
                 pipe.llen(f"chaos:runs:{value}")
             report.executions.update(int(n) for n in pipe.execute())
+            if forget:
+                keys = [f"chaos:runs:{value}" for value in chosen.values()]
+                for start in range(0, len(keys), 1000):
+                    self.stack.redis.delete(*keys[start : start + 1000])
+                self.stack.redis.delete("chaos:starts")
         return report
