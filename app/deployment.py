@@ -16,6 +16,7 @@ from celery_serve.config import DeploymentConfig, make_config
 from celery_serve.exceptions import DeploymentConfigError
 
 _INGRESS_ATTR = "__serve_ingress_app__"
+_ACTOR_RESOURCES = ("num_cpus", "num_gpus", "memory")
 
 
 class Deployment:
@@ -45,8 +46,18 @@ class Deployment:
     def options(self, **options: Any) -> Deployment:
         """Return a copy with some options changed; the original is left as it was."""
         merged = self._config.model_dump()
+        actor = dict(options.get("ray_actor_options") or merged.get("ray_actor_options") or {})
+        for key in _ACTOR_RESOURCES:
+            if key in options and options[key] is not None and actor.get(key) is not None:
+                actor[key] = options[key]  # a resource given directly wins over the one inside ray_actor_options
+            elif actor.get(key) is not None and "ray_actor_options" in options:
+                merged.pop(key, None)  # new ray_actor_options resources replace the old values
+        if "max_concurrent_queries" in options:  # Ray's old name of max_ongoing_requests
+            merged.pop("max_ongoing_requests", None)
         merged.update(options)
-        return Deployment(self._target, make_config(**merged))
+        if actor:
+            merged["ray_actor_options"] = actor
+        return Deployment(self._target, make_config(_given=options, **merged))
 
     def bind(self, *args: Any, **kwargs: Any) -> Application:
         """Bind constructor arguments (for a function: nothing); bound deployments become handles."""
@@ -78,9 +89,13 @@ def deployment(_target: None = None, **options: Any) -> Callable[[Callable[..., 
 def deployment(_target: Callable[..., Any] | None = None, **options: Any) -> Any:
     """Turn a class or a function into a `Deployment`; works bare (`@deployment`) or with options.
 
-    Options: name, num_replicas, route_prefix, max_queued_requests, max_ongoing_requests,
-    request_timeout_s, num_cpus, num_gpus, max_batch_size, user_config, version, job_retention_s
-    (how long async job results are kept), request_retention_s (the same for synchronous requests).
+    Every option of Ray Serve's `@serve.deployment` is accepted: name, version, num_replicas, route_prefix,
+    ray_actor_options (num_cpus, num_gpus, memory), max_replicas_per_node, user_config, max_ongoing_requests,
+    max_queued_requests, autoscaling_config, graceful_shutdown_wait_loop_s, graceful_shutdown_timeout_s,
+    health_check_period_s, health_check_timeout_s, logging_config, max_constructor_retry_count (those with no
+    effect here, such as placement_group_bundles, are accepted with one warning saying why). Our own:
+    num_cpus, num_gpus, memory, max_batch_size, request_timeout_s, allow_cpu_fallback, job_retention_s (how
+    long async job results are kept), request_retention_s (the same for synchronous requests).
     """
     if _target is not None and not callable(_target):
         raise DeploymentConfigError(

@@ -27,6 +27,7 @@ from celery_serve._wire.envelope import Envelope, build_message, parse_message
 from celery_serve.exceptions import BadRequestError
 from celery_serve.workers.batching import ArrivalRate, Outcome, wait_budget
 from celery_serve.workers.events import TaskEvents
+from celery_serve.workers.graceful import drain
 from celery_serve.workers.replica import Replica
 from celery_serve.workers.replica_redis import Done, Heartbeat, QueueOps, ReplicaStats, Token
 
@@ -64,6 +65,7 @@ class ReplicaServer:
         self._flushing: asyncio.Task[None] | None = None
         self._slot = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._handing_back = False
         self._service_s = 0.0
         self._arrivals = ArrivalRate()
         self.events = TaskEvents.from_env(url)  # Celery task events for Flower, published in batches
@@ -239,6 +241,8 @@ class ReplicaServer:
         try:
             outcome = await self.replica.run(env)
         except asyncio.CancelledError:
+            if self._handing_back:  # left unacknowledged: unregistering puts it back on the queue
+                return
             logger.info("%s %s cancelled while running", env.task_name, env.task_id)
             self._answer(token, env, _results.cancelled(env.job_id))
             return
@@ -351,8 +355,11 @@ class ReplicaServer:
                     delay = min(delay * 2, 2.0)
 
     async def _drain_ongoing(self) -> None:
-        if self._ongoing:
-            await asyncio.wait(self._ongoing, timeout=float(self.config.get("request_timeout_s", 60)))
+        await drain(self._ongoing, self.config, self.replica_id, before_cancel=self._hand_back_on_cancel)
+
+    def _hand_back_on_cancel(self) -> None:
+        """Past the graceful-shutdown timeout: what is cancelled now is handed back, not answered."""
+        self._handing_back = True
         self._schedule_flush()
         if self._flushing is not None:
             await self._flushing
