@@ -68,6 +68,22 @@ class Deployment:
             )
         return Application(self, args, kwargs)
 
+    def deploy(self, *init_args: Any, _blocking: bool = True, **init_kwargs: Any) -> Any:
+        """Ray Serve 1.x's `Deployment.deploy()`: run this deployment alone as an application of its name,
+        served at `route_prefix` or `/<name>`. Deploying it again (even a new class of the same name) is a
+        rolling update. Does nothing inside a replica (which imports the script that calls it)."""
+        import os
+
+        import celery_serve
+
+        if os.environ.get("CELERY_SERVE_REPLICA"):
+            return None
+        return celery_serve.run(
+            self.bind(*init_args, **init_kwargs),
+            name=self.name,
+            route_prefix=self._config.route_prefix or f"/{self.name}",
+        )
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise DeploymentConfigError(
             f"deployment '{self.name}' cannot be called directly: build an application with "
@@ -107,9 +123,41 @@ def deployment(_target: Callable[..., Any] | None = None, **options: Any) -> Any
             return target.options(**options)
         if not (inspect.isclass(target) or inspect.isfunction(target)):
             raise DeploymentConfigError(f"@deployment goes on a class or a function, got {target!r}")
+        _remember_definition(target)
         return Deployment(target, make_config(**{"name": target.__name__, **options}))
 
     return decorate(_target) if _target is not None else decorate
+
+
+# Every class or function made a deployment, by (module file or name, qualname), in definition order: a
+# script may define a class again under the same name (Ray 1.x's rolling-update example), and a worker that
+# imports the script finds each definition by its position, not only the last one bound to the name.
+_DEFINITIONS: dict[tuple[str, str], list[Any]] = {}
+
+
+def _definition_key(target: Any) -> tuple[str, str]:
+    import sys
+
+    module = sys.modules.get(target.__module__)
+    return (getattr(module, "__file__", None) or target.__module__, target.__qualname__)
+
+
+def _remember_definition(target: Any) -> None:
+    found = _DEFINITIONS.setdefault(_definition_key(target), [])
+    if not any(t is target for t in found):
+        found.append(target)
+
+
+def definition_index(target: Any) -> int:
+    """Which definition of its name `target` is (0 for the first, or the only one)."""
+    found = _DEFINITIONS.get(_definition_key(target), [])
+    return next((i for i, t in enumerate(found) if t is target), 0)
+
+
+def definition_at(target: Any, index: int) -> Any:
+    """The `index`th definition with `target`'s name (after its module was imported); `target` if unknown."""
+    found = _DEFINITIONS.get(_definition_key(target), [])
+    return found[index] if 0 <= index < len(found) else target
 
 
 def ingress(fastapi_app: Any) -> Callable[[Any], Any]:

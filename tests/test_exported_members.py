@@ -29,7 +29,9 @@ EXPECTED = [
     "ServeError",
     "ServeStartupError",
     "batch",
+    "delete",
     "deployment",
+    "get_app_handle",
     "get_deployment_handle",
     "get_replica_context",
     "ingress",
@@ -37,6 +39,8 @@ EXPECTED = [
     "pipeline",
     "run",
     "shutdown",
+    "start",
+    "status",
 ]
 
 

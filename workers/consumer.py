@@ -356,10 +356,10 @@ class ReplicaServer:
 
     async def _drain_ongoing(self) -> None:
         await drain(self._ongoing, self.config, self.replica_id, before_cancel=self._hand_back_on_cancel)
+        self._schedule_flush()
+        if self._flushing is not None:
+            await self._flushing
 
     def _hand_back_on_cancel(self) -> None:
         """Past the graceful-shutdown timeout: what is cancelled now is handed back, not answered."""
         self._handing_back = True
-        self._schedule_flush()
-        if self._flushing is not None:
-            await self._flushing

@@ -74,6 +74,9 @@ class ReplicaPool(BasePool):
         self._registered_at = 0.0
         self._deleted = False  # the application was deleted: replicas stopped until it is deployed again
         self._swept = True
+        self._deployed_at = float(self.app.conf.get("serve_deployed_at") or 0.0)  # the version the pool runs
+        self._identity = self.app.conf.get("serve_identity")
+        self._rollout: Any = None
 
     def _command(self, replica_id: str) -> list[str]:
         conf = self.app.conf
@@ -199,11 +202,13 @@ class ReplicaPool(BasePool):
                 self._retiring = [p for p in self._retiring if p.poll() is None]
             if time.monotonic() - self._registered_at >= REGISTER_EVERY_S:
                 self._register()
-                self._follow_deletion()
+                self._follow_spec()
 
-    def _follow_deletion(self) -> None:
-        """Stop the replicas when the application (or this deployment) is deleted; once they are gone, end
-        what they handed back with a clear error. Start them again if it is deployed again."""
+    def _follow_spec(self) -> None:
+        """Follow the application's spec: roll the replicas over to a new version (new code or an option
+        that needs a restart; lightweight changes the replicas take in place), stop them when the application
+        (or this deployment) is deleted and, once they are gone, end what they handed back with a clear
+        error; start them again if it is deployed again."""
         from celery_serve._runtime.apps import fail_queued
         from celery_serve._runtime.spec import AppSpec
         from celery_serve.config import start_replicas
@@ -228,7 +233,10 @@ class ReplicaPool(BasePool):
             elif present and self._deleted and spec is not None:
                 logger.warning("application '%s' was deployed again: starting its replicas", conf.serve_app)
                 self._deleted = False
+                self._follow_version(spec)
                 self.grow(start_replicas(spec.deployments[conf.serve_deployment].config))
+            elif present and spec is not None:
+                self._follow_version(spec)
         except Exception as exc:  # noqa: BLE001 - checked again at the next registration
             logger.warning("could not check whether '%s' is still deployed: %s", conf.serve_app, exc)
 
@@ -267,6 +275,21 @@ class ReplicaPool(BasePool):
             self._hand_back(slot.replica_id)
         if slot.proc is None and now >= slot.restart_at:
             self._spawn(slot)
+
+    def _follow_version(self, spec: Any) -> None:
+        from celery_serve.workers.rollout import Rollout
+
+        if spec.deployed_at == self._deployed_at:
+            return
+        identity = spec.deployments[self.app.conf.serve_deployment].identity
+        self._deployed_at = spec.deployed_at
+        if identity == self._identity:
+            return  # the replicas take it in place (see celery_serve.workers.updates)
+        self._identity = identity
+        if self._rollout is not None:
+            self._rollout.cancelled.set()
+        self._rollout = Rollout(self, spec.deployed_at)
+        self._rollout.start()
 
     def _deploy_failed(self) -> bool:
         conf = self.app.conf
@@ -336,6 +359,8 @@ class ReplicaPool(BasePool):
 
     def on_stop(self) -> None:
         self._stop.set()
+        if self._rollout is not None:
+            self._rollout.cancelled.set()
         self._unregister()
         with self._lock:
             procs = [s.proc for s in self._slots if s.proc is not None] + self._retiring

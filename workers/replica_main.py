@@ -26,6 +26,7 @@ from celery_serve._wire.connections import sync_client
 from celery_serve.workers.consumer import ReplicaServer
 from celery_serve.workers.health import HealthMonitor
 from celery_serve.workers.replica import Replica
+from celery_serve.workers.updates import UpdateFollower
 
 logger = logging.getLogger("celery_serve.workers.replica")
 
@@ -54,7 +55,20 @@ async def _serve(url: str, spec: AppSpec, deployment: str, replica_id: str | Non
         loop.add_signal_handler(sig, _stopper(server, health))
     if health is not None:
         health.start()
-    await server.run()
+    follower = asyncio.create_task(UpdateFollower(url, server, _health_options(health)).run(), name="updates")
+    try:
+        await server.run()
+    finally:
+        follower.cancel()
+
+
+def _health_options(health: HealthMonitor | None) -> Any:
+    def take(config: dict[str, Any]) -> None:
+        if health is not None:
+            health.period_s = float(config.get("health_check_period_s") or health.period_s)
+            health.timeout_s = float(config.get("health_check_timeout_s") or health.timeout_s)
+
+    return take
 
 
 class _ConstructorFailed(Exception):

@@ -107,6 +107,8 @@ def run_worker(
     celery.conf.serve_initial_replicas = count  # may be 0 (scale to zero); Celery reads 0 as "one per core"
     celery.conf.serve_num_cpus = 1.0 if config.get("num_cpus") is None else float(config["num_cpus"])
     celery.conf.serve_max_replicas_per_node = config.get("max_replicas_per_node")
+    celery.conf.serve_deployed_at = spec.deployed_at
+    celery.conf.serve_identity = spec.deployments[deployment].identity
     celery.conf.serve_graceful_shutdown_timeout_s = config.get("graceful_shutdown_timeout_s")
     celery.conf.serve_machine, celery.conf.serve_machine_cpus, celery.conf.serve_machine_gpus = machine_capacity(
         devices

@@ -79,7 +79,8 @@ def _deployment_overview(
 ) -> DeploymentStatusOverview:
     starting = max(0, status.replicas - status.ready)
     states = {"RUNNING": status.ready, "STARTING": starting}
-    if failed is not None:
+    if failed is not None:  # its pool no longer starts replicas
+        states = {"RUNNING": status.ready, "STARTING": 0}
         return DeploymentStatusOverview(DeploymentStatus.DEPLOY_FAILED, str(failed.get("message")), states)
     if unhealthy is not None:
         return DeploymentStatusOverview(DeploymentStatus.UNHEALTHY, str(unhealthy.get("message")), states)
@@ -140,6 +141,19 @@ def _live_replicas(client: Any, app: str, deployments: list[str]) -> int:
             if client.exists(_keys.replica_alive(_text(rid))):
                 count += 1
     return count
+
+
+def status_lines(status: ServeStatus) -> list[str]:
+    """`celery-serve status`: each application's and deployment's status and why, as Ray's `serve status`."""
+    if not status.applications:
+        return ["no applications are deployed"]
+    lines = []
+    for name, app in sorted(status.applications.items()):
+        lines.append(f"{name}: {app.status.value}" + (f" - {app.message}" if app.message else ""))
+        for dep, d in sorted(app.deployments.items()):
+            counts = ", ".join(f"{n} {state.lower()}" for state, n in d.replica_states.items())
+            lines.append(f"  {dep}: {d.status.value} ({counts})" + (f" - {d.message}" if d.message else ""))
+    return lines
 
 
 # --- delete --------------------------------------------------------------------------------------------

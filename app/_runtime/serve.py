@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery_serve._runtime import apps as _apps
 from celery_serve._runtime import context as _context
 from celery_serve._runtime import state
 from celery_serve._runtime.launcher import (
@@ -34,6 +35,7 @@ from celery_serve._runtime.launcher import (
 )
 from celery_serve._runtime.spec import AppSpec, build_spec
 from celery_serve._wire import keys as _keys
+from celery_serve._wire import lifecycle as _lifecycle
 from celery_serve._wire import scripts as _scripts
 from celery_serve._wire.connections import REDIS_WAIT_S, check_url, sync_client
 from celery_serve.application import Application
@@ -61,6 +63,7 @@ class _Session:
     started_at: float = field(default_factory=time.time)
     gateway_url: str | None = None
     workers: dict[str, set[str]] = field(default_factory=dict)  # app name -> process names
+    specs: dict[str, AppSpec] = field(default_factory=dict)  # app name -> the spec this run deployed last
     scaler: bool = False
     scaler_died_at: float = float("-inf")  # when it was last started again after exiting
     flower_url: str | None = None
@@ -136,7 +139,12 @@ def deploy_spec(redis_url: str, spec: AppSpec, *, replace: bool = False) -> None
         raise ApplicationConflictError(_conflict_message(spec.name, AppSpec.from_json(found).owner or {}))
     pipe = client.pipeline(transaction=False)
     for name in spec.deployments:
-        pipe.delete(_keys.deployment_error(spec.name, name))
+        pipe.delete(
+            _keys.deployment_error(spec.name, name),
+            _lifecycle.deploy_failed(spec.name, name),
+            _lifecycle.constructor_failures(spec.name, name),
+        )
+    pipe.hdel(_apps.DELETING, spec.name)
     pipe.publish(_keys.APPS_CHANGED, spec.name)
     pipe.execute()
 
@@ -191,58 +199,166 @@ def run(
             "run() was called while a worker imported your application: put the run() call under "
             "`if __name__ == '__main__':` (workers import the module to find your deployments)"
         )
-    global _session
     spec = build_spec(target, name, route_prefix, source=_source)
     with _lock:
-        if _session is None:
-            url = redis_url or os.environ.get("REDIS_URL")
-            if url:
-                check_url(url)
-            check_port_free(host, port, "the gateway", "port=")
-            group = ProcessGroup()
-            if url:
-                wait_for_redis(url, REDIS_WAIT_S)
-            else:
-                url = start_embedded_redis(group)
-            _session = _Session(url, group, kind=_kind)
-            _session.beat = _OwnerBeat(url, _session.id)
-            _session.beat.beat()
-            _session.beat.start()
-            atexit.register(shutdown)
-        session = _session
-        _context.set_redis_url(session.redis_url)
+        session = _ensure_session(redis_url, host, port, _kind)
         placements = plan_gpus(spec)
         spec.owner = session.owner
         deploy_spec(session.redis_url, spec, replace=replace)
-        if session.gateway_url is None:
-            check_port_free(host, port, "the gateway", "port=")
-            session.group.start("gateway", gateway_command(session.redis_url, host, port))
-            session.gateway_url = f"http://{host}:{port}"
-        if not session.scaler and os.environ.get("SERVE_SCALER", "1") != "0":
-            # one per session; more against the same Redis stand by (see celery_serve.workers.scaler)
-            session.group.start("scaler", scaler_command(session.redis_url))
-            session.scaler = True
-        old = session.workers.pop(spec.name, set())
-        if old:
-            session.group.stop(old)
-        names = set()
-        for dep in spec.deployments:
-            proc_name = f"worker {spec.name}.{dep}"
-            session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep, placements.get(dep)))
-            names.add(proc_name)
+        _start_services(session, host, port)
+        names, retired = _start_workers(session, spec, placements)
         session.workers[spec.name] = names
+        session.specs[spec.name] = spec
         state.save(session.record())
     try:
         wait_until_ready(session, spec, startup_timeout_s)
     except ServeStartupError:
         with _lock:
-            session.group.stop(session.workers.pop(spec.name, set()))
+            session.group.stop(session.workers.pop(spec.name, set()) | retired)
+            session.specs.pop(spec.name, None)
         delete_app(session.redis_url, spec.name, owner_id=session.id)
         raise
+    if retired:
+        # the new version serves: the old workers' replicas finish (or hand back) what they hold and stop
+        session.group.stop(retired)
     handle = DeploymentHandle(spec.ingress, spec.name)
     if blocking:
         _block_until_interrupted()
     return handle
+
+
+def _ensure_session(redis_url: str | None, host: str, port: int, kind: str) -> _Session:
+    """This process's session, started (Redis reached or embedded, owner beat) if there is none yet."""
+    global _session
+    if _session is None:
+        url = redis_url or os.environ.get("REDIS_URL")
+        if url:
+            check_url(url)
+        check_port_free(host, port, "the gateway", "port=")
+        group = ProcessGroup()
+        if url:
+            wait_for_redis(url, REDIS_WAIT_S)
+        else:
+            url = start_embedded_redis(group)
+        _session = _Session(url, group, kind=kind)
+        _session.beat = _OwnerBeat(url, _session.id)
+        _session.beat.beat()
+        _session.beat.start()
+        atexit.register(shutdown)
+    _context.set_redis_url(_session.redis_url)
+    return _session
+
+
+def _start_services(session: _Session, host: str, port: int) -> None:
+    """The gateway and the scaler, once per session."""
+    if session.gateway_url is None:
+        check_port_free(host, port, "the gateway", "port=")
+        session.group.start("gateway", gateway_command(session.redis_url, host, port))
+        session.gateway_url = f"http://{host}:{port}"
+    if not session.scaler and os.environ.get("SERVE_SCALER", "1") != "0":
+        # one per session; more against the same Redis stand by (see celery_serve.workers.scaler)
+        session.group.start("scaler", scaler_command(session.redis_url))
+        session.scaler = True
+
+
+def start(
+    *,
+    detached: bool = False,
+    http_options: dict[str, Any] | None = None,
+    redis_url: str | None = None,
+    **ray_options: Any,
+) -> None:
+    """Start the service without an application (Ray Serve 1.x's `serve.start()`): Redis (embedded unless
+    `redis_url`/`REDIS_URL`), the HTTP gateway (`http_options={"host": ..., "port": ...}`, default
+    127.0.0.1:8000) and the scaler; returns once the gateway answers. Deployments then go up with
+    `serve.run(app)` or `Deployment.deploy()`. Does nothing inside a replica (which imports the script)."""
+    if os.environ.get("CELERY_SERVE_REPLICA"):
+        return
+    options = dict(http_options or {})
+    unknown = set(options) - {"host", "port", "location", "root_path", "request_timeout_s", "keep_alive_timeout_s"}
+    if unknown:
+        raise ServeError(f"unknown http_options {sorted(unknown)}: celery-serve's gateway takes host and port")
+    if detached:
+        logger.warning(
+            "serve.start(detached=True): the service stops when this process exits; run it with "
+            "`celery-serve run` (or docker compose) to keep it up on its own"
+        )
+    if ray_options:
+        logger.warning("serve.start(): %s have no effect here", ", ".join(sorted(ray_options)))
+    host, port = str(options.get("host") or "127.0.0.1"), int(options.get("port") or 8000)
+    with _lock:
+        session = _ensure_session(redis_url, host, port, "python")
+        _start_services(session, host, port)
+        state.save(session.record())
+    _wait_for_gateway(session, time.monotonic() + DEFAULT_STARTUP_TIMEOUT_S)
+
+
+def status() -> Any:
+    """Every application's and deployment's status, as Ray Serve's `serve.status()` (a `ServeStatus`)."""
+    return _apps.serve_status(sync_client(redis_url()))
+
+
+def get_app_handle(name: str) -> DeploymentHandle:
+    """A handle to the ingress deployment of the running application `name` (Ray's `serve.get_app_handle`)."""
+    from celery_serve.exceptions import DeploymentNotFoundError
+
+    raw = sync_client(redis_url()).hget(_keys.APPS, name)
+    if raw is None:
+        known = sorted(_text(k) for k in sync_client(redis_url()).hkeys(_keys.APPS))
+        raise DeploymentNotFoundError(
+            f"no application named '{name}' is running (running: {', '.join(known) or 'none'})"
+        )
+    return DeploymentHandle(AppSpec.from_json(raw).ingress, name)
+
+
+def _wait_for_gateway(session: _Session, deadline: float) -> None:
+    import httpx
+
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{session.gateway_url}/-/healthz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError as exc:
+            last_error = exc
+        if session.group.dead():
+            break
+        time.sleep(0.05)
+    raise ServeStartupError(f"the gateway at {session.gateway_url} did not come up: {last_error}")
+
+
+def _start_workers(
+    session: _Session, spec: AppSpec, placements: dict[str, list[list[str]]]
+) -> tuple[set[str], set[str]]:
+    """Workers for the spec's deployments: (the workers that serve it, old workers to stop once it is ready).
+
+    An application deployed again keeps a deployment's worker when the worker's own options are unchanged:
+    its replicas then take the new spec in place (a lightweight change such as `user_config`) or its pool
+    rolls them over one by one (new code). Otherwise a new worker starts and the old one stops once the new
+    replicas serve, so there is no moment without replicas."""
+    previous = session.specs.get(spec.name)
+    old_names = session.workers.get(spec.name, set())
+    alive = {p.name for p in session.group.processes if p.proc.poll() is None}
+    names: set[str] = set()
+    for dep_name, dep in spec.deployments.items():
+        base = f"worker {spec.name}.{dep_name}"
+        current = next((n for n in old_names if n == base or n.startswith(base + " #")), None)
+        if (
+            previous is not None
+            and current in alive
+            and dep_name in previous.deployments
+            and previous.deployments[dep_name].worker_options() == dep.worker_options()
+        ):
+            names.add(current)  # type: ignore[arg-type]
+            continue
+        taken = {p.name for p in session.group.processes}
+        proc_name, generation = base, 1
+        while proc_name in taken:
+            generation += 1
+            proc_name = f"{base} #{generation}"
+        session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep_name, placements.get(dep_name)))
+        names.add(proc_name)
+    return names, old_names - names
 
 
 def plan_gpus(spec: AppSpec, devices: list[str] | None = None) -> dict[str, list[list[str]]]:
@@ -410,16 +526,46 @@ def essential_dead(session: _Session) -> list[ManagedProcess]:
     return dead
 
 
-def delete(name: str) -> None:
-    """Remove an application this process started: its spec, then its workers (like Ray's `serve.delete`)."""
+DELETE_WAIT_S = 60.0
+
+
+def delete(name: str, _blocking: bool = True) -> None:
+    """Remove an application, as Ray's `serve.delete`: its routes answer 404 at once, requests still queued
+    for it end with `DeploymentNotFoundError`, and its replicas stop (finishing what they run). With
+    `_blocking` (the default) it returns once its replicas are gone. `DeploymentNotFoundError` if no such
+    application is deployed."""
+    url = redis_url()
+    client = sync_client(url)
+    spec = _apps.delete_application(client, name)
     with _lock:
-        if _session is None:
-            return
         session = _session
-        names = session.workers.pop(name, set())
-    delete_app(session.redis_url, name, owner_id=session.id)
-    session.group.stop(names)
-    state.save(session.record())
+        names = session.workers.pop(name, set()) if session is not None else set()
+        if session is not None:
+            session.specs.pop(name, None)
+    if session is not None and session.gateway_url:
+        _wait_route_gone(session.gateway_url, spec.route_prefix)
+    if session is not None and names:
+        session.group.stop(names)
+        state.save(session.record())
+    if _blocking:
+        deadline = time.monotonic() + DELETE_WAIT_S
+        while _apps._live_replicas(client, name, list(spec.deployments)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _apps.fail_queued(client, name, sorted({d.queue for d in spec.deployments.values()}))
+
+
+def _wait_route_gone(gateway_url: str, prefix: str, timeout_s: float = 5.0) -> None:
+    """Until the gateway no longer routes `prefix` (it hears of the change on pub/sub, within milliseconds)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if prefix not in httpx.get(f"{gateway_url}/-/routes", timeout=2.0).json():
+                return
+        except (httpx.HTTPError, ValueError):
+            return  # no gateway to wait for
+        time.sleep(0.02)
 
 
 def _wait_for_route(session: _Session, spec: AppSpec, deadline: float) -> None:
