@@ -244,3 +244,22 @@ def test_delete_answers_404_at_once_ends_queued_requests_and_stops_replicas(
         serve.get_app_handle(name)
     with pytest.raises(DeploymentNotFoundError):
         serve.delete(name)
+
+
+def test_the_seed_quick_start_runs_as_written() -> None:
+    """Ray Serve 1.x's tutorial: serve.start(), Counter.deploy() at /Counter, then a new Counter deployed
+    again as a rolling update (its count starts from zero)."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(SERVE_PORT=str(free_port()), SERVE_LOG_LEVEL="ERROR")
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "quickstart.py")
+    done = subprocess.run(
+        [sys.executable, script], env=env, capture_output=True, text=True, timeout=240, cwd=os.path.dirname(script)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:5] == [
+        "{'count': 1}",
+        "{'count': 2}",
+        "{'count': 0}",
+        "{'count': 1}",
+        "{'count': 0}",
+    ], done.stdout

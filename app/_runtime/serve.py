@@ -206,12 +206,12 @@ def run(
         spec.owner = session.owner
         deploy_spec(session.redis_url, spec, replace=replace)
         _start_services(session, host, port)
-        names, retired = _start_workers(session, spec, placements)
+        names, retired, rolling = _start_workers(session, spec, placements)
         session.workers[spec.name] = names
         session.specs[spec.name] = spec
         state.save(session.record())
     try:
-        wait_until_ready(session, spec, startup_timeout_s)
+        wait_until_ready(session, spec, startup_timeout_s, rolling)
     except ServeStartupError:
         with _lock:
             session.group.stop(session.workers.pop(spec.name, set()) | retired)
@@ -270,8 +270,9 @@ def start(
 ) -> None:
     """Start the service without an application (Ray Serve 1.x's `serve.start()`): Redis (embedded unless
     `redis_url`/`REDIS_URL`), the HTTP gateway (`http_options={"host": ..., "port": ...}`, default
-    127.0.0.1:8000) and the scaler; returns once the gateway answers. Deployments then go up with
-    `serve.run(app)` or `Deployment.deploy()`. Does nothing inside a replica (which imports the script)."""
+    $SERVE_HOST:$SERVE_PORT, else 127.0.0.1:8000) and the scaler; returns once the gateway answers.
+    Deployments then go up with `serve.run(app)` or `Deployment.deploy()`. Does nothing inside a replica
+    (which imports the script that calls it)."""
     if os.environ.get("CELERY_SERVE_REPLICA"):
         return
     options = dict(http_options or {})
@@ -285,7 +286,8 @@ def start(
         )
     if ray_options:
         logger.warning("serve.start(): %s have no effect here", ", ".join(sorted(ray_options)))
-    host, port = str(options.get("host") or "127.0.0.1"), int(options.get("port") or 8000)
+    host = str(options.get("host") or os.environ.get("SERVE_HOST") or "127.0.0.1")
+    port = int(options.get("port") or os.environ.get("SERVE_PORT") or 8000)
     with _lock:
         session = _ensure_session(redis_url, host, port, "python")
         _start_services(session, host, port)
@@ -329,8 +331,9 @@ def _wait_for_gateway(session: _Session, deadline: float) -> None:
 
 def _start_workers(
     session: _Session, spec: AppSpec, placements: dict[str, list[list[str]]]
-) -> tuple[set[str], set[str]]:
-    """Workers for the spec's deployments: (the workers that serve it, old workers to stop once it is ready).
+) -> tuple[set[str], set[str], frozenset[str]]:
+    """Workers for the spec's deployments: (the workers that serve it, old workers to stop once it is ready,
+    the deployments whose running workers update in place or roll over).
 
     An application deployed again keeps a deployment's worker when the worker's own options are unchanged:
     its replicas then take the new spec in place (a lightweight change such as `user_config`) or its pool
@@ -340,6 +343,7 @@ def _start_workers(
     old_names = session.workers.get(spec.name, set())
     alive = {p.name for p in session.group.processes if p.proc.poll() is None}
     names: set[str] = set()
+    kept: set[str] = set()
     for dep_name, dep in spec.deployments.items():
         base = f"worker {spec.name}.{dep_name}"
         current = next((n for n in old_names if n == base or n.startswith(base + " #")), None)
@@ -350,6 +354,7 @@ def _start_workers(
             and previous.deployments[dep_name].worker_options() == dep.worker_options()
         ):
             names.add(current)  # type: ignore[arg-type]
+            kept.add(dep_name)
             continue
         taken = {p.name for p in session.group.processes}
         proc_name, generation = base, 1
@@ -358,7 +363,7 @@ def _start_workers(
             proc_name = f"{base} #{generation}"
         session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep_name, placements.get(dep_name)))
         names.add(proc_name)
-    return names, old_names - names
+    return names, old_names - names, frozenset(kept)
 
 
 def plan_gpus(spec: AppSpec, devices: list[str] | None = None) -> dict[str, list[list[str]]]:
@@ -396,8 +401,11 @@ def plan_gpus(spec: AppSpec, devices: list[str] | None = None) -> dict[str, list
     return plans
 
 
-def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float) -> None:
-    """Wait for every deployment's replicas of this spec version, then for the gateway to route to it."""
+def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float, rolling: frozenset[str] = frozenset()) -> None:
+    """Wait for every deployment's replicas of this spec version, then for the gateway to route to it.
+
+    For the deployments in `rolling` (updated by the workers already serving them), also until no replica of
+    an older version is left: in place, or replaced by the pool's rollout."""
     client = sync_client(session.redis_url)
     deadline = time.monotonic() + timeout_s
     pending = dict(spec.deployments)
@@ -407,8 +415,10 @@ def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float) -> None
             if error:
                 raise ServeStartupError(f"deployment '{name}' failed to start: {_text(error)}")
             needed = start_replicas(dep.config)
-            if ready_replicas(client, spec, name) >= needed and (
-                needed > 0 or worker_registered(client, spec.name, name)
+            if (
+                ready_replicas(client, spec, name) >= needed
+                and (needed > 0 or worker_registered(client, spec.name, name))
+                and (name not in rolling or not older_replicas(client, spec, name))
             ):
                 del pending[name]
         mine = session.workers.get(spec.name, set()) | {"gateway", "redis"}
@@ -431,6 +441,15 @@ def ready_replicas(client: Any, spec: AppSpec, deployment: str) -> int:
     for rid, raw in entries.items():
         info = json.loads(raw)
         if info.get("deployed_at") == spec.deployed_at and client.exists(_keys.replica_alive(rid.decode())):
+            count += 1
+    return count
+
+
+def older_replicas(client: Any, spec: AppSpec, deployment: str) -> int:
+    """Live replicas of this deployment that still run an older version of the spec."""
+    count = 0
+    for rid, raw in client.hgetall(_keys.replicas(spec.name, deployment)).items():
+        if json.loads(raw).get("deployed_at") != spec.deployed_at and client.exists(_keys.replica_alive(rid.decode())):
             count += 1
     return count
 

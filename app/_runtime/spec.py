@@ -199,7 +199,7 @@ def code_version(node: Application, app_source: dict[str, Any] | None) -> str:
         return f"v:{given}"
     target = node.deployment.func_or_class
     try:
-        source = inspect.getsource(target)
+        source = _code_text(target)
     except (OSError, TypeError):
         source = f"{target.__module__}.{target.__qualname__}@{id(target)}"  # unknown code: always a new version
     args = json.dumps(
@@ -209,6 +209,21 @@ def code_version(node: Application, app_source: dict[str, Any] | None) -> str:
     )
     text = json.dumps([source, args, app_source], sort_keys=True, default=repr)
     return "h:" + hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _code_text(target: Any) -> str:
+    """The source of a function, or of every function defined in a class (found through their code objects:
+    `inspect.getsource` of a class finds the first class of that name in the file, not this one)."""
+    if not inspect.isclass(target):
+        return inspect.getsource(target)
+    parts = [target.__qualname__, repr([b.__qualname__ for b in target.__bases__])]
+    for name, value in sorted(vars(target).items()):
+        func = getattr(value, "__func__", value)
+        if inspect.isfunction(func):
+            parts.append(inspect.getsource(func))
+        elif not name.startswith("__"):
+            parts.append(f"{name}={value!r}")
+    return "\n".join(parts)
 
 
 def _app_mark(child: Application) -> str:
