@@ -263,3 +263,58 @@ def test_the_seed_quick_start_runs_as_written() -> None:
         "{'count': 1}",
         "{'count': 0}",
     ], done.stdout
+
+
+def test_a_config_file_runs_two_applications_with_overrides_and_deploy_reconfigures_in_place(
+    service: Served, tmp_path: Any
+) -> None:
+    tag = uuid.uuid4().hex[:4]
+    echo, front = f"cfg-echo-{tag}", f"cfg-front-{tag}"
+    text = f"""\
+applications:
+- name: {echo}
+  route_prefix: /{echo}
+  import_path: tests.lifecycle_deployments:echo_app
+  deployments:
+  - name: Echo
+    num_replicas: 2
+    user_config: {{mode: loud}}
+- name: {front}
+  route_prefix: /{front}
+  import_path: tests.lifecycle_deployments:front_app
+  deployments:
+  - name: Echo
+    user_config: {{mode: inner}}
+"""
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    env = {**os.environ, "REDIS_URL": service.redis_url}
+    cli = [sys.executable, "-m", "celery_serve"]
+    try:
+        handles = _serve.run_config(str(path), redis_url=service.redis_url, startup_timeout_s=150)
+        assert set(handles) == {echo, front}
+        http = service.http()
+        answers = [http.get(f"/{echo}").json() for _ in range(30)]
+        assert {a["config"]["mode"] for a in answers} == {"loud"}
+        pids = {a["pid"] for a in answers}
+        assert len(pids) == 2  # num_replicas overridden from 1 to 2
+        assert http.get(f"/{front}").json()["echo"]["config"] == {"mode": "inner"}
+        assert http.get(f"/{front}").json()["echo"]["prefix"] == "inner"  # the code's bind argument
+
+        live = subprocess.run([*cli, "config"], env=env, capture_output=True, text=True, check=True).stdout
+        assert f"name: {echo}" in live and "mode: loud" in live and "num_replicas: 2" in live
+
+        path.write_text(text.replace("mode: loud", "mode: quiet"))
+        subprocess.run([*cli, "deploy", str(path), "--replace"], env=env, check=True, capture_output=True)
+        wait_until(
+            lambda: {http.get(f"/{echo}").json()["config"]["mode"] for _ in range(10)} == {"quiet"},
+            timeout_s=30,
+            what="the new user_config",
+        )
+        assert {http.get(f"/{echo}").json()["pid"] for _ in range(20)} <= pids  # reconfigured, not restarted
+    finally:
+        for name in (echo, front):
+            try:
+                serve.delete(name)
+            except DeploymentNotFoundError:
+                pass

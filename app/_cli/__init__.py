@@ -1,7 +1,8 @@
 """The `celery-serve` command line. Thin: each subcommand parses, then calls functions tests call too.
 
 One parser; the subcommands live in modules by what they do, each adding its own with `register()`:
-`serving` (run, deploy), `processes` (gateway, worker, scaler, flower), `operations` (status, delete).
+`serving` (run, deploy), `processes` (gateway, worker, scaler, flower), `operations` (status, delete),
+`configs` (build, config).
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ import sys
 import redis.exceptions
 
 from celery_serve import __version__
-from celery_serve._cli import operations, processes, serving
+from celery_serve._cli import configs, operations, processes, serving
 from celery_serve._cli.common import HelpFormatter
 from celery_serve._runtime import logs
 from celery_serve._runtime.logs import redact
 from celery_serve.exceptions import ServeError
 
-_COMMANDS = (serving, processes, operations)
+_COMMANDS = (serving, processes, operations, configs)
 
 _DESCRIPTION = """\
 Serve Ray Serve-style applications on Redis queues and Celery worker pools.
 
   celery-serve run MODULE:APP       everything on this machine (embedded Redis unless --redis-url)
   celery-serve deploy MODULE:APP    write the application's spec to Redis, nothing else
+  celery-serve deploy config.yaml   the same for every application of a config file (Ray Serve's schema)
+  celery-serve build MODULE:APP     write a config file for applications
+  celery-serve config               print the live applications as a config file
   celery-serve gateway              the HTTP gateway alone
   celery-serve worker -d NAME       one deployment's worker pool alone
   celery-serve scaler               the autoscaler alone

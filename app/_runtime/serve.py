@@ -200,8 +200,58 @@ def run(
             "`if __name__ == '__main__':` (workers import the module to find your deployments)"
         )
     spec = build_spec(target, name, route_prefix, source=_source)
+    handle = run_spec(spec, host, port, redis_url, startup_timeout_s, replace, _kind)
+    if blocking:
+        _block_until_interrupted()
+    return handle
+
+
+def run_config(
+    path: str,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    redis_url: str | None = None,
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+    replace: bool = False,
+    import_target: Any = None,
+    _kind: str = "python",
+) -> dict[str, DeploymentHandle]:
+    """Run every application of a config file (Ray Serve's schema, see `config_file`), with its overrides;
+    the whole file is checked before anything starts. Returns each application's ingress handle."""
+    from celery_serve._runtime.config_file import ConfigFile
+
+    config = ConfigFile(path)
+    specs = config.specs(import_target or _import_path)
+    http = config.config.http_options
+    return {
+        spec.name: run_spec(spec, host or http.host, port or http.port, redis_url, startup_timeout_s, replace, _kind)
+        for spec in specs
+    }
+
+
+def _import_path(path: str) -> Any:
+    import importlib
+
+    module, _, attr = path.partition(":")
+    found: Any = importlib.import_module(module)
+    for part in (attr or "app").split("."):
+        found = getattr(found, part)
+    return found
+
+
+def run_spec(
+    spec: AppSpec,
+    host: str,
+    port: int,
+    redis_url: str | None,
+    startup_timeout_s: float,
+    replace: bool,
+    kind: str,
+) -> DeploymentHandle:
+    """Deploy a built spec in this process's session (see `run`) and wait until it serves."""
     with _lock:
-        session = _ensure_session(redis_url, host, port, _kind)
+        session = _ensure_session(redis_url, host, port, kind)
         placements = plan_gpus(spec)
         spec.owner = session.owner
         deploy_spec(session.redis_url, spec, replace=replace)
@@ -221,10 +271,7 @@ def run(
     if retired:
         # the new version serves: the old workers' replicas finish (or hand back) what they hold and stop
         session.group.stop(retired)
-    handle = DeploymentHandle(spec.ingress, spec.name)
-    if blocking:
-        _block_until_interrupted()
-    return handle
+    return DeploymentHandle(spec.ingress, spec.name)
 
 
 def _ensure_session(redis_url: str | None, host: str, port: int, kind: str) -> _Session:
