@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from celery_serve.exceptions import DeploymentConfigError
 
@@ -311,16 +310,3 @@ def describe_validation_error(exc: ValidationError) -> str:
         message = f"{option} {message[0].lower()}{message[1:]}" if option != "options" else message
         parts.append(message if ", got " in message or option == "options" else f"{message}, got {err.get('input')!r}")
     return "invalid deployment options: " + "; ".join(parts)
-
-
-class ServeSettings(BaseSettings):
-    """Process-wide settings, read once from the environment (prefix `SERVE_`, plus `REDIS_URL`)."""
-
-    model_config = SettingsConfigDict(env_prefix="SERVE_", extra="ignore", populate_by_name=True)
-
-    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1)
-    result_ttl_s: int = Field(default=24 * 3600, ge=1)
-    log_level: str = "WARNING"
