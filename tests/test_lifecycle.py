@@ -60,6 +60,12 @@ def deploy(service: Served) -> Iterator[Callable[..., str]]:
             pass
 
 
+def redis_client_of(service: Served) -> Any:
+    import redis
+
+    return redis.Redis.from_url(service.redis_url)
+
+
 def app_status(name: str) -> Any:
     return serve.status().applications.get(name)
 
@@ -158,6 +164,14 @@ def test_a_user_config_change_reconfigures_the_running_replicas_in_place(
     assert {r["pid"] for r in after} <= pids  # the same processes: reconfigured, not restarted
     assert {r["reconfigured"] for r in after} == {2}
     assert took < 30
+    # num_replicas is lightweight too: the pool grows; the running replicas stay
+    deploy(ld.Greeter.options(user_config={"greeting": "bonjour"}, num_replicas=3).bind(), "greet", name=name)
+    grown = wait_until(
+        lambda: len(p := {handle.remote().result(timeout_s=30)["pid"] for _ in range(30)}) == 3 and p,
+        timeout_s=30,
+        what="three replicas",
+    )
+    assert pids <= grown
 
 
 def test_an_unchanged_version_is_not_restarted_and_new_code_rolls_over_under_load(
@@ -232,14 +246,16 @@ def test_delete_answers_404_at_once_ends_queued_requests_and_stops_replicas(
     for t in threads:
         t.start()
     time.sleep(0.5)  # one runs, two wait in the queue
-    serve.delete(name)
+    serve.delete(name, _blocking=False)
     assert http.get(f"/{name}").status_code == 404
+    assert serve.status().applications[name].status == ApplicationStatus.DELETING  # its replica finishes
     for t in threads:
         t.join(timeout=60)
     codes = sorted(r.status_code for r in answers)
     assert codes == [200, 404, 404], [r.text for r in answers]
     assert any("was deleted before this request" in r.text for r in answers)
-    assert name not in serve.status().applications
+    wait_until(lambda: name not in serve.status().applications, timeout_s=30, what="its replicas to stop")
+    assert not redis_client_of(service).hkeys(f"serve:replicas:{name}:one_at_a_time")
     with pytest.raises(DeploymentNotFoundError, match="no application named"):
         serve.get_app_handle(name)
     with pytest.raises(DeploymentNotFoundError):

@@ -281,8 +281,15 @@ class ReplicaPool(BasePool):
 
         if spec.deployed_at == self._deployed_at:
             return
-        identity = spec.deployments[self.app.conf.serve_deployment].identity
+        dep = spec.deployments[self.app.conf.serve_deployment]
+        identity = dep.identity
         self._deployed_at = spec.deployed_at
+        if dep.config.get("autoscaling_config") is None:  # a fixed count: follow it (the scaler does the rest)
+            wanted, have = int(dep.config["num_replicas"]), len(self._slots)
+            if wanted > have:
+                self.grow(wanted - have)
+            elif wanted < have:
+                self.shrink(have - wanted)
         if identity == self._identity:
             return  # the replicas take it in place (see celery_serve.workers.updates)
         self._identity = identity

@@ -59,6 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 )
             )
         else:
+            assert application is not None
             _serve.run(
                 application,
                 name=args.name,

@@ -170,12 +170,9 @@ def delete_application(client: Any, name: str) -> AppSpec:
             f"no application named '{name}' is deployed (deployed: {', '.join(known) or 'none'})"
         )
     spec = AppSpec.from_json(raw)
-    entry = {
-        "at": time.time(),
-        "route_prefix": spec.route_prefix,
-        "deployments": sorted(spec.deployments),
-        "queues": sorted({d.queue for d in spec.deployments.values()}),
-    }
+    queues = sorted({d.queue for d in spec.deployments.values()})
+    entry = {"at": time.time(), "route_prefix": spec.route_prefix, "deployments": sorted(spec.deployments)}
+    entry["queues"] = queues
     pipe = client.pipeline()
     pipe.hset(DELETING, name, json.dumps(entry))
     pipe.hdel(_keys.APPS, name)
@@ -189,7 +186,7 @@ def delete_application(client: Any, name: str) -> AppSpec:
         )
     pipe.publish(_keys.APPS_CHANGED, name)
     pipe.execute()
-    fail_queued(client, name, entry["queues"])
+    fail_queued(client, name, queues)
     return spec
 
 

@@ -611,7 +611,10 @@ def delete(name: str, _blocking: bool = True) -> None:
     if session is not None and session.gateway_url:
         _wait_route_gone(session.gateway_url, spec.route_prefix)
     if session is not None and names:
-        session.group.stop(names)
+        if _blocking:
+            session.group.stop(names)
+        else:  # the replicas finish what they run meanwhile; status says DELETING until they are gone
+            threading.Thread(target=session.group.stop, args=(names,), daemon=True).start()
         state.save(session.record())
     if _blocking:
         deadline = time.monotonic() + DELETE_WAIT_S

@@ -29,6 +29,7 @@ _HANDLE_MARK = "__serve_handle__"
 LIGHTWEIGHT_OPTIONS = frozenset(
     {
         "user_config",
+        "num_replicas",
         "autoscaling_config",
         "max_queued_requests",
         "request_timeout_s",
@@ -41,10 +42,8 @@ LIGHTWEIGHT_OPTIONS = frozenset(
         "logging_config",
     }
 )
-# Options that the worker (the pool process) itself was started with.
+# Options that the worker (the pool process) itself was started with (its pool follows num_replicas).
 WORKER_OPTIONS = (
-    "num_replicas",
-    "autoscaling_config",
     "num_cpus",
     "num_gpus",
     "memory",
