@@ -30,9 +30,11 @@ from celery_serve.exceptions import (
     JobCancelledError,
     PayloadTooLargeError,
     RemoteError,
+    ReplicaCrashError,
     RequestTimeoutError,
     ServeError,
     ServeStartupError,
+    ServiceUnavailableError,
 )
 from celery_serve.handle import DeploymentHandle, DeploymentResponse
 from celery_serve.pipeline import parallel, pipeline
@@ -58,9 +60,11 @@ __all__ = [
     "Pipeline",
     "RemoteError",
     "ReplicaContext",
+    "ReplicaCrashError",
     "RequestTimeoutError",
     "ServeError",
     "ServeStartupError",
+    "ServiceUnavailableError",
     "batch",
     "delete",
     "deployment",

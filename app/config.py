@@ -144,6 +144,10 @@ class DeploymentConfig(BaseModel):
     job_retention_s: int = Field(default=24 * 3600, ge=1, le=90 * 24 * 3600)
     request_retention_s: int = Field(default=600, ge=1, le=90 * 24 * 3600)
     autoscaling_config: AutoscalingConfig | None = None
+    # How many times a request may be handed back because its replica died (or stalled) while running it,
+    # before it ends `failed` and goes to the deployment's dead-letter list: a request that crashes its
+    # replica cannot take the deployment down with it.
+    max_deliveries: int = Field(default=3, ge=1, le=1000)
     # Ray Serve's lifecycle options, with Ray's defaults
     health_check_period_s: float = Field(default=10.0, gt=0, le=24 * 3600)
     health_check_timeout_s: float = Field(default=30.0, gt=0, le=24 * 3600)

@@ -111,7 +111,8 @@ def deployment(_target: Callable[..., Any] | None = None, **options: Any) -> Any
     health_check_period_s, health_check_timeout_s, logging_config, max_constructor_retry_count (those with no
     effect here, such as placement_group_bundles, are accepted with one warning saying why). Our own:
     num_cpus, num_gpus, memory, max_batch_size, request_timeout_s, allow_cpu_fallback, job_retention_s (how
-    long async job results are kept), request_retention_s (the same for synchronous requests).
+    long async job results are kept), request_retention_s (the same for synchronous requests),
+    max_deliveries (how many replica deaths a request may cause before it is dead-lettered).
     """
     if _target is not None and not callable(_target):
         raise DeploymentConfigError(

@@ -99,7 +99,7 @@ def _health_monitor(
         server.replica_id,
         check,
         loop,
-        lambda: server.heartbeat.restore(server.replica_id, force=True),
+        lambda: server.heartbeat.hand_back(server.replica_id, force=True, count=False)[0],
         period_s=float(config.get("health_check_period_s") or 10.0),
         timeout_s=float(config.get("health_check_timeout_s") or 30.0),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -90,8 +91,9 @@ class UpdateFollower:
         self.replica.app = spec
         self.replica.root_path = "" if spec.route_prefix == "/" else spec.route_prefix
         self.on_health_options(dep.config)
-        self.server.heartbeat.info["deployed_at"] = spec.deployed_at
-        await asyncio.to_thread(self.server.heartbeat.register)
+        liveness = self.server.heartbeat
+        liveness.info = json.dumps({**json.loads(liveness.info), "deployed_at": spec.deployed_at})
+        await asyncio.to_thread(liveness.register)
         logger.info("replica %s took the new version of '%s' in place", self.server.replica_id, spec.name)
         return True
 

@@ -2,7 +2,7 @@
 
 One parser; the subcommands live in modules by what they do, each adding its own with `register()`:
 `serving` (run, deploy), `processes` (gateway, worker, scaler, flower), `operations` (status, delete),
-`configs` (build, config).
+`configs` (build, config), `dlq` (dead letters).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import sys
 import redis.exceptions
 
 from celery_serve import __version__
-from celery_serve._cli import configs, operations, processes, serving
+from celery_serve._cli import configs, dlq, operations, processes, serving
 from celery_serve._cli.common import HelpFormatter
 from celery_serve._runtime import logs
 from celery_serve._runtime.logs import redact
 from celery_serve.exceptions import ServeError
 
-_COMMANDS = (serving, processes, operations, configs)
+_COMMANDS = (serving, processes, operations, dlq, configs)
 
 _DESCRIPTION = """\
 Serve Ray Serve-style applications on Redis queues and Celery worker pools.
@@ -36,6 +36,7 @@ Serve Ray Serve-style applications on Redis queues and Celery worker pools.
   celery-serve status [--json]      what every deployment is doing
   celery-serve delete NAME          remove an application
   celery-serve shutdown             stop the run started from this folder
+  celery-serve dlq list             requests given up on (list, show, replay, purge)
 
 Without --redis-url, status, delete and shutdown act on the run started from this folder.
 """

@@ -134,13 +134,13 @@ def _deleting(client: Any, snapshot: Snapshot) -> dict[str, dict[str, Any]]:
     return live
 
 
+def alive_replicas(client: Any, app: str, deployment: str) -> set[str]:
+    """Ids of the deployment's replicas whose heartbeat has not run out."""
+    return {_text(r) for r in client.zrangebyscore(_keys.heartbeats(app, deployment), time.time(), "+inf")}
+
+
 def _live_replicas(client: Any, app: str, deployments: list[str]) -> int:
-    count = 0
-    for dep in deployments:
-        for rid in client.hkeys(_keys.replicas(app, dep)):
-            if client.exists(_keys.replica_alive(_text(rid))):
-                count += 1
-    return count
+    return sum(len(alive_replicas(client, app, dep)) for dep in deployments)
 
 
 def status_lines(status: ServeStatus) -> list[str]:

@@ -50,6 +50,7 @@ class Envelope:
     job_id: str = ""  # the id the caller waits on: this task's id, or a pipeline's job id
     http_reply: bool = False  # answer with an HTTP response (the pipeline was called over HTTP)
     chord: dict[str, Any] | None = None  # for one branch of a parallel step: {"key", "index", "size"}
+    deliveries: int = 0  # how many times a replica died holding this message (see `_wire.delivery`)
 
     @property
     def in_pipeline(self) -> bool:
@@ -153,6 +154,9 @@ def build_message(
     return orjson.dumps(message).decode()
 
 
+SUSPECT_MARK = b'"serve_deliveries"'  # in a message a replica died holding (found without decoding it)
+
+
 def parse_message(raw: bytes | str) -> Envelope:
     """Decode a queued message; raises `BadRequestError` for anything that is not a JSON task message."""
     try:
@@ -183,6 +187,7 @@ def parse_message(raw: bytes | str) -> Envelope:
             job_id=headers.get("serve_job") or headers["id"],
             http_reply=bool(headers.get("serve_http_reply") or headers.get("serve_http")),
             chord=headers.get("serve_chord"),
+            deliveries=int(headers.get("serve_deliveries") or 0),
         )
     except BadRequestError:
         raise
