@@ -109,3 +109,45 @@ def test_memory_is_reserved_per_replica(monkeypatch: pytest.MonkeyPatch) -> None
     check_memory("Model", 2, 4 * 2**30)  # fits exactly
     with pytest.raises(PlacementError, match=r"asks for 3 replicas of memory=4.00 GiB each but this machine has 8.00"):
         check_memory("Model", 3, 4 * 2**30)
+
+
+def test_max_replicas_per_node_caps_a_workers_pool(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from celery_serve.workers.pool import ReplicaPool
+
+    pool: Any = SimpleNamespace(
+        app=SimpleNamespace(conf={"serve_max_replicas_per_node": 2, "serve_deployment": "Model"}), _slots=[1]
+    )
+    pool.app.conf = SimpleNamespace(get=pool.app.conf.get, serve_deployment="Model")
+    assert ReplicaPool._within_node_limit(pool, 1) == 1
+    assert ReplicaPool._within_node_limit(pool, 3) == 1
+    assert "would exceed max_replicas_per_node=2" in caplog.text
+
+
+def test_run_refuses_more_replicas_than_one_machine_may_hold() -> None:
+    from celery_serve._runtime.serve import check_per_node_limits
+    from celery_serve._runtime.spec import build_spec
+
+    app = serve.deployment(num_replicas=3, max_replicas_per_node=2)(Example).bind()
+    with pytest.raises(DeploymentConfigError, match=r"starts 3 replicas but max_replicas_per_node=2"):
+        check_per_node_limits(build_spec(app, "limits", None))
+
+
+def test_logging_config_sets_the_replicas_level_and_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from celery_serve._runtime.spec import build_spec
+    from celery_serve.workers.replica_main import _apply_logging_config
+
+    monkeypatch.setenv("SERVE_LOG_FORMAT", "text")  # configure() sets it for children; restored afterwards
+    app = serve.deployment(logging_config={"log_level": "DEBUG", "encoding": "JSON"})(Example).bind()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        _apply_logging_config(build_spec(app, "logs", None), "Example")
+        assert root.level == logging.DEBUG
+        assert type(root.handlers[0].formatter).__name__ == "JsonFormatter"
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

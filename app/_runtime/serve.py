@@ -251,6 +251,7 @@ def run_spec(
 ) -> DeploymentHandle:
     """Deploy a built spec in this process's session (see `run`) and wait until it serves."""
     with _lock:
+        check_per_node_limits(spec)
         session = _ensure_session(redis_url, host, port, kind)
         placements = plan_gpus(spec)
         spec.owner = session.owner
@@ -411,6 +412,21 @@ def _start_workers(
         session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep_name, placements.get(dep_name)))
         names.add(proc_name)
     return names, old_names - names, frozenset(kept)
+
+
+def check_per_node_limits(spec: AppSpec) -> None:
+    """`run` starts each deployment's replicas on this one machine: more than `max_replicas_per_node` can never
+    start, so say so now instead of waiting for them."""
+    from celery_serve.exceptions import DeploymentConfigError
+
+    for dep in spec.deployments.values():
+        limit, count = dep.config.get("max_replicas_per_node"), start_replicas(dep.config)
+        if limit is not None and count > int(limit):
+            raise DeploymentConfigError(
+                f"deployment '{dep.name}' starts {count} replicas but max_replicas_per_node={limit}, and run() "
+                "places every replica on this machine; lower num_replicas, or run workers on more machines "
+                "(celery-serve deploy + celery-serve worker on each)"
+            )
 
 
 def plan_gpus(spec: AppSpec, devices: list[str] | None = None) -> dict[str, list[list[str]]]:
