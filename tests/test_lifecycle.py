@@ -174,16 +174,8 @@ def test_a_user_config_change_reconfigures_the_running_replicas_in_place(
     assert pids <= grown
 
 
-def test_an_unchanged_version_is_not_restarted_and_new_code_rolls_over_under_load(
-    service: Served, deploy: Callable[..., str]
-) -> None:
-    name = deploy(ld.Versioned.options(version="1").bind("v1"), "roll")
-    http = service.http(timeout=30)
-    pids_v1 = {http.get(f"/{name}").json()["pid"] for _ in range(20)}
-    # the same version with other arguments: Ray does not restart it
-    deploy(ld.Versioned.options(version="1").bind("v1-other-args"), "roll", name=name)
-    assert {http.get(f"/{name}").json()["pid"] for _ in range(10)} <= pids_v1
-
+def under_load(service: Served, path: str, action: Callable[[], None]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Run `action` while four clients send requests to `path` back to back: (failures, answers in order)."""
     failures: list[str] = []
     seen: list[dict[str, Any]] = []
     stop = threading.Event()
@@ -192,7 +184,7 @@ def test_an_unchanged_version_is_not_restarted_and_new_code_rolls_over_under_loa
         with httpx.Client(base_url=service.gateway_url, timeout=30) as client:
             while not stop.is_set():
                 try:
-                    r = client.get(f"/{name}")
+                    r = client.get(path)
                     if r.status_code != 200:
                         failures.append(f"{r.status_code} {r.text}")
                     else:
@@ -203,19 +195,45 @@ def test_an_unchanged_version_is_not_restarted_and_new_code_rolls_over_under_loa
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
-    deploy(ld.Versioned.options(version="2").bind("v2"), "roll", name=name)
-    time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join()
+    try:
+        time.sleep(0.5)
+        action()
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return failures, seen
+
+
+def test_an_unchanged_version_is_not_restarted_and_new_code_rolls_over_under_load(
+    service: Served, deploy: Callable[..., str]
+) -> None:
+    name = deploy(ld.Versioned.options(version="1").bind("v1"), "roll")
+    http = service.http(timeout=30)
+    pids_v1 = {http.get(f"/{name}").json()["pid"] for _ in range(20)}
+    # the same version with other arguments: Ray does not restart it
+    deploy(ld.Versioned.options(version="1").bind("v1-other-args"), "roll", name=name)
+    assert {http.get(f"/{name}").json()["pid"] for _ in range(10)} <= pids_v1
+
+    # a new version: the pool rolls its replicas over, one by one
+    failures, seen = under_load(
+        service, f"/{name}", lambda: deploy(ld.Versioned.options(version="2").bind("v2"), "roll", name=name)
+    )
     assert failures == []
     assert len(seen) > 50
     versions = [r["version"] for r in seen]
     assert versions[0] == "v1" and versions[-1] == "v2"
-    after = {http.get(f"/{name}").json()["pid"] for _ in range(20)}
+    pids_v2 = {http.get(f"/{name}").json()["pid"] for _ in range(20)}
     assert {http.get(f"/{name}").json()["version"] for _ in range(10)} == {"v2"}
-    assert not after & pids_v1
+    assert not pids_v2 & pids_v1
+
+    # new resources: a new worker starts, and the old one stops once the new replicas serve
+    v3 = ld.Versioned.options(version="3", num_cpus=0.5).bind("v3")
+    failures, seen = under_load(service, f"/{name}", lambda: deploy(v3, "roll", name=name))
+    assert failures == []
+    assert seen[-1]["version"] == "v3"
+    assert not {http.get(f"/{name}").json()["pid"] for _ in range(20)} & pids_v2
 
 
 def test_graceful_shutdown_hands_back_what_outlives_its_timeout(service: Served, deploy: Callable[..., str]) -> None:

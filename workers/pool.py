@@ -229,15 +229,20 @@ class ReplicaPool(BasePool):
         that needs a restart; lightweight changes the replicas take in place), stop them when the application
         (or this deployment) is deleted and, once they are gone, end what they handed back with a clear
         error; start them again if it is deployed again."""
-        from celery_serve._runtime.apps import fail_queued
+        from celery_serve._runtime.apps import DELETING, fail_queued
         from celery_serve._runtime.spec import AppSpec
         from celery_serve.config import start_replicas
 
         conf = self.app.conf
         try:
-            raw = self._redis.hget(_keys.APPS, conf.serve_app)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hget(_keys.APPS, conf.serve_app)
+            pipe.hexists(DELETING, conf.serve_app)
+            raw, deleting = pipe.execute()
             spec = AppSpec.from_json(raw) if raw is not None else None
             present = spec is not None and conf.serve_deployment in spec.deployments
+            if spec is None and not deleting and not self._deleted:
+                return  # gone without a delete: Redis lost its data, and the application is re-announced
             if not present and not self._deleted:
                 logger.warning(
                     "application '%s' was deleted: stopping the replicas of %s", conf.serve_app, conf.serve_deployment
@@ -304,6 +309,7 @@ class ReplicaPool(BasePool):
         dep = spec.deployments[self.app.conf.serve_deployment]
         identity = dep.identity
         self._deployed_at = spec.deployed_at
+        self.app.conf.serve_graceful_shutdown_timeout_s = dep.config.get("graceful_shutdown_timeout_s")
         if dep.config.get("autoscaling_config") is None:  # a fixed count: follow it (the scaler does the rest)
             wanted, have = int(dep.config["num_replicas"]), len(self._slots)
             if wanted > have:
@@ -312,6 +318,17 @@ class ReplicaPool(BasePool):
                 self.shrink(have - wanted)
         if identity == self._identity:
             return  # the replicas take it in place (see celery_serve.workers.updates)
+        started_with = self.app.conf.get("serve_worker_options")
+        if started_with is not None and dep.worker_options() != started_with:
+            # this worker's own options changed (resources): `run` starts a new worker and stops this one;
+            # rolling here would start replicas with the old resources
+            logger.warning(
+                "%s: the new version changes options this worker was started with (%s); it keeps serving the "
+                "old version until it is replaced (celery-serve run does that; restart a standalone worker)",
+                self.app.conf.serve_deployment,
+                ", ".join(k for k, v in dep.worker_options().items() if started_with.get(k) != v),
+            )
+            return
         self._identity = identity
         if self._rollout is not None:
             self._rollout.cancelled.set()

@@ -111,6 +111,7 @@ def run_worker(
     celery.conf.serve_max_replicas_per_node = config.get("max_replicas_per_node")
     celery.conf.serve_deployed_at = spec.deployed_at
     celery.conf.serve_identity = spec.deployments[deployment].identity
+    celery.conf.serve_worker_options = spec.deployments[deployment].worker_options()
     celery.conf.serve_graceful_shutdown_timeout_s = config.get("graceful_shutdown_timeout_s")
     celery.conf.serve_machine, celery.conf.serve_machine_cpus, celery.conf.serve_machine_gpus = machine_capacity(
         devices

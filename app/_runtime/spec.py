@@ -49,7 +49,6 @@ WORKER_OPTIONS = (
     "memory",
     "max_replicas_per_node",
     "allow_cpu_fallback",
-    "graceful_shutdown_timeout_s",
 )
 _MAIN_ALIAS = "__serve_main__"
 
