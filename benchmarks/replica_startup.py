@@ -84,6 +84,7 @@ def main() -> None:
             timed_process([sys.executable, "-c", "import celery_serve.workers.replica_main"]) for _ in range(args.runs)
         ]
     finally:
+        context.reset()
         group.stop()
     rows = [
         summary("process start -> first request served", startup),
