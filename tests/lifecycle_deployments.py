@@ -130,9 +130,13 @@ class Versioned:
 
 @deployment(graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=0.5)
 class Slow:
+    def __init__(self, fast: bool = False) -> None:
+        self.fast = fast  # a new version that answers at once (so a handed-back request ends quickly)
+
     async def __call__(self, request: Request) -> dict[str, Any]:
-        await asyncio.sleep(float(request.query_params.get("sleep", "0")))
-        return {"pid": os.getpid()}
+        if not self.fast:
+            await asyncio.sleep(float(request.query_params.get("sleep", "0")))
+        return {"pid": os.getpid(), "fast": self.fast}
 
 
 slow_app = Slow.bind()

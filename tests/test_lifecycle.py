@@ -237,19 +237,23 @@ def test_an_unchanged_version_is_not_restarted_and_new_code_rolls_over_under_loa
 
 
 def test_graceful_shutdown_hands_back_what_outlives_its_timeout(service: Served, deploy: Callable[..., str]) -> None:
-    name = deploy(ld.slow_app, "graceful")
+    name = deploy(ld.Slow.options(version="1").bind(), "graceful")
     http = service.http(timeout=60)
+    old_pid = http.get(f"/{name}").json()["pid"]
     result: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: result.update(r=http.get(f"/{name}", params={"sleep": "3"})))
+    thread = threading.Thread(target=lambda: result.update(r=http.get(f"/{name}", params={"sleep": "15"})))
     thread.start()
     time.sleep(0.5)
-    first = serve.status().applications[name]
-    assert first.status == ApplicationStatus.RUNNING
-    # a new version (other code: new arguments) retires the old replica while the 3 s request runs on it; its
-    # graceful_shutdown_timeout_s is 0.5 s, so the request is handed back and run again by the new replica
-    deploy(ld.Slow.options(graceful_shutdown_timeout_s=0.6).bind(), "graceful", name=name)
+    # a new version retires the old replica while the 15 s request runs on it; past its
+    # graceful_shutdown_timeout_s (0.5 s) the request is handed back, and the new replica runs it again
+    started = time.monotonic()
+    deploy(ld.Slow.options(version="2").bind(fast=True), "graceful", name=name)
+    retired_within = time.monotonic() - started
     thread.join(timeout=60)
     assert result["r"].status_code == 200
+    assert result["r"].json()["pid"] != old_pid  # answered by the new replica, not the retired one
+    assert result["r"].json()["fast"] is True
+    assert retired_within < 12  # the old replica did not wait for the 15 s request
 
 
 def test_delete_answers_404_at_once_ends_queued_requests_and_stops_replicas(
