@@ -83,6 +83,7 @@ class ReplicaPool(BasePool):
         self._deployed_at = float(self.app.conf.get("serve_deployed_at") or 0.0)  # the version the pool runs
         self._identity = self.app.conf.get("serve_identity")
         self._rollout: Any = None
+        self._last_seen: tuple[Any, Any] = (None, None)  # (spec, being deleted) as last read from Redis
 
     def _command(self, replica_id: str) -> list[str]:
         conf = self.app.conf
@@ -222,7 +223,7 @@ class ReplicaPool(BasePool):
                 self._retiring = [p for p in self._retiring if p.poll() is None]
             if time.monotonic() - self._registered_at >= REGISTER_EVERY_S:
                 self._register()
-                self._follow_spec()
+            self._follow_spec()  # every tick: a rollout or a delete starts within half a second
 
     def _follow_spec(self) -> None:
         """Follow the application's spec: roll the replicas over to a new version (new code or an option
@@ -239,6 +240,9 @@ class ReplicaPool(BasePool):
             pipe.hget(_keys.APPS, conf.serve_app)
             pipe.hexists(DELETING, conf.serve_app)
             raw, deleting = pipe.execute()
+            if (raw, deleting) == self._last_seen and self._swept:
+                return  # nothing changed since the last tick, and nothing is pending
+            self._last_seen = (raw, deleting)
             spec = AppSpec.from_json(raw) if raw is not None else None
             present = spec is not None and conf.serve_deployment in spec.deployments
             if spec is None and not deleting and not self._deleted:
@@ -262,8 +266,10 @@ class ReplicaPool(BasePool):
                 self.grow(start_replicas(spec.deployments[conf.serve_deployment].config))
             elif present and spec is not None:
                 self._follow_version(spec)
-        except Exception as exc:  # noqa: BLE001 - checked again at the next registration
-            logger.warning("could not check whether '%s' is still deployed: %s", conf.serve_app, exc)
+        except REDIS_FAULTS as exc:  # Redis is away: _register says so; checked again at the next tick
+            logger.debug("could not read the spec of '%s': %r", conf.serve_app, exc)
+        except Exception as exc:  # noqa: BLE001 - checked again at the next tick
+            logger.warning("could not follow the spec of '%s': %s", conf.serve_app, exc)
 
     def _check(self, slot: _Slot) -> None:
         now = time.monotonic()
