@@ -271,7 +271,7 @@ def run_spec(
         raise
     if retired:
         # the new version serves: the old workers' replicas finish (or hand back) what they hold and stop
-        session.group.stop(retired)
+        session.group.stop(retired, worker_grace_s(spec))
     return DeploymentHandle(spec.ingress, spec.name)
 
 
@@ -412,6 +412,15 @@ def _start_workers(
         session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep_name, placements.get(dep_name)))
         names.add(proc_name)
     return names, old_names - names, frozenset(kept)
+
+
+def worker_grace_s(spec: AppSpec) -> float:
+    """How long a stopping worker of this application may take: its replicas' longest
+    graceful_shutdown_timeout_s, plus time for the pool to hand back and for Celery to exit."""
+    longest = max(
+        (float(d.config.get("graceful_shutdown_timeout_s") or 0) for d in spec.deployments.values()), default=0
+    )
+    return longest + 15.0
 
 
 def check_per_node_limits(spec: AppSpec) -> None:
@@ -632,10 +641,11 @@ def delete(name: str, _blocking: bool = True) -> None:
     if session is not None and session.gateway_url:
         _wait_route_gone(session.gateway_url, spec.route_prefix)
     if session is not None and names:
+        grace = worker_grace_s(spec)
         if _blocking:
-            session.group.stop(names)
+            session.group.stop(names, grace)
         else:  # the replicas finish what they run meanwhile; status says DELETING until they are gone
-            threading.Thread(target=session.group.stop, args=(names,), daemon=True).start()
+            threading.Thread(target=session.group.stop, args=(names, grace), daemon=True).start()
         state.save(session.record())
     if _blocking:
         deadline = time.monotonic() + DELETE_WAIT_S
@@ -704,7 +714,7 @@ def shutdown() -> None:
         logger.warning("could not remove application specs from Redis: %s", exc)
     if session.beat is not None:
         session.beat.stop()
-    session.group.stop()
+    session.group.stop(grace_s=max((worker_grace_s(s) for s in session.specs.values()), default=0.0))
 
 
 def redis_url() -> str:
