@@ -25,6 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from celery_serve import __version__
 from celery_serve._runtime.logs import ACCESS_LOGGER
+from celery_serve._runtime.settings import ServeSettings
 from celery_serve._wire import keys as _keys
 from celery_serve._wire.connections import REDIS_FAULTS
 from celery_serve._wire.jobs import JobStore
@@ -34,7 +35,6 @@ from celery_serve.api.metrics import CONTENT_TYPE, GatewayMetrics
 from celery_serve.api.openapi import merge_openapi
 from celery_serve.api.proxy import Proxy
 from celery_serve.api.routes import RouteTable
-from celery_serve.config import ServeSettings
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uvicorn
 
+from celery_serve._runtime.settings import ServeSettings
 from celery_serve.api.gateway import create_gateway
-from celery_serve.config import ServeSettings
 
 
 def serve(settings: ServeSettings) -> None:

@@ -77,12 +77,38 @@ class RouteTable:
             self._refreshed_at = now
 
     async def run(self) -> None:
+        """Refresh every REFRESH_S, and at once when an application is deployed or deleted (pub/sub), so a
+        deleted application's routes answer 404 as soon as `delete` returns."""
+        changed = asyncio.Event()
+        listener = asyncio.create_task(self._listen(changed), name="route-changes")
+        try:
+            while True:
+                try:
+                    await self.refresh()
+                except (redis.exceptions.RedisError, OSError, RuntimeError) as exc:
+                    logger.warning("could not refresh routes from Redis: %r", exc)
+                changed.clear()
+                try:
+                    await asyncio.wait_for(changed.wait(), REFRESH_S)
+                except TimeoutError:
+                    pass
+        finally:
+            listener.cancel()
+
+    async def _listen(self, changed: asyncio.Event) -> None:
         while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await self.refresh()
-            except (redis.exceptions.RedisError, OSError, RuntimeError) as exc:
-                logger.warning("could not refresh routes from Redis: %r", exc)
-            await asyncio.sleep(REFRESH_S)
+                await pubsub.subscribe(_keys.APPS_CHANGED)
+                while True:
+                    message = await pubsub.get_message(timeout=REFRESH_S)
+                    if message is not None:
+                        changed.set()
+            except (redis.exceptions.RedisError, OSError) as exc:
+                logger.debug("route change listener lost Redis (%s); polling meanwhile", exc)
+                await asyncio.sleep(REFRESH_S)
+            finally:
+                await pubsub.aclose()
 
     def match(self, path: str) -> tuple[AppSpec, DeploymentSpec | AppSpec] | None:
         """The application serving `path`, and where its requests go: the ingress, or the pipeline."""

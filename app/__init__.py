@@ -14,7 +14,8 @@ protocol (`celery_serve._wire`), the run-time orchestration (`celery_serve._runt
 `celery_serve.api`.
 """
 
-from celery_serve._runtime.serve import run, shutdown
+import celery_serve.status as _status_module  # noqa: F401 - loaded first, so `status` below stays the function
+from celery_serve._runtime.serve import delete, get_app_handle, run, shutdown, start, status
 from celery_serve.application import Application, Parallel, Pipeline
 from celery_serve.batch import batch
 from celery_serve.client import AsyncClient, Client, Job, get_deployment_handle
@@ -65,7 +66,9 @@ __all__ = [
     "ServeStartupError",
     "ServiceUnavailableError",
     "batch",
+    "delete",
     "deployment",
+    "get_app_handle",
     "get_deployment_handle",
     "get_replica_context",
     "ingress",
@@ -73,4 +76,6 @@ __all__ = [
     "pipeline",
     "run",
     "shutdown",
+    "start",
+    "status",
 ]

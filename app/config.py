@@ -7,11 +7,11 @@ errors name the option and the value so the user knows what to change.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from celery_serve.exceptions import DeploymentConfigError
 
@@ -67,8 +67,65 @@ class AutoscalingConfig(BaseModel):
         return self.min_replicas if self.initial_replicas is None else self.initial_replicas
 
 
+class RayActorOptions(BaseModel):
+    """Ray's `ray_actor_options`: `num_cpus`, `num_gpus` and `memory` become this deployment's resources;
+    the others are accepted (so Ray modules import unchanged) and have no effect here, with a warning."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)
+    memory: float | None = Field(default=None, ge=0)
+    object_store_memory: float | None = Field(default=None, ge=0)
+    resources: dict[str, float] | None = None
+    accelerator_type: str | None = None
+    runtime_env: dict[str, Any] | None = None
+
+
+class LoggingConfig(BaseModel):
+    """Ray's `logging_config`: the replica's log level, text or JSON lines, and whether it logs each request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = None
+    encoding: Literal["TEXT", "JSON"] | None = None
+    logs_dir: str | None = None
+    enable_access_log: bool = True
+    additional_log_standard_attrs: list[str] = Field(default_factory=list)
+
+    @field_validator("log_level", "encoding", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+# Ray options accepted so that Ray modules run unchanged, and why each has no effect here (said once, as a
+# warning, where the option is given).
+NO_EFFECT: dict[str, str] = {
+    "placement_group_bundles": "replicas are processes placed by their worker, not Ray placement groups",
+    "placement_group_strategy": "replicas are processes placed by their worker, not Ray placement groups",
+    "request_router_config": "replicas pull from one shared queue, so there is no request router to configure",
+}
+ACTOR_NO_EFFECT: dict[str, str] = {
+    "object_store_memory": "there is no Ray object store",
+    "resources": "custom Ray resources are not scheduled here (use num_cpus, num_gpus, memory)",
+    "accelerator_type": "GPUs are chosen by SERVE_GPU_DEVICES/--devices on the worker, not by type",
+    "runtime_env": "workers run in the environment they were started in (install dependencies there)",
+}
+LOGGING_NO_EFFECT: dict[str, str] = {
+    "logs_dir": "replica logs go to the worker's stderr (redirect it, or use a log collector)",
+    "additional_log_standard_attrs": "the log format is fixed (text, or JSON with encoding='JSON')",
+}
+HEALTH_CHECK_FAILURES = 3  # consecutive failed (or hung) health checks after which a replica is replaced, as in Ray
+
+
 class DeploymentConfig(BaseModel):
-    """Everything `@deployment(...)` and `.options(...)` accept."""
+    """Everything `@deployment(...)` and `.options(...)` accept: Ray Serve's options plus our own.
+
+    Ray defaults are kept, except `max_ongoing_requests` (100, not 5: a replica drains and batches its queue
+    itself, so a low cap starves batching) and `max_queued_requests` (10,000, not unbounded: a full queue
+    answers 503 at once, our backpressure principle).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -91,6 +148,51 @@ class DeploymentConfig(BaseModel):
     # before it ends `failed` and goes to the deployment's dead-letter list: a request that crashes its
     # replica cannot take the deployment down with it.
     max_deliveries: int = Field(default=3, ge=1, le=1000)
+    # Ray Serve's lifecycle options, with Ray's defaults
+    health_check_period_s: float = Field(default=10.0, gt=0, le=24 * 3600)
+    health_check_timeout_s: float = Field(default=30.0, gt=0, le=24 * 3600)
+    graceful_shutdown_wait_loop_s: float = Field(default=2.0, gt=0, le=3600)
+    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0, le=24 * 3600)
+    max_constructor_retry_count: int = Field(default=20, ge=1, le=10_000)
+    max_replicas_per_node: int | None = Field(default=None, ge=1, le=1024)
+    memory: float | None = Field(default=None, ge=0)  # bytes per replica (ray_actor_options["memory"])
+    logging_config: LoggingConfig | None = None
+    ray_actor_options: RayActorOptions | None = None
+    placement_group_bundles: list[dict[str, float]] | None = None
+    placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
+    request_router_config: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _actor_resources(cls, data: Any) -> Any:
+        """`ray_actor_options` num_cpus/num_gpus/memory are this deployment's resources; giving the same one
+        both ways with different values is a mistake worth saying. `max_concurrent_queries` (Ray < 2.10) is
+        `max_ongoing_requests`."""
+        if not isinstance(data, dict):
+            return data
+        if "max_concurrent_queries" in data:
+            data = dict(data)
+            old = data.pop("max_concurrent_queries")
+            if "max_ongoing_requests" in data and data["max_ongoing_requests"] != old:
+                raise ValueError(
+                    "max_concurrent_queries is the old name of max_ongoing_requests: give only max_ongoing_requests"
+                )
+            data["max_ongoing_requests"] = old
+        actor = data.get("ray_actor_options")
+        if not isinstance(actor, Mapping):
+            return data
+        data = dict(data)
+        for key in ("num_cpus", "num_gpus", "memory"):
+            value = actor.get(key)
+            if value is None:
+                continue
+            if data.get(key) is not None and data[key] != value:
+                raise ValueError(
+                    f"{key} is given twice with different values ({key}={data[key]!r} and "
+                    f"ray_actor_options['{key}']={value!r}); give it once"
+                )
+            data[key] = value
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -164,12 +266,41 @@ def validate_route_prefix(value: str | None) -> str | None:
     return value
 
 
-def make_config(**options: Any) -> DeploymentConfig:
-    """Build a `DeploymentConfig`, turning pydantic's errors into one `DeploymentConfigError`."""
+def make_config(*, _given: Mapping[str, Any] | None = None, **options: Any) -> DeploymentConfig:
+    """Build a `DeploymentConfig`, turning pydantic's errors into one `DeploymentConfigError`.
+
+    `_given` are the options the user wrote this time (default: all): each Ray option among them that has no
+    effect here is reported with one warning saying why.
+    """
+    given = dict(options if _given is None else _given)
     try:
-        return DeploymentConfig(**options)
+        config = DeploymentConfig(**options)
     except ValidationError as exc:
         raise DeploymentConfigError(describe_validation_error(exc)) from None
+    warn_no_effect(config.name, given)
+    return config
+
+
+def warn_no_effect(name: str, given: Mapping[str, Any]) -> None:
+    """One `UserWarning` naming every option given that is accepted for Ray compatibility but does nothing here."""
+    reasons = [f"{key} ({why})" for key, why in NO_EFFECT.items() if given.get(key) is not None]
+    actor = given.get("ray_actor_options")
+    if isinstance(actor, Mapping):
+        reasons += [f"ray_actor_options['{k}'] ({why})" for k, why in ACTOR_NO_EFFECT.items() if actor.get(k)]
+    logging_config = given.get("logging_config")
+    if isinstance(logging_config, Mapping):
+        reasons += [f"logging_config['{k}'] ({why})" for k, why in LOGGING_NO_EFFECT.items() if logging_config.get(k)]
+        if logging_config.get("enable_access_log") is False:
+            reasons.append(
+                "logging_config['enable_access_log'] (requests are logged by the gateway: SERVE_ACCESS_LOG=0 "
+                "or --no-access-log turns that off)"
+            )
+    if reasons:
+        warnings.warn(
+            f"deployment '{name}': accepted for Ray Serve compatibility but without effect here: " + "; ".join(reasons),
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -181,18 +312,5 @@ def describe_validation_error(exc: ValidationError) -> str:
             continue
         message = err["msg"].removeprefix("Value error, ")
         message = f"{option} {message[0].lower()}{message[1:]}" if option != "options" else message
-        parts.append(message if ", got " in message else f"{message}, got {err.get('input')!r}")
+        parts.append(message if ", got " in message or option == "options" else f"{message}, got {err.get('input')!r}")
     return "invalid deployment options: " + "; ".join(parts)
-
-
-class ServeSettings(BaseSettings):
-    """Process-wide settings, read once from the environment (prefix `SERVE_`, plus `REDIS_URL`)."""
-
-    model_config = SettingsConfigDict(env_prefix="SERVE_", extra="ignore", populate_by_name=True)
-
-    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1)
-    result_ttl_s: int = Field(default=24 * 3600, ge=1)
-    log_level: str = "WARNING"

@@ -31,7 +31,9 @@ EXPECTED = [
     "ServeStartupError",
     "ServiceUnavailableError",
     "batch",
+    "delete",
     "deployment",
+    "get_app_handle",
     "get_deployment_handle",
     "get_replica_context",
     "ingress",
@@ -39,6 +41,8 @@ EXPECTED = [
     "pipeline",
     "run",
     "shutdown",
+    "start",
+    "status",
 ]
 
 

@@ -198,7 +198,8 @@ def test_status_json_and_table(served: Served, watched: dict[str, Any]) -> None:
     assert entry["errors"] >= 1 and entry["throughput_rps"] >= 0 and entry["in_flight"] >= 0 and entry["queued"] >= 0
     assert len(entry["workers"]) == 1
     table = celery_serve(served, "status")
-    header = table.splitlines()[0].split()
+    assert f"{watched['name']}: RUNNING" in table.splitlines()  # Ray's statuses come first, then the table
+    header = next(line for line in table.splitlines() if line.startswith("APP ")).split()
     assert header[:3] == ["APP", "DEPLOYMENT", "REPLICAS"]
     row = next(line.split() for line in table.splitlines() if line.startswith(watched["name"] + " "))
     assert row[1:5] == ["Watched", "1/1", "1", "fixed"]

@@ -34,6 +34,7 @@ from celery_serve._wire.envelope import SUSPECT_MARK, Envelope, build_message, p
 from celery_serve.exceptions import BadRequestError
 from celery_serve.workers.batching import ArrivalRate, Outcome, wait_budget
 from celery_serve.workers.events import TaskEvents
+from celery_serve.workers.graceful import drain
 from celery_serve.workers.replica import Replica
 from celery_serve.workers.replica_redis import Done, Liveness, QueueOps, ReplicaStats, Token
 
@@ -77,6 +78,7 @@ class ReplicaServer:
         self._flushing: asyncio.Task[None] | None = None
         self._slot = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._handing_back = False
         self._service_s = 0.0
         self._arrivals = ArrivalRate()
         self._held: set[str] = set()  # tokens of messages taken and not yet acknowledged or handed back
@@ -97,7 +99,7 @@ class ReplicaServer:
         finally:
             cancels.cancel()
             reconciler.cancel()
-            await self._drain_ongoing()
+            await self._drain_ongoing(graceful=True)
             await asyncio.to_thread(self.events.stop)
             handed_back = await asyncio.to_thread(self.heartbeat.unregister)
             if handed_back:
@@ -348,6 +350,8 @@ class ReplicaServer:
         try:
             outcome = await self.replica.run(env)
         except asyncio.CancelledError:
+            if self._handing_back:  # left unacknowledged: unregistering puts it back on the queue
+                return
             logger.info("%s %s cancelled while running", env.task_name, env.task_id)
             self._answer(token, env, _results.cancelled(env.job_id))
             return
@@ -520,9 +524,16 @@ class ReplicaServer:
             for item in batch:
                 self._release(item[0])
 
-    async def _drain_ongoing(self) -> None:
-        if self._ongoing:
+    async def _drain_ongoing(self, graceful: bool = False) -> None:
+        """Wait for what runs; stopping (`graceful`), within the graceful-shutdown options (see `drain`)."""
+        if graceful:
+            await drain(self._ongoing, self.config, self.replica_id, before_cancel=self._hand_back_on_cancel)
+        elif self._ongoing:
             await asyncio.wait(self._ongoing, timeout=float(self.config.get("request_timeout_s", 60)))
         self._schedule_flush()
         if self._flushing is not None:
             await self._flushing
+
+    def _hand_back_on_cancel(self) -> None:
+        """Past the graceful-shutdown timeout: what is cancelled now is handed back, not answered."""
+        self._handing_back = True

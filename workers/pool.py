@@ -25,6 +25,7 @@ from celery.concurrency.base import BasePool
 
 from celery_serve._runtime.launcher import spawn
 from celery_serve._wire import keys as _keys
+from celery_serve._wire import lifecycle
 from celery_serve._wire.connections import REDIS_FAULTS, sync_client
 from celery_serve._wire.delivery import DeploymentKeys, HandBack, epoch
 from celery_serve.workers.gpus import plan_placement, replica_env
@@ -37,6 +38,12 @@ REGISTER_EVERY_S = 2.0
 WORKER_ALIVE_TTL_S = 10
 
 
+def stop_grace_s(graceful_shutdown_timeout_s: float | None) -> float:
+    """How long a stopping replica may take before it is killed: its `graceful_shutdown_timeout_s` to finish
+    what it runs, plus time to hand back the rest and close its connections."""
+    return _STOP_GRACE_S if graceful_shutdown_timeout_s is None else float(graceful_shutdown_timeout_s) + 10.0
+
+
 @dataclass
 class _Slot:
     proc: subprocess.Popen[bytes] | None = None
@@ -44,6 +51,7 @@ class _Slot:
     devices: list[str] = field(default_factory=list)
     failures: int = 0
     restart_at: float = 0.0
+    given_up: bool = False  # the deployment is DEPLOY_FAILED: not restarted until it is deployed again
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -70,6 +78,12 @@ class ReplicaPool(BasePool):
         )
         self._registered_at = 0.0
         self._epoch: str | None = None
+        self._deleted = False  # the application was deleted: replicas stopped until it is deployed again
+        self._swept = True
+        self._deployed_at = float(self.app.conf.get("serve_deployed_at") or 0.0)  # the version the pool runs
+        self._identity = self.app.conf.get("serve_identity")
+        self._rollout: Any = None
+        self._last_seen: tuple[Any, Any] = (None, None)  # (spec, being deleted) as last read from Redis
 
     def _command(self, replica_id: str) -> list[str]:
         conf = self.app.conf
@@ -192,6 +206,7 @@ class ReplicaPool(BasePool):
         initial = self.app.conf.get("serve_initial_replicas")
         count = int(initial) if initial is not None else int(getattr(self, "limit", 1) or 1)
         with self._lock:
+            count = self._within_node_limit(count)
             for slot in self._new_slots(count):
                 self._spawn(slot)
                 self._slots.append(slot)
@@ -208,12 +223,75 @@ class ReplicaPool(BasePool):
                 self._retiring = [p for p in self._retiring if p.poll() is None]
             if time.monotonic() - self._registered_at >= REGISTER_EVERY_S:
                 self._register()
+            self._follow_spec()  # every tick: a rollout or a delete starts within half a second
+
+    def _follow_spec(self) -> None:
+        """Follow the application's spec: roll the replicas over to a new version (new code or an option
+        that needs a restart; lightweight changes the replicas take in place), stop them when the application
+        (or this deployment) is deleted and, once they are gone, end what they handed back with a clear
+        error; start them again if it is deployed again."""
+        from celery_serve._runtime.apps import DELETING, fail_queued
+        from celery_serve._runtime.spec import AppSpec
+        from celery_serve.config import start_replicas
+
+        conf = self.app.conf
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hget(_keys.APPS, conf.serve_app)
+            pipe.hexists(DELETING, conf.serve_app)
+            raw, deleting = pipe.execute()
+            if (raw, deleting) == self._last_seen and self._swept:
+                return  # nothing changed since the last tick, and nothing is pending
+            self._last_seen = (raw, deleting)
+            spec = AppSpec.from_json(raw) if raw is not None else None
+            present = spec is not None and conf.serve_deployment in spec.deployments
+            if spec is None and not deleting and not self._deleted:
+                return  # gone without a delete: Redis lost its data, and the application is re-announced
+            if not present and not self._deleted:
+                logger.warning(
+                    "application '%s' was deleted: stopping the replicas of %s", conf.serve_app, conf.serve_deployment
+                )
+                self._deleted, self._swept = True, False
+                self.shrink(len(self._slots))
+            elif not present and not self._swept:
+                with self._lock:
+                    stopping = any(p.poll() is None for p in self._retiring)
+                if not stopping:
+                    fail_queued(self._redis, conf.serve_app, [conf.serve_queue])
+                    self._swept = True
+            elif present and self._deleted and spec is not None:
+                logger.warning("application '%s' was deployed again: starting its replicas", conf.serve_app)
+                self._deleted = False
+                self._follow_version(spec)
+                self.grow(start_replicas(spec.deployments[conf.serve_deployment].config))
+            elif present and spec is not None:
+                self._follow_version(spec)
+        except REDIS_FAULTS as exc:  # Redis is away: _register says so; checked again at the next tick
+            logger.debug("could not read the spec of '%s': %r", conf.serve_app, exc)
+        except Exception as exc:  # noqa: BLE001 - checked again at the next tick
+            logger.warning("could not follow the spec of '%s': %s", conf.serve_app, exc)
 
     def _check(self, slot: _Slot) -> None:
         now = time.monotonic()
+        if slot.given_up:
+            if not self._deploy_failed():
+                slot.given_up = False  # deployed again: try again
+                slot.failures = 0
+            return
         if slot.proc is not None and slot.proc.poll() is not None:
             code = slot.proc.returncode
-            healthy_run = now - slot.started_at > 60
+            if code == lifecycle.EXIT_CONSTRUCTOR and self._deploy_failed():
+                logger.error(
+                    "replica pid %d of %s: its constructor failed max_constructor_retry_count times in a row; "
+                    "not restarting it (DEPLOY_FAILED, see `celery-serve status`) until it is deployed again",
+                    slot.proc.pid,
+                    self.app.conf.serve_deployment,
+                )
+                slot.proc = None
+                slot.given_up = True
+                self._hand_back(slot.replica_id, code)
+                return
+            healthy_run = now - slot.started_at > 60 or code == lifecycle.EXIT_UNHEALTHY  # replaced at once
             slot.failures = 0 if healthy_run else slot.failures + 1
             delay = min(_MAX_BACKOFF_S, 0.5 * 2 ** max(slot.failures - 1, 0)) if slot.failures else 0.0
             logger.warning(
@@ -228,6 +306,48 @@ class ReplicaPool(BasePool):
             self._hand_back(slot.replica_id, code)
         if slot.proc is None and now >= slot.restart_at:
             self._spawn(slot)
+
+    def _follow_version(self, spec: Any) -> None:
+        from celery_serve.workers.rollout import Rollout
+
+        if spec.deployed_at == self._deployed_at:
+            return
+        dep = spec.deployments[self.app.conf.serve_deployment]
+        identity = dep.identity
+        self._deployed_at = spec.deployed_at
+        self.app.conf.serve_graceful_shutdown_timeout_s = dep.config.get("graceful_shutdown_timeout_s")
+        if dep.config.get("autoscaling_config") is None:  # a fixed count: follow it (the scaler does the rest)
+            wanted, have = int(dep.config["num_replicas"]), len(self._slots)
+            if wanted > have:
+                self.grow(wanted - have)
+            elif wanted < have:
+                self.shrink(have - wanted)
+        if identity == self._identity:
+            return  # the replicas take it in place (see celery_serve.workers.updates)
+        started_with = self.app.conf.get("serve_worker_options")
+        if started_with is not None and dep.worker_options() != started_with:
+            # this worker's own options changed (resources): `run` starts a new worker and stops this one;
+            # rolling here would start replicas with the old resources
+            logger.warning(
+                "%s: the new version changes options this worker was started with (%s); it keeps serving the "
+                "old version until it is replaced (celery-serve run does that; restart a standalone worker)",
+                self.app.conf.serve_deployment,
+                ", ".join(k for k, v in dep.worker_options().items() if started_with.get(k) != v),
+            )
+            return
+        self._identity = identity
+        if self._rollout is not None:
+            self._rollout.cancelled.set()
+        self._rollout = Rollout(self, spec.deployed_at)
+        self._rollout.start()
+
+    def _deploy_failed(self) -> bool:
+        conf = self.app.conf
+        try:
+            return bool(self._redis.exists(lifecycle.deploy_failed(conf.serve_app, conf.serve_deployment)))
+        except Exception as exc:  # noqa: BLE001 - cannot tell: keep restarting with backoff
+            logger.warning("could not read the deployment's state: %s", exc)
+            return False
 
     def _hand_back(self, replica_id: str, code: int | None) -> None:
         """Put what a dead replica held back on the queue at once (no need to wait for its heartbeat), each
@@ -258,11 +378,27 @@ class ReplicaPool(BasePool):
             if self._stop.is_set():
                 logger.warning("not growing %s: the worker is stopping", self.app.conf.serve_deployment)
                 return
+            n = self._within_node_limit(n)
             for slot in self._new_slots(n):
                 self._spawn(slot)
                 self._slots.append(slot)
             self.limit = len(self._slots)
         self._register()
+
+    def _within_node_limit(self, n: int) -> int:
+        """`max_replicas_per_node`: a worker runs on one machine, so its pool never exceeds the limit."""
+        limit = self.app.conf.get("serve_max_replicas_per_node")
+        if limit is None or len(self._slots) + n <= int(limit):
+            return n
+        allowed = max(0, int(limit) - len(self._slots))
+        logger.warning(
+            "%s: growing by %d would exceed max_replicas_per_node=%d on this machine; growing by %d",
+            self.app.conf.serve_deployment,
+            n,
+            int(limit),
+            allowed,
+        )
+        return allowed
 
     def shrink(self, n: int = 1) -> None:
         """Retire n replicas, newest first: each gets SIGTERM, finishes or hands back what it holds, exits."""
@@ -278,6 +414,8 @@ class ReplicaPool(BasePool):
 
     def on_stop(self) -> None:
         self._stop.set()
+        if self._rollout is not None:
+            self._rollout.cancelled.set()
         self._unregister()
         with self._lock:
             procs = [s.proc for s in self._slots if s.proc is not None] + self._retiring
@@ -285,12 +423,13 @@ class ReplicaPool(BasePool):
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE_S
+        grace = stop_grace_s(self.app.conf.get("serve_graceful_shutdown_timeout_s"))
+        deadline = time.monotonic() + grace
         for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                logger.warning("replica pid %d did not stop in %.0fs; killing it", proc.pid, _STOP_GRACE_S)
+                logger.warning("replica pid %d did not stop in %.0fs; killing it", proc.pid, grace)
                 proc.kill()
                 proc.wait()
 

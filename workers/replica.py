@@ -19,7 +19,6 @@ from celery_serve.exceptions import DeploymentNotFoundError, ServeError
 from celery_serve.handle import DeploymentHandle
 from celery_serve.workers.batching import Item, Outcome, form_batches, run_batch_async
 from celery_serve.workers.http import ServeRequest, body_of, build_scope, encode_result, run_asgi, to_jsonable
-from celery_serve.workers.ingress import bind_ingress
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,11 @@ class Replica:
         self.instance: Any = None if self.is_function else target(*args, **kwargs)
         self.root_path = "" if spec.route_prefix == "/" else spec.route_prefix
         ingress_app = getattr(target, "__serve_ingress_app__", None)
-        self.ingress = bind_ingress(ingress_app, target, self.instance) if ingress_app is not None else None
+        self.ingress = None
+        if ingress_app is not None:  # FastAPI is imported only by replicas that serve a FastAPI ingress
+            from celery_serve.workers.ingress import bind_ingress
+
+            self.ingress = bind_ingress(ingress_app, target, self.instance)
         self._methods: dict[str, _Method] = {}
         self._lifespan: Any = None
         self.max_batch_size = self._largest_batch()

@@ -91,6 +91,7 @@ def run_worker(
         cpu_fallback = True
     elif num_gpus > 0 and not placement and count > 0:
         plan_placement(count, num_gpus, devices)  # fail now, with a clear message, if the replicas cannot fit
+    check_memory(deployment, count, config.get("memory"))
     celery = make_celery(url)
     celery.conf.serve_app = app
     celery.conf.serve_deployment = deployment
@@ -107,6 +108,11 @@ def run_worker(
     celery.conf.serve_worker_hostname = hostname
     celery.conf.serve_initial_replicas = count  # may be 0 (scale to zero); Celery reads 0 as "one per core"
     celery.conf.serve_num_cpus = 1.0 if config.get("num_cpus") is None else float(config["num_cpus"])
+    celery.conf.serve_max_replicas_per_node = config.get("max_replicas_per_node")
+    celery.conf.serve_deployed_at = spec.deployed_at
+    celery.conf.serve_identity = spec.deployments[deployment].identity
+    celery.conf.serve_worker_options = spec.deployments[deployment].worker_options()
+    celery.conf.serve_graceful_shutdown_timeout_s = config.get("graceful_shutdown_timeout_s")
     celery.conf.serve_machine, celery.conf.serve_machine_cpus, celery.conf.serve_machine_gpus = machine_capacity(
         devices
     )
@@ -141,6 +147,28 @@ def replica_threads_env(num_cpus: float) -> dict[str, str]:
         "OPENBLAS_NUM_THREADS": threads,
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+
+def machine_memory() -> float:
+    """This machine's memory in bytes (`SERVE_MACHINE_MEMORY` overrides it, as `ray start --memory` does)."""
+    given = os.environ.get("SERVE_MACHINE_MEMORY")
+    if given:
+        return float(given)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_memory(deployment: str, count: int, memory: float | None) -> None:
+    """`memory` (ray_actor_options["memory"]) is reserved per replica: refuse to start more replicas than
+    this machine holds, with the numbers, instead of letting the kernel kill them later."""
+    if not memory or count <= 0:
+        return
+    total = machine_memory()
+    if count * float(memory) > total:
+        raise PlacementError(
+            f"deployment '{deployment}' asks for {count} replicas of memory={float(memory) / 2**30:.2f} GiB each "
+            f"but this machine has {total / 2**30:.2f} GiB (SERVE_MACHINE_MEMORY overrides what is found); "
+            "lower num_replicas or memory, or add machines"
+        )
 
 
 def machine_capacity(devices: list[str]) -> tuple[str, float, float]:

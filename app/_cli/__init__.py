@@ -2,7 +2,7 @@
 
 One parser; the subcommands live in modules by what they do, each adding its own with `register()`:
 `serving` (run, deploy), `processes` (gateway, worker, scaler, flower), `operations` (status, delete),
-`dlq` (dead letters).
+`configs` (build, config), `dlq` (dead letters).
 """
 
 from __future__ import annotations
@@ -13,19 +13,22 @@ import sys
 import redis.exceptions
 
 from celery_serve import __version__
-from celery_serve._cli import dlq, operations, processes, serving
+from celery_serve._cli import configs, dlq, operations, processes, serving
 from celery_serve._cli.common import HelpFormatter
 from celery_serve._runtime import logs
 from celery_serve._runtime.logs import redact
 from celery_serve.exceptions import ServeError
 
-_COMMANDS = (serving, processes, operations, dlq)
+_COMMANDS = (serving, processes, operations, dlq, configs)
 
 _DESCRIPTION = """\
 Serve Ray Serve-style applications on Redis queues and Celery worker pools.
 
   celery-serve run MODULE:APP       everything on this machine (embedded Redis unless --redis-url)
   celery-serve deploy MODULE:APP    write the application's spec to Redis, nothing else
+  celery-serve deploy config.yaml   the same for every application of a config file (Ray Serve's schema)
+  celery-serve build MODULE:APP     write a config file for applications
+  celery-serve config               print the live applications as a config file
   celery-serve gateway              the HTTP gateway alone
   celery-serve worker -d NAME       one deployment's worker pool alone
   celery-serve scaler               the autoscaler alone

@@ -7,37 +7,41 @@ started from this folder, or on this environment's only one (see `celery_serve._
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import time
 
 from celery_serve._cli.common import HelpFormatter, add_log_level, add_redis_url, find_run, resolve_redis
-from celery_serve.exceptions import DeploymentNotFoundError, ServeError
+from celery_serve.exceptions import ServeError
 
 _SHUTDOWN_WAIT_S = 60.0  # a run stops its workers first, and each may finish what it holds
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from celery_serve._runtime.apps import serve_status, status_lines
     from celery_serve._wire.connections import sync_client
     from celery_serve.status import read_snapshot, status_json, status_table
 
-    snapshot = read_snapshot(sync_client(resolve_redis(args)))
-    print(status_json(snapshot) if args.json else status_table(snapshot))
+    client = sync_client(resolve_redis(args))
+    snapshot = read_snapshot(client)
+    overview = serve_status(client, snapshot)
+    if args.json:
+        data = json.loads(status_json(snapshot))
+        data["applications"] = overview.to_dict()["applications"]
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n".join([*status_lines(overview), "", status_table(snapshot)]))
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from celery_serve._runtime import serve as _serve
-    from celery_serve._wire import keys as _keys
+    from celery_serve._runtime.apps import delete_application
     from celery_serve._wire.connections import sync_client
 
     url = resolve_redis(args)
-    if not _serve.delete_app(url, args.app):
-        known = sorted(k.decode() if isinstance(k, bytes) else k for k in sync_client(url).hkeys(_keys.APPS))
-        raise DeploymentNotFoundError(
-            f"no application named '{args.app}' is deployed (deployed: {', '.join(known) or 'none'})"
-        )
-    print(f"deleted application '{args.app}'")
+    delete_application(sync_client(url), args.app)  # DeploymentNotFoundError names what is deployed
+    print(f"deleted application '{args.app}' (its replicas stop once they finish what they run)")
     return 0
 
 

@@ -21,8 +21,8 @@ from celery_serve.exceptions import ServeError
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    from celery_serve._runtime.settings import ServeSettings
     from celery_serve.api.main import serve
-    from celery_serve.config import ServeSettings
 
     settings = ServeSettings(host=args.host, port=args.port, log_level=args.log_level)
     settings.redis_url = require_redis(args)

@@ -38,24 +38,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     from celery_serve.exceptions import ServeStartupError
 
     os.environ.setdefault("SERVE_LOG_LEVEL", args.log_level)
-    application = import_application(args.target)
+    config_file = is_config_file(args.target)
+    application = None if config_file else import_application(args.target)
     # Both ports are checked before anything starts, so a taken one costs no start-up and leaves nothing behind.
     check_port_free(args.host, args.port, "the gateway", "--port ")
     if not args.no_flower:
         check_port_free(args.flower_address, args.flower_port, "Flower", "--flower-port ")
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        _serve.run(
-            application,
-            name=args.name,
-            route_prefix=args.route_prefix,
-            host=args.host,
-            port=args.port,
-            redis_url=args.redis_url,
-            replace=args.replace,
-            _source=source_of(args.target),
-            _kind="cli",
-        )
+        if config_file:
+            names = list(
+                _serve.run_config(
+                    args.target,
+                    host=args.host,
+                    port=args.port,
+                    redis_url=args.redis_url,
+                    replace=args.replace,
+                    import_target=import_application,
+                    _kind="cli",
+                )
+            )
+        else:
+            assert application is not None
+            _serve.run(
+                application,
+                name=args.name,
+                route_prefix=args.route_prefix,
+                host=args.host,
+                port=args.port,
+                redis_url=args.redis_url,
+                replace=args.replace,
+                _source=source_of(args.target),
+                _kind="cli",
+            )
+            names = [args.name]
         session = _serve._session
         assert session is not None
         flower = None
@@ -64,13 +80,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 flower = _serve.start_flower(args.flower_port, args.flower_address, args.flower_basic_auth)
             except ServeStartupError as exc:
                 print(f"celery-serve: {exc}", file=sys.stderr, flush=True)
-        spec_prefix = args.route_prefix or "/"
-        print(f"celery-serve: application '{args.name}' from {args.target}", flush=True)
-        route = "" if spec_prefix == "/" else spec_prefix
-        print(f"  HTTP      {session.gateway_url}{route}/  (docs: {session.gateway_url}/docs)", flush=True)
+        for name in names:
+            spec_prefix = session.specs[name].route_prefix
+            print(f"celery-serve: application '{name}' from {args.target}", flush=True)
+            route = "" if spec_prefix == "/" else spec_prefix
+            print(f"  HTTP      {session.gateway_url}{route}/  (docs: {session.gateway_url}/docs)", flush=True)
         embedded = "" if (args.redis_url or os.environ.get("REDIS_URL")) else "  (embedded)"
         print(f"  Redis     {redacted(session.redis_url)}{embedded}", flush=True)
-        print(f"  workers   {', '.join(sorted(session.workers.get(args.name, [])))}", flush=True)
+        workers = sorted(w for name in names for w in session.workers.get(name, []))
+        print(f"  workers   {', '.join(workers)}", flush=True)
         if flower:
             print(f"  Flower    {flower}/", flush=True)
         print(f"  metrics   {session.gateway_url}/metrics  (celery-serve status for a table)", flush=True)
@@ -98,11 +116,23 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from celery_serve._wire.connections import wait_for_redis
 
     url = require_redis(args)
-    spec = build_spec(import_application(args.target), args.name, args.route_prefix, source=source_of(args.target))
+    if is_config_file(args.target):
+        from celery_serve._runtime.config_file import ConfigFile
+
+        specs = ConfigFile(args.target).specs(import_application)  # all checked before any is deployed
+    else:
+        target = import_application(args.target)
+        specs = [build_spec(target, args.name, args.route_prefix, source=source_of(args.target))]
     wait_for_redis(url)
-    _serve.deploy_spec(url, spec, replace=args.replace)
-    print(f"deployed '{spec.name}' ({', '.join(spec.deployments)}) at {spec.route_prefix}")
+    for spec in specs:
+        _serve.deploy_spec(url, spec, replace=args.replace)
+        print(f"deployed '{spec.name}' ({', '.join(spec.deployments)}) at {spec.route_prefix}")
     return 0
+
+
+def is_config_file(target: str) -> bool:
+    """A config file path (YAML or JSON) rather than MODULE:APP."""
+    return target.endswith((".yaml", ".yml", ".json"))
 
 
 def _add_replace(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +151,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Flower and one worker pool per deployment, and serve until Ctrl-C.",
         formatter_class=HelpFormatter,
     )
-    run.add_argument("target", metavar="MODULE:APP", help="the application to serve, e.g. examples.hello:app")
+    run.add_argument(
+        "target", metavar="MODULE:APP|FILE", help="the application to serve (examples.hello:app), or a config file"
+    )
     add_name(run)
     add_route_prefix(run)
     run.add_argument("--host", default=env_default("SERVE_HOST", "127.0.0.1"), help="gateway address ($SERVE_HOST)")
@@ -148,7 +180,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write an application's spec to Redis (workers and gateways pick it up)",
         formatter_class=HelpFormatter,
     )
-    deploy.add_argument("target", metavar="MODULE:APP", help="the application to deploy")
+    deploy.add_argument(
+        "target", metavar="MODULE:APP|FILE", help="the application to deploy, or a config file of applications"
+    )
     add_name(deploy)
     add_route_prefix(deploy)
     _add_replace(deploy)

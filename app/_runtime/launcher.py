@@ -156,11 +156,11 @@ class ProcessGroup:
         logger.info("started %s (pid %d)", name, proc.pid)
         return managed
 
-    def stop(self, names: set[str] | None = None) -> None:
+    def stop(self, names: set[str] | None = None, grace_s: float = _STOP_GRACE_S) -> None:
         keep = []
         for managed in reversed(self.processes):
             if names is None or managed.name in names:
-                managed.stop()
+                managed.stop(max(grace_s, _STOP_GRACE_S))
             else:
                 keep.append(managed)
         self.processes = list(reversed(keep))

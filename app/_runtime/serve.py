@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery_serve._runtime import apps as _apps
 from celery_serve._runtime import context as _context
 from celery_serve._runtime import state
 from celery_serve._runtime.launcher import (
@@ -34,6 +35,7 @@ from celery_serve._runtime.launcher import (
 )
 from celery_serve._runtime.spec import AppSpec, build_spec
 from celery_serve._wire import keys as _keys
+from celery_serve._wire import lifecycle as _lifecycle
 from celery_serve._wire import scripts as _scripts
 from celery_serve._wire.connections import REDIS_WAIT_S, check_url, sync_client
 from celery_serve.application import Application
@@ -61,6 +63,7 @@ class _Session:
     started_at: float = field(default_factory=time.time)
     gateway_url: str | None = None
     workers: dict[str, set[str]] = field(default_factory=dict)  # app name -> process names
+    specs: dict[str, AppSpec] = field(default_factory=dict)  # app name -> the spec this run deployed last
     scaler: bool = False
     scaler_died_at: float = float("-inf")  # when it was last started again after exiting
     flower_url: str | None = None
@@ -136,7 +139,12 @@ def deploy_spec(redis_url: str, spec: AppSpec, *, replace: bool = False) -> None
         raise ApplicationConflictError(_conflict_message(spec.name, AppSpec.from_json(found).owner or {}))
     pipe = client.pipeline(transaction=False)
     for name in spec.deployments:
-        pipe.delete(_keys.deployment_error(spec.name, name))
+        pipe.delete(
+            _keys.deployment_error(spec.name, name),
+            _lifecycle.deploy_failed(spec.name, name),
+            _lifecycle.constructor_failures(spec.name, name),
+        )
+    pipe.hdel(_apps.DELETING, spec.name)
     pipe.publish(_keys.APPS_CHANGED, spec.name)
     pipe.execute()
 
@@ -191,58 +199,243 @@ def run(
             "run() was called while a worker imported your application: put the run() call under "
             "`if __name__ == '__main__':` (workers import the module to find your deployments)"
         )
-    global _session
     spec = build_spec(target, name, route_prefix, source=_source)
-    with _lock:
-        if _session is None:
-            url = redis_url or os.environ.get("REDIS_URL")
-            if url:
-                check_url(url)
-            check_port_free(host, port, "the gateway", "port=")
-            group = ProcessGroup()
-            if url:
-                wait_for_redis(url, REDIS_WAIT_S)
-            else:
-                url = start_embedded_redis(group)
-            _session = _Session(url, group, kind=_kind)
-            _session.beat = _OwnerBeat(url, _session.id)
-            _session.beat.beat()
-            _session.beat.start()
-            atexit.register(shutdown)
-        session = _session
-        _context.set_redis_url(session.redis_url)
-        placements = plan_gpus(spec)
-        spec.owner = session.owner
-        deploy_spec(session.redis_url, spec, replace=replace)
-        if session.gateway_url is None:
-            check_port_free(host, port, "the gateway", "port=")
-            session.group.start("gateway", gateway_command(session.redis_url, host, port))
-            session.gateway_url = f"http://{host}:{port}"
-        if not session.scaler and os.environ.get("SERVE_SCALER", "1") != "0":
-            # one per session; more against the same Redis stand by (see celery_serve.workers.scaler)
-            session.group.start("scaler", scaler_command(session.redis_url))
-            session.scaler = True
-        old = session.workers.pop(spec.name, set())
-        if old:
-            session.group.stop(old)
-        names = set()
-        for dep in spec.deployments:
-            proc_name = f"worker {spec.name}.{dep}"
-            session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep, placements.get(dep)))
-            names.add(proc_name)
-        session.workers[spec.name] = names
-        state.save(session.record())
-    try:
-        wait_until_ready(session, spec, startup_timeout_s)
-    except ServeStartupError:
-        with _lock:
-            session.group.stop(session.workers.pop(spec.name, set()))
-        delete_app(session.redis_url, spec.name, owner_id=session.id)
-        raise
-    handle = DeploymentHandle(spec.ingress, spec.name)
+    handle = run_spec(spec, host, port, redis_url, startup_timeout_s, replace, _kind)
     if blocking:
         _block_until_interrupted()
     return handle
+
+
+def run_config(
+    path: str,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    redis_url: str | None = None,
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+    replace: bool = False,
+    import_target: Any = None,
+    _kind: str = "python",
+) -> dict[str, DeploymentHandle]:
+    """Run every application of a config file (Ray Serve's schema, see `config_file`), with its overrides;
+    the whole file is checked before anything starts. Returns each application's ingress handle."""
+    from celery_serve._runtime.config_file import ConfigFile
+
+    config = ConfigFile(path)
+    specs = config.specs(import_target or _import_path)
+    http = config.config.http_options
+    return {
+        spec.name: run_spec(spec, host or http.host, port or http.port, redis_url, startup_timeout_s, replace, _kind)
+        for spec in specs
+    }
+
+
+def _import_path(path: str) -> Any:
+    import importlib
+
+    module, _, attr = path.partition(":")
+    found: Any = importlib.import_module(module)
+    for part in (attr or "app").split("."):
+        found = getattr(found, part)
+    return found
+
+
+def run_spec(
+    spec: AppSpec,
+    host: str,
+    port: int,
+    redis_url: str | None,
+    startup_timeout_s: float,
+    replace: bool,
+    kind: str,
+) -> DeploymentHandle:
+    """Deploy a built spec in this process's session (see `run`) and wait until it serves."""
+    with _lock:
+        check_per_node_limits(spec)
+        session = _ensure_session(redis_url, host, port, kind)
+        placements = plan_gpus(spec)
+        spec.owner = session.owner
+        deploy_spec(session.redis_url, spec, replace=replace)
+        _start_services(session, host, port)
+        names, retired, rolling = _start_workers(session, spec, placements)
+        session.workers[spec.name] = names
+        session.specs[spec.name] = spec
+        state.save(session.record())
+    try:
+        wait_until_ready(session, spec, startup_timeout_s, rolling)
+    except ServeStartupError:
+        with _lock:
+            session.group.stop(session.workers.pop(spec.name, set()) | retired)
+            session.specs.pop(spec.name, None)
+        delete_app(session.redis_url, spec.name, owner_id=session.id)
+        raise
+    if retired:
+        # the new version serves: the old workers' replicas finish (or hand back) what they hold and stop
+        session.group.stop(retired, worker_grace_s(spec))
+    return DeploymentHandle(spec.ingress, spec.name)
+
+
+def _ensure_session(redis_url: str | None, host: str, port: int, kind: str) -> _Session:
+    """This process's session, started (Redis reached or embedded, owner beat) if there is none yet."""
+    global _session
+    if _session is None:
+        url = redis_url or os.environ.get("REDIS_URL")
+        if url:
+            check_url(url)
+        check_port_free(host, port, "the gateway", "port=")
+        group = ProcessGroup()
+        if url:
+            wait_for_redis(url, REDIS_WAIT_S)
+        else:
+            url = start_embedded_redis(group)
+        _session = _Session(url, group, kind=kind)
+        _session.beat = _OwnerBeat(url, _session.id)
+        _session.beat.beat()
+        _session.beat.start()
+        atexit.register(shutdown)
+    _context.set_redis_url(_session.redis_url)
+    return _session
+
+
+def _start_services(session: _Session, host: str, port: int) -> None:
+    """The gateway and the scaler, once per session."""
+    if session.gateway_url is None:
+        check_port_free(host, port, "the gateway", "port=")
+        session.group.start("gateway", gateway_command(session.redis_url, host, port))
+        session.gateway_url = f"http://{host}:{port}"
+    if not session.scaler and os.environ.get("SERVE_SCALER", "1") != "0":
+        # one per session; more against the same Redis stand by (see celery_serve.workers.scaler)
+        session.group.start("scaler", scaler_command(session.redis_url))
+        session.scaler = True
+
+
+def start(
+    *,
+    detached: bool = False,
+    http_options: dict[str, Any] | None = None,
+    redis_url: str | None = None,
+    **ray_options: Any,
+) -> None:
+    """Start the service without an application (Ray Serve 1.x's `serve.start()`): Redis (embedded unless
+    `redis_url`/`REDIS_URL`), the HTTP gateway (`http_options={"host": ..., "port": ...}`, default
+    $SERVE_HOST:$SERVE_PORT, else 127.0.0.1:8000) and the scaler; returns once the gateway answers.
+    Deployments then go up with `serve.run(app)` or `Deployment.deploy()`. Does nothing inside a replica
+    (which imports the script that calls it)."""
+    if os.environ.get("CELERY_SERVE_REPLICA"):
+        return
+    options = dict(http_options or {})
+    unknown = set(options) - {"host", "port", "location", "root_path", "request_timeout_s", "keep_alive_timeout_s"}
+    if unknown:
+        raise ServeError(f"unknown http_options {sorted(unknown)}: celery-serve's gateway takes host and port")
+    if detached:
+        logger.warning(
+            "serve.start(detached=True): the service stops when this process exits; run it with "
+            "`celery-serve run` (or docker compose) to keep it up on its own"
+        )
+    if ray_options:
+        logger.warning("serve.start(): %s have no effect here", ", ".join(sorted(ray_options)))
+    host = str(options.get("host") or os.environ.get("SERVE_HOST") or "127.0.0.1")
+    port = int(options.get("port") or os.environ.get("SERVE_PORT") or 8000)
+    with _lock:
+        session = _ensure_session(redis_url, host, port, "python")
+        _start_services(session, host, port)
+        state.save(session.record())
+    _wait_for_gateway(session, time.monotonic() + DEFAULT_STARTUP_TIMEOUT_S)
+
+
+def status() -> Any:
+    """Every application's and deployment's status, as Ray Serve's `serve.status()` (a `ServeStatus`)."""
+    return _apps.serve_status(sync_client(redis_url()))
+
+
+def get_app_handle(name: str) -> DeploymentHandle:
+    """A handle to the ingress deployment of the running application `name` (Ray's `serve.get_app_handle`)."""
+    from celery_serve.exceptions import DeploymentNotFoundError
+
+    raw = sync_client(redis_url()).hget(_keys.APPS, name)
+    if raw is None:
+        known = sorted(_text(k) for k in sync_client(redis_url()).hkeys(_keys.APPS))
+        raise DeploymentNotFoundError(
+            f"no application named '{name}' is running (running: {', '.join(known) or 'none'})"
+        )
+    return DeploymentHandle(AppSpec.from_json(raw).ingress, name)
+
+
+def _wait_for_gateway(session: _Session, deadline: float) -> None:
+    import httpx
+
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{session.gateway_url}/-/healthz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError as exc:
+            last_error = exc
+        if session.group.dead():
+            break
+        time.sleep(0.05)
+    raise ServeStartupError(f"the gateway at {session.gateway_url} did not come up: {last_error}")
+
+
+def _start_workers(
+    session: _Session, spec: AppSpec, placements: dict[str, list[list[str]]]
+) -> tuple[set[str], set[str], frozenset[str]]:
+    """Workers for the spec's deployments: (the workers that serve it, old workers to stop once it is ready,
+    the deployments whose running workers update in place or roll over).
+
+    An application deployed again keeps a deployment's worker when the worker's own options are unchanged:
+    its replicas then take the new spec in place (a lightweight change such as `user_config`) or its pool
+    rolls them over one by one (new code). Otherwise a new worker starts and the old one stops once the new
+    replicas serve, so there is no moment without replicas."""
+    previous = session.specs.get(spec.name)
+    old_names = session.workers.get(spec.name, set())
+    alive = {p.name for p in session.group.processes if p.proc.poll() is None}
+    names: set[str] = set()
+    kept: set[str] = set()
+    for dep_name, dep in spec.deployments.items():
+        base = f"worker {spec.name}.{dep_name}"
+        current = next((n for n in old_names if n == base or n.startswith(base + " #")), None)
+        if (
+            previous is not None
+            and current in alive
+            and dep_name in previous.deployments
+            and previous.deployments[dep_name].worker_options() == dep.worker_options()
+        ):
+            names.add(current)  # type: ignore[arg-type]
+            kept.add(dep_name)
+            continue
+        taken = {p.name for p in session.group.processes}
+        proc_name, generation = base, 1
+        while proc_name in taken:
+            generation += 1
+            proc_name = f"{base} #{generation}"
+        session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep_name, placements.get(dep_name)))
+        names.add(proc_name)
+    return names, old_names - names, frozenset(kept)
+
+
+def worker_grace_s(spec: AppSpec) -> float:
+    """How long a stopping worker of this application may take: its replicas' longest
+    graceful_shutdown_timeout_s, plus time for the pool to hand back and for Celery to exit."""
+    longest = max(
+        (float(d.config.get("graceful_shutdown_timeout_s") or 0) for d in spec.deployments.values()), default=0
+    )
+    return longest + 15.0
+
+
+def check_per_node_limits(spec: AppSpec) -> None:
+    """`run` starts each deployment's replicas on this one machine: more than `max_replicas_per_node` can never
+    start, so say so now instead of waiting for them."""
+    from celery_serve.exceptions import DeploymentConfigError
+
+    for dep in spec.deployments.values():
+        limit, count = dep.config.get("max_replicas_per_node"), start_replicas(dep.config)
+        if limit is not None and count > int(limit):
+            raise DeploymentConfigError(
+                f"deployment '{dep.name}' starts {count} replicas but max_replicas_per_node={limit}, and run() "
+                "places every replica on this machine; lower num_replicas, or run workers on more machines "
+                "(celery-serve deploy + celery-serve worker on each)"
+            )
 
 
 def plan_gpus(spec: AppSpec, devices: list[str] | None = None) -> dict[str, list[list[str]]]:
@@ -280,8 +473,11 @@ def plan_gpus(spec: AppSpec, devices: list[str] | None = None) -> dict[str, list
     return plans
 
 
-def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float) -> None:
-    """Wait for every deployment's replicas of this spec version, then for the gateway to route to it."""
+def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float, rolling: frozenset[str] = frozenset()) -> None:
+    """Wait for every deployment's replicas of this spec version, then for the gateway to route to it.
+
+    For the deployments in `rolling` (updated by the workers already serving them), also until no replica of
+    an older version is left: in place, or replaced by the pool's rollout."""
     client = sync_client(session.redis_url)
     deadline = time.monotonic() + timeout_s
     pending = dict(spec.deployments)
@@ -291,8 +487,10 @@ def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float) -> None
             if error:
                 raise ServeStartupError(f"deployment '{name}' failed to start: {_text(error)}")
             needed = start_replicas(dep.config)
-            if ready_replicas(client, spec, name) >= needed and (
-                needed > 0 or worker_registered(client, spec.name, name)
+            if (
+                ready_replicas(client, spec, name) >= needed
+                and (needed > 0 or worker_registered(client, spec.name, name))
+                and (name not in rolling or not older_replicas(client, spec, name))
             ):
                 del pending[name]
         mine = session.workers.get(spec.name, set()) | {"gateway", "redis"}
@@ -320,6 +518,17 @@ def ready_replicas(client: Any, spec: AppSpec, deployment: str) -> int:
             alive_until = client.zscore(beats, rid)
             count += alive_until is not None and float(alive_until) > now
     return count
+
+
+def older_replicas(client: Any, spec: AppSpec, deployment: str) -> int:
+    """Live replicas of this deployment that still run an older version of the spec."""
+    alive = _apps.alive_replicas(client, spec.name, deployment)
+    entries = client.hgetall(_keys.replicas(spec.name, deployment))
+    return sum(
+        1
+        for rid, raw in entries.items()
+        if rid.decode() in alive and json.loads(raw).get("deployed_at") != spec.deployed_at
+    )
 
 
 def _text(value: bytes | str) -> str:
@@ -413,16 +622,50 @@ def essential_dead(session: _Session) -> list[ManagedProcess]:
     return dead
 
 
-def delete(name: str) -> None:
-    """Remove an application this process started: its spec, then its workers (like Ray's `serve.delete`)."""
+DELETE_WAIT_S = 60.0
+
+
+def delete(name: str, _blocking: bool = True) -> None:
+    """Remove an application, as Ray's `serve.delete`: its routes answer 404 at once, requests still queued
+    for it end with `DeploymentNotFoundError`, and its replicas stop (finishing what they run). With
+    `_blocking` (the default) it returns once its replicas are gone. `DeploymentNotFoundError` if no such
+    application is deployed."""
+    url = redis_url()
+    client = sync_client(url)
+    spec = _apps.delete_application(client, name)
     with _lock:
-        if _session is None:
-            return
         session = _session
-        names = session.workers.pop(name, set())
-    delete_app(session.redis_url, name, owner_id=session.id)
-    session.group.stop(names)
-    state.save(session.record())
+        names = session.workers.pop(name, set()) if session is not None else set()
+        if session is not None:
+            session.specs.pop(name, None)
+    if session is not None and session.gateway_url:
+        _wait_route_gone(session.gateway_url, spec.route_prefix)
+    if session is not None and names:
+        grace = worker_grace_s(spec)
+        if _blocking:
+            session.group.stop(names, grace)
+        else:  # the replicas finish what they run meanwhile; status says DELETING until they are gone
+            threading.Thread(target=session.group.stop, args=(names, grace), daemon=True).start()
+        state.save(session.record())
+    if _blocking:
+        deadline = time.monotonic() + DELETE_WAIT_S
+        while _apps._live_replicas(client, name, list(spec.deployments)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _apps.fail_queued(client, name, sorted({d.queue for d in spec.deployments.values()}))
+
+
+def _wait_route_gone(gateway_url: str, prefix: str, timeout_s: float = 5.0) -> None:
+    """Until the gateway no longer routes `prefix` (it hears of the change on pub/sub, within milliseconds)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if prefix not in httpx.get(f"{gateway_url}/-/routes", timeout=2.0).json():
+                return
+        except (httpx.HTTPError, ValueError):
+            return  # no gateway to wait for
+        time.sleep(0.02)
 
 
 def _wait_for_route(session: _Session, spec: AppSpec, deadline: float) -> None:
@@ -471,7 +714,7 @@ def shutdown() -> None:
         logger.warning("could not remove application specs from Redis: %s", exc)
     if session.beat is not None:
         session.beat.stop()
-    session.group.stop()
+    session.group.stop(grace_s=max((worker_grace_s(s) for s in session.specs.values()), default=0.0))
 
 
 def redis_url() -> str:

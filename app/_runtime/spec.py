@@ -7,6 +7,7 @@ path) when it is reachable, otherwise each deployment's class or function plus i
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -20,10 +21,35 @@ from typing import Any
 from celery_serve._wire import keys as _keys
 from celery_serve.application import Application, Pipeline, flatten, name_of, replace_applications
 from celery_serve.config import DeploymentConfig, validate_route_prefix
-from celery_serve.deployment import Deployment
+from celery_serve.deployment import Deployment, definition_at, definition_index
 from celery_serve.exceptions import DeploymentConfigError
 
 _HANDLE_MARK = "__serve_handle__"
+# Options a running replica takes without a restart, as Ray Serve's "lightweight" updates.
+LIGHTWEIGHT_OPTIONS = frozenset(
+    {
+        "user_config",
+        "num_replicas",
+        "autoscaling_config",
+        "max_queued_requests",
+        "request_timeout_s",
+        "job_retention_s",
+        "request_retention_s",
+        "health_check_period_s",
+        "health_check_timeout_s",
+        "graceful_shutdown_wait_loop_s",
+        "graceful_shutdown_timeout_s",
+        "logging_config",
+    }
+)
+# Options that the worker (the pool process) itself was started with (its pool follows num_replicas).
+WORKER_OPTIONS = (
+    "num_cpus",
+    "num_gpus",
+    "memory",
+    "max_replicas_per_node",
+    "allow_cpu_fallback",
+)
 _MAIN_ALIAS = "__serve_main__"
 
 
@@ -35,6 +61,21 @@ class DeploymentSpec:
     target: dict[str, Any]
     is_function: bool
     init: dict[str, Any] | None = None
+    code_version: str | None = None  # `version`, or a hash of the code and bind arguments (see code_version)
+
+    @property
+    def identity(self) -> str:
+        """What a running replica is: its code version and every option that needs a restart to change.
+        Replicas of an equal identity take a new spec in place (`reconfigure()`); others are replaced."""
+        heavy = {k: v for k, v in sorted(self.config.items()) if k not in LIGHTWEIGHT_OPTIONS}
+        # as Ray's DeploymentVersion: the code version (which covers the code and bind arguments unless
+        # `version` is given) and the options, not the bind arguments themselves
+        text = json.dumps([self.code_version, heavy], sort_keys=True, default=repr)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    def worker_options(self) -> dict[str, Any]:
+        """The options a deployment's worker process was started with: changing one needs a new worker."""
+        return {k: self.config.get(k) for k in WORKER_OPTIONS}
 
     @property
     def queue(self) -> str:
@@ -76,6 +117,7 @@ class AppSpec:
                         "target": d.target,
                         "is_function": d.is_function,
                         "init": d.init,
+                        "code_version": d.code_version,
                     }
                     for name, d in self.deployments.items()
                 },
@@ -135,6 +177,7 @@ def build_spec(root: Application | Pipeline, name: str, route_prefix: str | None
             target=_target_source(target),
             is_function=not inspect.isclass(target),
             init=None if app_source else _json_init(graph, node, name),
+            code_version=code_version(node, app_source),
         )
     return AppSpec(
         name=name,
@@ -146,6 +189,45 @@ def build_spec(root: Application | Pipeline, name: str, route_prefix: str | None
     )
 
 
+def code_version(node: Application, app_source: dict[str, Any] | None) -> str:
+    """`version` when given (as in Ray: an unchanged version is not restarted), otherwise a hash of the
+    class's (function's) source and its bind arguments, so that a redeploy of unchanged code is not either."""
+    given = node.deployment.config.version
+    if given is not None:
+        return f"v:{given}"
+    target = node.deployment.func_or_class
+    try:
+        source = _code_text(target)
+    except (OSError, TypeError):
+        source = f"{target.__module__}.{target.__qualname__}@{id(target)}"  # unknown code: always a new version
+    args = json.dumps(
+        [replace_applications(list(node.args), _app_mark), replace_applications(dict(node.kwargs), _app_mark)],
+        sort_keys=True,
+        default=repr,
+    )
+    text = json.dumps([source, args, app_source], sort_keys=True, default=repr)
+    return "h:" + hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _code_text(target: Any) -> str:
+    """The source of a function, or of every function defined in a class (found through their code objects:
+    `inspect.getsource` of a class finds the first class of that name in the file, not this one)."""
+    if not inspect.isclass(target):
+        return inspect.getsource(target)
+    parts = [target.__qualname__, repr([b.__qualname__ for b in target.__bases__])]
+    for name, value in sorted(vars(target).items()):
+        func = getattr(value, "__func__", value)
+        if inspect.isfunction(func):
+            parts.append(inspect.getsource(func))
+        elif not name.startswith("__"):
+            parts.append(f"{name}={value!r}")
+    return "\n".join(parts)
+
+
+def _app_mark(child: Application) -> str:
+    return f"<deployment {child.deployment.name}>"
+
+
 def pipeline_ingress(stages: list[list[str]]) -> str:
     """A pipeline's name where an ingress deployment's would be: 'A >> parallel(B, C) >> D'."""
     return " >> ".join(s[0] if len(s) == 1 else f"parallel({', '.join(s)})" for s in stages)
@@ -154,6 +236,9 @@ def pipeline_ingress(stages: list[list[str]]) -> str:
 def _target_source(target: Any) -> dict[str, Any]:
     module = target.__module__
     source: dict[str, Any] = {"module": module, "qualname": target.__qualname__}
+    index = definition_index(target)
+    if index:
+        source["definition"] = index  # the script defines this name again later (see definition_at)
     if module == "__main__":
         source["file"] = os.path.abspath(sys.modules["__main__"].__file__ or "")
     return source
@@ -247,6 +332,7 @@ def resolve_deployment(spec: AppSpec, dep_name: str, make_handle: Any) -> tuple[
 
     obj = import_object(dep.target, dep.target["qualname"])
     target = obj.func_or_class if isinstance(obj, Deployment) else obj
+    target = definition_at(target, int(dep.target.get("definition") or 0))
     init = dep.init or {"args": [], "kwargs": {}}
 
     def from_marks(value: Any) -> Any:
