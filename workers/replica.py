@@ -14,10 +14,10 @@ from typing import Any
 from celery_serve._runtime.spec import AppSpec, resolve_deployment
 from celery_serve._wire import results as _results
 from celery_serve._wire.envelope import Envelope
-from celery_serve.batch import BatchConfig, batch_config
+from celery_serve.batch import BatchConfig, batch_config, batcher_of
 from celery_serve.exceptions import DeploymentNotFoundError, ServeError
 from celery_serve.handle import DeploymentHandle
-from celery_serve.workers.batching import Item, Outcome, form_batches, run_batch_async
+from celery_serve.workers.batching import Item, Outcome
 from celery_serve.workers.http import ServeRequest, body_of, build_scope, encode_result, run_asgi, to_jsonable
 from celery_serve.workers.ingress import bind_ingress
 
@@ -25,14 +25,19 @@ logger = logging.getLogger(__name__)
 
 
 class _Method:
-    __slots__ = ("call", "is_async", "takes_request", "batch")
+    __slots__ = ("call", "is_async", "takes_request", "batcher", "owner")
 
     def __init__(self, call: Callable[..., Any], max_batch_size: int | None = None) -> None:
         self.call = call
-        self.is_async = inspect.iscoroutinefunction(call)
-        self.batch: BatchConfig | None = batch_config(call)
-        if self.batch is not None and max_batch_size:
-            self.batch = BatchConfig(max_batch_size, self.batch.batch_wait_timeout_s)
+        self.batcher = batcher_of(call)
+        self.owner = getattr(call, "__self__", None)
+        if self.batcher is not None:
+            # the consumer calls the user's function with lists; it runs inline when it is sync
+            self.is_async = inspect.iscoroutinefunction(self.batcher.func)
+            if max_batch_size:  # the deployment's max_batch_size option overrides the decorator's
+                self.batcher.set_max_batch_size(max_batch_size)
+        else:
+            self.is_async = inspect.iscoroutinefunction(call)
         try:
             params = [
                 p
@@ -42,6 +47,11 @@ class _Method:
         except (TypeError, ValueError):
             params = [None]  # type: ignore[list-item]
         self.takes_request = bool(params)
+
+    @property
+    def batch(self) -> BatchConfig | None:
+        """The `@batch` options as they are now (the user may change them while the replica runs)."""
+        return batch_config(self.call) if self.batcher is not None else None
 
 
 class Replica:
@@ -60,7 +70,12 @@ class Replica:
         self.ingress = bind_ingress(ingress_app, target, self.instance) if ingress_app is not None else None
         self._methods: dict[str, _Method] = {}
         self._lifespan: Any = None
-        self.max_batch_size = self._largest_batch()
+        self._batched = self._batched_methods()
+
+    @property
+    def max_batch_size(self) -> int:
+        """The largest batch any batched method of this deployment takes now (1 when none is batched)."""
+        return max([1, *(self.method(name).batch.max_batch_size for name in self._batched)])  # type: ignore[union-attr]
 
     async def start(self) -> None:
         """Run what must happen before the first request: the ingress app's lifespan, user_config."""
@@ -107,36 +122,33 @@ class Replica:
         except DeploymentNotFoundError:
             return None
 
-    def _largest_batch(self) -> int:
-        """The largest batch any batched method of this deployment takes (1 when none is batched)."""
+    def _batched_methods(self) -> list[str]:
+        """The names of this deployment's `@batch` methods."""
         if self.is_function:
             names = ["__call__"]
         else:
             names = [n for n in dir(type(self.instance)) if n == "__call__" or not n.startswith("_")]
-        sizes = [1]
+        found = []
         for name in names:
             owner = self.target if self.is_function else getattr(type(self.instance), name, None)
-            if callable(owner) and batch_config(owner) is not None:
-                batch = self.method(name).batch
-                sizes.append(batch.max_batch_size if batch else 1)
-        return max(sizes)
+            if callable(owner) and batcher_of(owner) is not None:
+                self.method(name)  # applies the deployment's max_batch_size override now
+                found.append(name)
+        return found
 
     async def run_batch(self, envs: list[Envelope]) -> list[Outcome]:
         """Run requests for one batched method as batches; outcomes come back in the same order."""
         method = self.method(envs[0].method)
-        max_size = method.batch.max_batch_size if method.batch else 1
         items: list[Item[int]] = []
-        outcomes: list[Outcome] = [Outcome()] * len(envs)
         for i, env in enumerate(envs):
             if env.http is not None:
                 items.append(Item(i, (ServeRequest(build_scope(env.http), body_of(env.http)),), {}, env.deadline))
             else:
                 items.append(Item(i, tuple(env.args), dict(env.kwargs), env.deadline))
-        for batch in form_batches(items, max_size):
-            logger.debug("%s: batch of %d", envs[0].task_name, len(batch))
-            for item, outcome in zip(batch, await run_batch_async(method.call, batch), strict=True):
-                outcomes[item.key] = outcome
-        return outcomes
+        if method.batcher is None:  # not batched after all: one call per request
+            return [await self.run(env) for env in envs]
+        logger.debug("%s: %d requests for batches", envs[0].task_name, len(items))
+        return await method.batcher.run_items(method.owner, items)
 
     async def run(self, env: Envelope) -> Outcome:
         """Call the user's code for one request; never raises (an error is the outcome)."""
