@@ -4,7 +4,7 @@ The deployments are at module level so that workers import them; the guide's `se
 assertions are in `tests/test_batch_parity.py`.
 """
 
-# ruff: noqa: I001
+# ruff: noqa: I001, UP006, UP035  (Ray's code as written)
 from typing import Dict, List
 
 import numpy as np

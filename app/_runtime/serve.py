@@ -176,6 +176,7 @@ def run(
     replace: bool = False,
     _source: str | None = None,
     _kind: str = "python",
+    _local_testing_mode: bool = False,
 ) -> DeploymentHandle:
     """Deploy an application and return a handle to its ingress deployment.
 
@@ -185,7 +186,14 @@ def run(
     application of the same name that another live run serves on the same Redis is refused
     (`ApplicationConflictError`) unless `replace=True`. An autoscaled deployment is ready with its
     `initial_replicas` (or `min_replicas`, which may be 0).
+
+    `_local_testing_mode=True` (as in Ray, for unit tests) runs the application in this process instead:
+    no Redis, no workers, no HTTP; the handle behaves as the distributed one.
     """
+    if _local_testing_mode:
+        from celery_serve._runtime.local import run_local
+
+        return run_local(target, name)
     if os.environ.get("CELERY_SERVE_REPLICA"):
         raise ServeError(
             "run() was called while a worker imported your application: put the run() call under "
@@ -452,6 +460,9 @@ def _block_until_interrupted() -> None:
 def shutdown() -> None:
     """Stop every process `run` started (workers first, then the gateway, then an embedded Redis)."""
     global _session
+    from celery_serve._runtime.local import shutdown_local
+
+    shutdown_local()
     with _lock:
         session, _session = _session, None
     if session is None:
