@@ -60,7 +60,6 @@ class ReplicaWait:
             read("SERVE_REDIS_WAIT_REPLICAS", replicas, 0, 0), read("SERVE_REDIS_WAIT_TIMEOUT_MS", timeout_ms, 1000, 1)
         )
 
-
 _DRAIN = 512
 _SPEC_TTL_S = 2.0
 
