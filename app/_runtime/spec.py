@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery_serve._runtime import by_value
 from celery_serve._wire import keys as _keys
 from celery_serve.application import Application, Pipeline, flatten, name_of, replace_applications
 from celery_serve.config import DeploymentConfig, validate_route_prefix
@@ -122,7 +123,10 @@ def build_spec(root: Application | Pipeline, name: str, route_prefix: str | None
     graph = flatten(root.applications if isinstance(root, Pipeline) else root)
     stages = [[name_of(graph, app) for app in stage] for stage in root.stages] if isinstance(root, Pipeline) else None
     ingress = pipeline_ingress(stages) if stages else name_of(graph, root)  # type: ignore[arg-type]
-    app_source = _source_from_path(source) if source else _find_app_source(root)
+    if not source and by_value.needs_by_value([n.deployment.func_or_class for n in graph.values()]):
+        app_source: dict[str, Any] | None = by_value.pack(root)  # nothing for workers to import: ship the code
+    else:
+        app_source = _source_from_path(source) if source else _find_app_source(root)
     deployments = {}
     for dep_name, node in graph.items():
         config = node.deployment.config.model_dump()
@@ -154,7 +158,7 @@ def pipeline_ingress(stages: list[list[str]]) -> str:
 def _target_source(target: Any) -> dict[str, Any]:
     module = target.__module__
     source: dict[str, Any] = {"module": module, "qualname": target.__qualname__}
-    if module == "__main__":
+    if module == "__main__" and not by_value.main_has_no_file():
         source["file"] = os.path.abspath(sys.modules["__main__"].__file__ or "")
     return source
 
@@ -175,7 +179,7 @@ def _find_app_source(root: Application | Pipeline) -> dict[str, Any] | None:
         if value is root:
             source: dict[str, Any] = {"module": module_name, "attr": attr}
             if module_name == "__main__":
-                source["file"] = os.path.abspath(module.__file__ or "")
+                source["file"] = os.path.abspath(getattr(module, "__file__", None) or "")
             return source
     return None
 
@@ -230,10 +234,13 @@ def resolve_deployment(spec: AppSpec, dep_name: str, make_handle: Any) -> tuple[
     """Return (class or function, init args, init kwargs) for a deployment, with handles in place of apps."""
     dep = spec.deployments[dep_name]
     if spec.source:
-        root = import_object(spec.source, spec.source["attr"])
+        if by_value.KEY in spec.source:
+            root = by_value.unpack(spec.source)
+        else:
+            root = import_object(spec.source, spec.source["attr"])
         if not isinstance(root, (Application, Pipeline)):
             raise DeploymentConfigError(
-                f"{spec.source['module']}:{spec.source['attr']} is not an application (.bind())"
+                f"{spec.source.get('module')}:{spec.source.get('attr', '(by value)')} is not an application (.bind())"
             )
         graph = flatten(root.applications if isinstance(root, Pipeline) else root)
         node = graph[dep_name]
