@@ -228,12 +228,8 @@ class ReplicaServer:
         return 1
 
     def _is_async(self, env: Envelope) -> bool:
-        if env.http is not None and self.replica.ingress is not None and env.method == "__call__":
-            return True
-        try:
-            return self.replica.method(env.method).is_async
-        except Exception:  # noqa: BLE001 - the error is reported when the request runs
-            return False
+        """Does this request run as a task (async code, or sync code in the replica's threads)?"""
+        return self.replica.runs_concurrently(env)
 
     async def _run_async(self, token: Token, env: Envelope) -> None:
         try:

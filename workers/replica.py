@@ -6,6 +6,10 @@ what to take from Redis and when.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -71,6 +75,31 @@ class Replica:
         self._methods: dict[str, _Method] = {}
         self._lifespan: Any = None
         self._batched = self._batched_methods()
+        # Sync methods run in threads, as in Ray: up to max_ongoing_requests at once (the consumer takes no
+        # more than that); with a cap of 1 they run inline, one after the other, without a thread hop.
+        self.max_ongoing = int(self.spec.config.get("max_ongoing_requests") or 100)
+        self._threads = (
+            concurrent.futures.ThreadPoolExecutor(self.max_ongoing, thread_name_prefix=f"replica-{deployment}")
+            if self.max_ongoing > 1
+            else None
+        )
+
+    def runs_concurrently(self, env: Envelope) -> bool:
+        """Does this request run beside others (as a task): async code, or sync code in a thread?"""
+        if env.http is not None and self.ingress is not None and env.method == "__call__":
+            return True
+        try:
+            return self.method(env.method).is_async or self._threads is not None
+        except Exception:  # noqa: BLE001 - the error is reported when the request runs
+            return False
+
+    async def _call_sync(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call sync user code: in one of the replica's threads, or inline when the cap is 1."""
+        if self._threads is None:
+            return func(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(self._threads, functools.partial(context.run, func, *args, **kwargs))
 
     @property
     def max_batch_size(self) -> int:
@@ -92,6 +121,8 @@ class Replica:
     async def stop(self) -> None:
         if self._lifespan is not None:
             await self._lifespan.__aexit__(None, None, None)
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
 
     def method(self, name: str) -> _Method:
         found = self._methods.get(name)
@@ -156,7 +187,10 @@ class Replica:
             if env.http is not None:
                 return Outcome(value=await self._call_http(env))
             method = self.method(env.method)
-            value = method.call(*env.args, **env.kwargs)
+            if method.is_async:
+                value = method.call(*env.args, **env.kwargs)
+            else:
+                value = await self._call_sync(method.call, *env.args, **env.kwargs)
             if inspect.isawaitable(value):
                 value = await value
             return Outcome(value=value)
@@ -189,12 +223,14 @@ class Replica:
             return await run_asgi(self.ingress, build_scope(http, root_path=self.root_path), body_of(http))
         method = self.method(env.method)
         request = ServeRequest(build_scope(http), body_of(http))
-        if method.takes_request:
-            if not method.is_async and request.is_form:
+        if method.is_async:
+            value = method.call(request) if method.takes_request else method.call()
+        elif method.takes_request:
+            if request.is_form:
                 await request.form()
-            value = method.call(request)
+            value = await self._call_sync(method.call, request)
         else:
-            value = method.call()
+            value = await self._call_sync(method.call)
         if inspect.isawaitable(value):
             value = await value
         return value
