@@ -34,6 +34,7 @@ from celery_serve.exceptions import (
     ServeStartupError,
 )
 from celery_serve.handle import DeploymentHandle, DeploymentResponse
+from celery_serve.multiplex import get_multiplexed_model_id, multiplexed
 from celery_serve.pipeline import parallel, pipeline
 
 __version__ = "0.2.0"
@@ -63,8 +64,10 @@ __all__ = [
     "batch",
     "deployment",
     "get_deployment_handle",
+    "get_multiplexed_model_id",
     "get_replica_context",
     "ingress",
+    "multiplexed",
     "parallel",
     "pipeline",
     "run",

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery_serve.exceptions import DeploymentConfigError
+from celery_serve.multiplex import get_multiplexed_model_id, set_multiplexed_model_id
 from celery_serve.workers.batching import Item, Outcome, drop_stale, form_sized_batches, run_batch_async
 
 SizeFn = Callable[[list[Any]], int]
@@ -119,7 +120,8 @@ class Batcher:
     async def submit(self, owner: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One caller's item through the in-process queue; returns its own result or raises its error."""
         loop = asyncio.get_running_loop()
-        queue = self.state(owner).queue(self, owner, loop)
+        # one queue per multiplexed model, as in Ray: a batch's requests are all for the same model
+        queue = self.state(owner).queue(self, owner, loop, get_multiplexed_model_id())
         future: asyncio.Future[Any] = loop.create_future()
         queue.put(Item(future, args, kwargs), future)
         return await future
@@ -130,7 +132,7 @@ class _State:
 
     def __init__(self) -> None:
         self._semaphores: dict[int, tuple[int, asyncio.Semaphore]] = {}
-        self._queues: dict[int, _BatchQueue] = {}
+        self._queues: dict[tuple[int, str], _BatchQueue] = {}
 
     def semaphore(self, limit: int) -> asyncio.Semaphore:
         key = id(asyncio.get_running_loop())
@@ -139,10 +141,11 @@ class _State:
             found = self._semaphores[key] = (limit, asyncio.Semaphore(limit))
         return found[1]
 
-    def queue(self, batcher: Batcher, owner: Any, loop: asyncio.AbstractEventLoop) -> _BatchQueue:
-        found = self._queues.get(id(loop))
+    def queue(self, batcher: Batcher, owner: Any, loop: asyncio.AbstractEventLoop, model_id: str = "") -> _BatchQueue:
+        key = (id(loop), model_id)
+        found = self._queues.get(key)
         if found is None or found.loop is not loop or found.task.done():
-            found = self._queues[id(loop)] = _BatchQueue(batcher, owner, self, loop)
+            found = self._queues[key] = _BatchQueue(batcher, owner, self, loop, model_id)
         return found
 
 
@@ -151,8 +154,11 @@ class _BatchQueue:
     item arrived, whichever comes first; the next batch forms while this one runs when
     `max_concurrent_batches` allows it, otherwise as soon as it has finished."""
 
-    def __init__(self, batcher: Batcher, owner: Any, state: _State, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, batcher: Batcher, owner: Any, state: _State, loop: asyncio.AbstractEventLoop, model_id: str = ""
+    ) -> None:
         self.batcher = batcher
+        self.model_id = model_id
         self.owner = owner
         self.state = state
         self.loop = loop
@@ -217,6 +223,7 @@ class _BatchQueue:
         return [(item, futures[id(item)]) for item in taken]
 
     async def _run(self, batch: list[tuple[Item[Any], asyncio.Future[Any]]]) -> None:
+        set_multiplexed_model_id(self.model_id)  # this task's context: the batch's model
         items = [item for item, _ in batch]
         try:
             outcomes = await run_batch_async(self.batcher.bound(self.owner), items, self.batcher.name)

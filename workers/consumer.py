@@ -25,6 +25,7 @@ from celery_serve._wire import results as _results
 from celery_serve._wire.connections import BLOCK_S
 from celery_serve._wire.envelope import Envelope, build_message, parse_message
 from celery_serve.exceptions import BadRequestError
+from celery_serve.workers.affinity import AffinityTaker
 from celery_serve.workers.batching import ArrivalRate, Outcome, wait_budget
 from celery_serve.workers.events import TaskEvents
 from celery_serve.workers.replica import Replica
@@ -67,6 +68,9 @@ class ReplicaServer:
         self._service_s = 0.0
         self._arrivals = ArrivalRate()
         self.events = TaskEvents.from_env(url)  # Celery task events for Flower, published in batches
+        # a multiplexed deployment takes its models' queues first (see celery_serve.workers.affinity)
+        self._affinity = AffinityTaker(self.ops, replica) if replica.is_multiplexed else None
+        self._take = self._affinity.take if self._affinity is not None else self.ops.take
 
     async def run(self) -> None:
         await self.replica.start()
@@ -87,6 +91,8 @@ class ReplicaServer:
                     "replica %s handed %d unfinished requests back to %s", self.replica_id, handed_back, self.ops.queue
                 )
             await self.replica.stop()
+            if self._affinity is not None:
+                self._affinity.close()
             await self.ops.close()
 
     def stop(self) -> None:
@@ -101,7 +107,7 @@ class ReplicaServer:
                 await self._slot.wait()
                 continue
             try:
-                items = await self.ops.take(min(free, self._take_limit()), block_s=1.0)
+                items = await self._take(min(free, self._take_limit()), block_s=1.0)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
                 logger.warning("replica %s lost Redis (%s); retrying", self.replica_id, exc)
                 await asyncio.sleep(0.5)
@@ -177,7 +183,7 @@ class ReplicaServer:
         window = wait_budget(len(group), batch.max_batch_size, batch.batch_wait_timeout_s, self._arrivals)
         deadline = time.monotonic() + window
         while len(group) < batch.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
-            more = await self.ops.take(batch.max_batch_size - len(group), block_s=remaining)
+            more = await self._take(batch.max_batch_size - len(group), block_s=remaining)
             if not more:
                 break
             for token, env in self._admit(more):

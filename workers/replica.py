@@ -15,12 +15,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from celery_serve._runtime.spec import AppSpec, resolve_deployment
+from celery_serve._runtime.spec import AppSpec, is_multiplexed, resolve_deployment
 from celery_serve._wire import results as _results
 from celery_serve._wire.envelope import Envelope
 from celery_serve.batch import BatchConfig, batch_config, batcher_of
 from celery_serve.exceptions import DeploymentNotFoundError, ServeError
 from celery_serve.handle import DeploymentHandle
+from celery_serve.multiplex import held_models, reset_multiplexed_model_id, set_multiplexed_model_id
 from celery_serve.workers.batching import Item, Outcome
 from celery_serve.workers.http import ServeRequest, body_of, build_scope, encode_result, run_asgi, to_jsonable
 from celery_serve.workers.ingress import bind_ingress
@@ -75,6 +76,7 @@ class Replica:
         self._methods: dict[str, _Method] = {}
         self._lifespan: Any = None
         self._batched = self._batched_methods()
+        self._multiplexed = self.spec.multiplexed or is_multiplexed(target)
         # Sync methods run in threads, as in Ray: up to max_ongoing_requests at once (the consumer takes no
         # more than that); with a cap of 1 they run inline, one after the other, without a thread hop.
         self.max_ongoing = int(self.spec.config.get("max_ongoing_requests") or 100)
@@ -83,6 +85,15 @@ class Replica:
             if self.max_ongoing > 1
             else None
         )
+
+    @property
+    def is_multiplexed(self) -> bool:
+        """Does this deployment load models with `@multiplexed` (so its replicas route by model affinity)?"""
+        return self._multiplexed
+
+    def held_models(self) -> list[str]:
+        """The models this replica holds or is loading now, most recently used last."""
+        return held_models(self.instance)
 
     def runs_concurrently(self, env: Envelope) -> bool:
         """Does this request run beside others (as a task): async code, or sync code in a thread?"""
@@ -179,10 +190,29 @@ class Replica:
         if method.batcher is None:  # not batched after all: one call per request
             return [await self.run(env) for env in envs]
         logger.debug("%s: %d requests for batches", envs[0].task_name, len(items))
-        return await method.batcher.run_items(method.owner, items)
+        by_model: dict[str, list[int]] = {}
+        for i, env in enumerate(envs):  # as in Ray, a batch's requests are all for the same multiplexed model
+            by_model.setdefault(env.model_id, []).append(i)
+        outcomes: list[Outcome] = [Outcome()] * len(envs)
+        for model_id, indexes in by_model.items():
+            token = set_multiplexed_model_id(model_id)
+            try:
+                done = await method.batcher.run_items(method.owner, [items[i] for i in indexes])
+            finally:
+                reset_multiplexed_model_id(token)
+            for i, outcome in zip(indexes, done, strict=True):
+                outcomes[i] = outcome
+        return outcomes
 
     async def run(self, env: Envelope) -> Outcome:
         """Call the user's code for one request; never raises (an error is the outcome)."""
+        token = set_multiplexed_model_id(env.model_id)  # serve.get_multiplexed_model_id() for this request
+        try:
+            return await self._run(env)
+        finally:
+            reset_multiplexed_model_id(token)
+
+    async def _run(self, env: Envelope) -> Outcome:
         try:
             if env.http is not None:
                 return Outcome(value=await self._call_http(env))

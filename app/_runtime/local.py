@@ -21,6 +21,7 @@ from celery_serve._runtime.context import BackgroundLoop
 from celery_serve.application import Application, Pipeline, flatten, name_of, replace_applications
 from celery_serve.exceptions import DeploymentConfigError, DeploymentNotFoundError
 from celery_serve.handle import DeploymentHandle, DeploymentResponse, _resolve
+from celery_serve.multiplex import set_multiplexed_model_id
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class _LocalReplica:
             raise DeploymentNotFoundError(f"deployment '{self.name}' has no method '{name}'")
         return call
 
-    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], model_id: str = "") -> Any:
+        set_multiplexed_model_id(model_id)  # this task's own context: seen by this request only
         args = tuple([await _resolve(a) for a in args])
         kwargs = {k: await _resolve(v) for k, v in kwargs.items()}
         func = self.method(method)
@@ -59,7 +61,7 @@ class _LocalReplica:
         async with self._limit:
             if inspect.iscoroutinefunction(func):
                 return await func(*args, **kwargs)
-            value = await asyncio.to_thread(func, *args, **kwargs)
+            value = await asyncio.to_thread(func, *args, **kwargs)  # copies the context: the model id too
             if inspect.isawaitable(value):
                 value = await value
             return value
@@ -78,7 +80,7 @@ class LocalDeploymentHandle(DeploymentHandle):
             raise DeploymentNotFoundError(
                 f"application '{self.app_name}' is not running in local testing mode (was serve.shutdown() called?)"
             )
-        future = loop.run(replica.call(self.method_name, args, kwargs))
+        future = loop.run(replica.call(self.method_name, args, kwargs, self.multiplexed_model_id))
         return DeploymentResponse(future, self.deployment_name)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -42,6 +42,11 @@ class DeploymentSpec:
         return _keys.queue(self.app, self.name, gpu=float(self.config.get("num_gpus") or 0) > 0)
 
     @property
+    def multiplexed(self) -> bool:
+        """Does it load models with `@multiplexed` (requests naming a model then go to that model's queue)?"""
+        return bool(self.target.get("multiplexed"))
+
+    @property
     def options(self) -> DeploymentConfig:
         return DeploymentConfig(**self.config)
 
@@ -158,9 +163,20 @@ def pipeline_ingress(stages: list[list[str]]) -> str:
 def _target_source(target: Any) -> dict[str, Any]:
     module = target.__module__
     source: dict[str, Any] = {"module": module, "qualname": target.__qualname__}
+    if is_multiplexed(target):  # requests naming a model then wait on that model's queue (_wire/affinity.py)
+        source["multiplexed"] = True
     if module == "__main__" and not by_value.main_has_no_file():
         source["file"] = os.path.abspath(sys.modules["__main__"].__file__ or "")
     return source
+
+
+def is_multiplexed(target: Any) -> bool:
+    """Has this deployment class a `@multiplexed` model loader?"""
+    from celery_serve.multiplex import MULTIPLEX_ATTR
+
+    return inspect.isclass(target) and any(
+        getattr(getattr(target, name, None), MULTIPLEX_ATTR, None) for name in dir(target)
+    )
 
 
 def _source_from_path(path: str) -> dict[str, Any]:
