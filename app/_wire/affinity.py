@@ -10,6 +10,7 @@ it without polling. Requests that name no model use the shared queue as before.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -57,6 +58,8 @@ class AffinityRouter:
     def __init__(self, redis: Any) -> None:
         self.redis = redis
         self._indexed: dict[tuple[str, str], float] = {}
+        # SERVE_MULTIPLEX_AFFINITY=0: every request on the shared queue (routing without model awareness)
+        self.enabled = os.environ.get("SERVE_MULTIPLEX_AFFINITY", "1") != "0"
 
     async def queue_for(self, target: Any, model_id: str) -> str:
         """The queue for a request to `target` (a DeploymentSpec): its model's when it names one and the
@@ -65,7 +68,7 @@ class AffinityRouter:
         if not model_id:
             return queue
         check_model_id(model_id)
-        if not target.multiplexed:
+        if not target.multiplexed or not self.enabled:
             return queue
         key = (queue, model_id)
         now = time.monotonic()
