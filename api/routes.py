@@ -16,6 +16,7 @@ import redis.exceptions
 
 from celery_serve._runtime.spec import AppSpec, DeploymentSpec
 from celery_serve._wire import keys as _keys
+from celery_serve._wire.traffic import TRAFFIC_KEY, WeightedChooser, parse_split
 
 logger = logging.getLogger(__name__)
 
@@ -23,17 +24,44 @@ REFRESH_S = 1.0
 _MISS_REFRESH_MIN_S = 0.05
 
 
+def effective_weights(split: dict[str, float] | None, specs: list[AppSpec]) -> dict[str, float]:
+    """The weights a prefix's requests follow: its split, over the applications deployed there; without a
+    split (or when none of its applications is deployed), everything to the incumbent."""
+    names = {spec.name for spec in specs}
+    if split:
+        weights = {name: w for name, w in split.items() if name in names and w > 0}
+        if weights:
+            return weights
+    return {specs[0].name: 1.0}
+
+
 class RouteTable:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._routes: list[tuple[str, AppSpec]] = []
+        self._by_prefix: dict[str, list[AppSpec]] = {}  # every application on a prefix, the incumbent first
+        self._splits: dict[str, dict[str, float]] = {}
+        self._choosers: dict[str, WeightedChooser] = {}
         self._refreshed_at = 0.0
         self._lock = asyncio.Lock()
 
     @property
     def routes(self) -> dict[str, str]:
-        """Route prefix -> ingress deployment name."""
-        return {prefix: spec.ingress for prefix, spec in self._routes}
+        """Route prefix -> ingress deployment name (of the incumbent, where several share a prefix)."""
+        return {prefix: specs[0].ingress for prefix, specs in self._by_prefix.items()}
+
+    @property
+    def traffic(self) -> dict[str, dict[str, float]]:
+        """Route prefix -> {application: share of its requests} as routed now (shares sum to 1)."""
+        out: dict[str, dict[str, float]] = {}
+        for prefix, specs in self._by_prefix.items():
+            weights = self._effective(prefix, specs)
+            total = sum(weights.values()) or 1.0
+            out[prefix] = {spec.name: weights.get(spec.name, 0.0) / total for spec in specs}
+        return out
+
+    def _effective(self, prefix: str, specs: list[AppSpec]) -> dict[str, float]:
+        return effective_weights(self._splits.get(prefix), specs)
 
     @property
     def apps(self) -> list[AppSpec]:
@@ -41,9 +69,29 @@ class RouteTable:
 
     async def refresh(self) -> None:
         async with self._lock:
-            raw = await self._redis.hgetall(_keys.APPS)
-            specs = [AppSpec.from_json(v) for v in raw.values()]
-            self._routes = sorted(((s.route_prefix, s) for s in specs), key=lambda r: len(r[0]), reverse=True)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(_keys.APPS)
+                pipe.hgetall(TRAFFIC_KEY)
+                raw, splits = await pipe.execute()
+            specs = sorted((AppSpec.from_json(v) for v in raw.values()), key=lambda s: (s.deployed_at, s.name))
+            by_prefix: dict[str, list[AppSpec]] = {}
+            for spec in specs:
+                by_prefix.setdefault(spec.route_prefix, []).append(spec)
+            parsed: dict[str, dict[str, float]] = {}
+            for prefix, value in splits.items():
+                try:
+                    parsed[prefix.decode() if isinstance(prefix, bytes) else prefix] = parse_split(value)
+                except (ValueError, TypeError, AttributeError) as exc:
+                    logger.warning("ignoring an unreadable traffic split for %r: %s", prefix, exc)
+            self._routes = sorted(
+                ((p, group[0]) for p, group in by_prefix.items()), key=lambda r: len(r[0]), reverse=True
+            )
+            choosers = {}
+            for prefix, group in by_prefix.items():
+                weights = effective_weights(parsed.get(prefix), group)
+                old = self._choosers.get(prefix)
+                choosers[prefix] = old if old is not None and old.weights == weights else WeightedChooser(weights)
+            self._by_prefix, self._splits, self._choosers = by_prefix, parsed, choosers
             self._refreshed_at = time.monotonic()
 
     async def run(self) -> None:
@@ -54,17 +102,31 @@ class RouteTable:
                 logger.warning("could not refresh routes from Redis: %s", exc)
             await asyncio.sleep(REFRESH_S)
 
-    def match(self, path: str) -> tuple[AppSpec, DeploymentSpec | AppSpec] | None:
-        """The application serving `path`, and where its requests go: the ingress, or the pipeline."""
+    def match(self, path: str, *, pick: bool = False) -> tuple[AppSpec, DeploymentSpec | AppSpec] | None:
+        """The application serving `path`, and where its requests go: the ingress, or the pipeline.
+
+        With `pick`, a prefix that several applications share is resolved by its traffic split (this
+        advances the split's round-robin: once per request routed); without, the incumbent is returned."""
         for prefix, spec in self._routes:
             if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+                if pick:
+                    spec = self._pick(prefix, spec)
                 return spec, spec if spec.is_pipeline else spec.deployments[spec.ingress]
         return None
 
-    async def match_fresh(self, path: str) -> tuple[AppSpec, DeploymentSpec | AppSpec] | None:
-        found = self.match(path)
+    def _pick(self, prefix: str, incumbent: AppSpec) -> AppSpec:
+        """The application this request goes to: the traffic split's pick where several share the prefix."""
+        group = self._by_prefix.get(prefix) or [incumbent]
+        if len(group) == 1:
+            return incumbent
+        chooser = self._choosers.get(prefix)
+        name = chooser.pick() if chooser is not None else None
+        return next((spec for spec in group if spec.name == name), incumbent)
+
+    async def match_fresh(self, path: str, *, pick: bool = False) -> tuple[AppSpec, DeploymentSpec | AppSpec] | None:
+        found = self.match(path, pick=pick)
         if found is None and await self.refresh_on_miss():
-            found = self.match(path)
+            found = self.match(path, pick=pick)
         return found
 
     def mark_stale(self) -> None:

@@ -15,6 +15,7 @@ protocol (`celery_serve._wire`), the run-time orchestration (`celery_serve._runt
 """
 
 from celery_serve._runtime.serve import run, shutdown
+from celery_serve._runtime.traffic import set_traffic
 from celery_serve.application import Application, Parallel, Pipeline
 from celery_serve.batch import batch
 from celery_serve.client import AsyncClient, Client, Job, get_deployment_handle
@@ -71,5 +72,6 @@ __all__ = [
     "parallel",
     "pipeline",
     "run",
+    "set_traffic",
     "shutdown",
 ]

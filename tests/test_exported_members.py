@@ -38,6 +38,7 @@ EXPECTED = [
     "parallel",
     "pipeline",
     "run",
+    "set_traffic",
     "shutdown",
 ]
 

@@ -431,15 +431,16 @@ def delete(name: str) -> None:
 
 
 def _wait_for_route(session: _Session, spec: AppSpec, deadline: float) -> None:
-    url = f"{session.gateway_url}/-/routes"
+    url = f"{session.gateway_url}/-/traffic"
     last_error: Exception | None = None
     import httpx  # here, not at module level: replicas import this package and never need httpx
 
     with httpx.Client(timeout=2.0) as http:
         while time.monotonic() < deadline:
             try:
-                routes = http.get(url).json()
-                if routes.get(spec.route_prefix) == spec.ingress:
+                # the gateway knows the application on its prefix (its share may be 0: a new version beside
+                # another one takes traffic once a split gives it some)
+                if spec.name in http.get(url).json().get(spec.route_prefix, {}):
                     return
             except (httpx.HTTPError, ValueError) as exc:
                 last_error = exc
