@@ -3,6 +3,10 @@
 Refreshed in the background every second, and at once when a path matches nothing (so an application
 deployed a moment ago is found on its first request). Longest route prefix wins; `/api` serves `/api` and
 `/api/...`, not `/apiary`.
+
+When Redis loses its data (its epoch key changed: see `keys.EPOCH`), the routes known before are kept for
+`KEEP_AFTER_DATA_LOSS_S` while the workers re-announce their applications, so the gateway goes on serving
+instead of answering 404, and `on_data_loss` tells the transport to fail the requests Redis forgot.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -22,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 REFRESH_S = 1.0
 _MISS_REFRESH_MIN_S = 0.05
+KEEP_AFTER_DATA_LOSS_S = 60.0
 
 
 def effective_weights(split: dict[str, float] | None, specs: list[AppSpec]) -> dict[str, float]:
@@ -36,7 +44,9 @@ def effective_weights(split: dict[str, float] | None, specs: list[AppSpec]) -> d
 
 
 class RouteTable:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(
+        self, client: aioredis.Redis, on_data_loss: Callable[[], Coroutine[Any, Any, object]] | None = None
+    ) -> None:
         self._redis = client
         self._routes: list[tuple[str, AppSpec]] = []
         self._by_prefix: dict[str, list[AppSpec]] = {}  # every application on a prefix, the incumbent first
@@ -44,6 +54,10 @@ class RouteTable:
         self._choosers: dict[str, WeightedChooser] = {}
         self._refreshed_at = 0.0
         self._lock = asyncio.Lock()
+        self._epoch: bytes | None = None
+        self._kept: dict[str, AppSpec] = {}  # applications known before Redis lost its data
+        self._keep_until = 0.0
+        self._on_data_loss = on_data_loss
 
     @property
     def routes(self) -> dict[str, str]:
@@ -65,17 +79,32 @@ class RouteTable:
 
     @property
     def apps(self) -> list[AppSpec]:
-        return [spec for _, spec in self._routes]
+        """Every application deployed (several may share a route prefix)."""
+        return [spec for specs in self._by_prefix.values() for spec in specs]
 
     async def refresh(self) -> None:
         async with self._lock:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(_keys.APPS)
-                pipe.hgetall(TRAFFIC_KEY)
-                raw, splits = await pipe.execute()
-            specs = sorted((AppSpec.from_json(v) for v in raw.values()), key=lambda s: (s.deployed_at, s.name))
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hgetall(_keys.APPS)
+            pipe.set(_keys.EPOCH, uuid.uuid4().hex, nx=True)
+            pipe.get(_keys.EPOCH)
+            pipe.hgetall(TRAFFIC_KEY)
+            raw, _, epoch, splits = await pipe.execute()
+            specs = {spec.name: spec for spec in (AppSpec.from_json(v) for v in raw.values())}
+            now = time.monotonic()
+            if self._epoch is not None and epoch != self._epoch:
+                logger.warning(
+                    "Redis lost its data; serving the %d known applications while they re-announce", len(self.apps)
+                )
+                self._kept = {spec.name: spec for specs_ in self._by_prefix.values() for spec in specs_}
+                self._keep_until = now + KEEP_AFTER_DATA_LOSS_S
+                if self._on_data_loss is not None:
+                    asyncio.create_task(self._on_data_loss())
+            self._epoch = epoch
+            if now < self._keep_until:
+                specs = {**self._kept, **specs}
             by_prefix: dict[str, list[AppSpec]] = {}
-            for spec in specs:
+            for spec in sorted(specs.values(), key=lambda s: (s.deployed_at, s.name)):  # the incumbent first
                 by_prefix.setdefault(spec.route_prefix, []).append(spec)
             parsed: dict[str, dict[str, float]] = {}
             for prefix, value in splits.items():
@@ -92,14 +121,14 @@ class RouteTable:
                 old = self._choosers.get(prefix)
                 choosers[prefix] = old if old is not None and old.weights == weights else WeightedChooser(weights)
             self._by_prefix, self._splits, self._choosers = by_prefix, parsed, choosers
-            self._refreshed_at = time.monotonic()
+            self._refreshed_at = now
 
     async def run(self) -> None:
         while True:
             try:
                 await self.refresh()
-            except (redis.exceptions.RedisError, OSError) as exc:
-                logger.warning("could not refresh routes from Redis: %s", exc)
+            except (redis.exceptions.RedisError, OSError, RuntimeError) as exc:
+                logger.warning("could not refresh routes from Redis: %r", exc)
             await asyncio.sleep(REFRESH_S)
 
     def match(self, path: str, *, pick: bool = False) -> tuple[AppSpec, DeploymentSpec | AppSpec] | None:

@@ -30,9 +30,11 @@ from celery_serve.exceptions import (
     JobCancelledError,
     PayloadTooLargeError,
     RemoteError,
+    ReplicaCrashError,
     RequestTimeoutError,
     ServeError,
     ServeStartupError,
+    ServiceUnavailableError,
 )
 from celery_serve.handle import DeploymentHandle, DeploymentResponse
 from celery_serve.multiplex import get_multiplexed_model_id, multiplexed
@@ -59,9 +61,11 @@ __all__ = [
     "Pipeline",
     "RemoteError",
     "ReplicaContext",
+    "ReplicaCrashError",
     "RequestTimeoutError",
     "ServeError",
     "ServeStartupError",
+    "ServiceUnavailableError",
     "batch",
     "deployment",
     "get_deployment_handle",

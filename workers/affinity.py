@@ -59,6 +59,13 @@ class AffinityTaker:
     async def take(self, limit: int, block_s: float) -> list[tuple[Token, bytes]]:
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(self._listen())
+        try:
+            return await self._take(limit, block_s)
+        except BaseException:
+            self._blocking_id = None  # the connections may be reset: ask the blocking one its id again
+            raise
+
+    async def _take(self, limit: int, block_s: float) -> list[tuple[Token, bytes]]:
         deadline = time.monotonic() + block_s
         while True:
             self._woken = False
@@ -85,9 +92,6 @@ class AffinityTaker:
                     "RIGHT",
                     "LEFT",
                 )
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-                self._blocking_id = None  # a new connection has another id
-                raise
             finally:
                 self._blocked = False
             if moved is not None:  # as QueueOps.take: a blocking pop's message is acknowledged by "@" + itself

@@ -52,6 +52,7 @@ class Envelope:
     http_reply: bool = False  # answer with an HTTP response (the pipeline was called over HTTP)
     chord: dict[str, Any] | None = None  # for one branch of a parallel step: {"key", "index", "size"}
     model_id: str = ""  # the multiplexed model the caller asked for (serve_multiplexed_model_id)
+    deliveries: int = 0  # how many times a replica died holding this message (see `_wire.delivery`)
 
     @property
     def in_pipeline(self) -> bool:
@@ -158,6 +159,9 @@ def build_message(
     return orjson.dumps(message).decode()
 
 
+SUSPECT_MARK = b'"serve_deliveries"'  # in a message a replica died holding (found without decoding it)
+
+
 def parse_message(raw: bytes | str) -> Envelope:
     """Decode a queued message; raises `BadRequestError` for anything that is not a JSON task message."""
     try:
@@ -189,6 +193,7 @@ def parse_message(raw: bytes | str) -> Envelope:
             http_reply=bool(headers.get("serve_http_reply") or headers.get("serve_http")),
             chord=headers.get("serve_chord"),
             model_id=str(headers.get(MODEL_ID_HEADER) or ""),
+            deliveries=int(headers.get("serve_deliveries") or 0),
         )
     except BadRequestError:
         raise
