@@ -365,7 +365,7 @@ class QueueTransport:
                 f"deployment '{name}' already has {limit} requests waiting; "
                 "retry shortly or raise max_queued_requests / num_replicas"
             )
-        if messages[0][0] != target.queue and isinstance(target, DeploymentSpec):  # on a model's queue
+        if isinstance(target, DeploymentSpec) and messages[0][0] != target.queue:  # on a model's queue
             await self.affinity.announce(target.queue, multiplexed_model_id)
         return Submitted(job_id, fut, deadline)
 
