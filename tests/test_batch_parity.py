@@ -14,7 +14,8 @@ import torch
 from celery_serve import batch
 from celery_serve.exceptions import DeploymentConfigError
 from celery_serve.workers.batching import BatchSizeMismatchError, Item
-from tests.conftest import STARTUP_TIMEOUT_S, Served
+from tests.conftest import Served
+from tests.served_apps import served_apps
 
 # --- in-process: the batched method called from another method of the same instance -----------------
 
@@ -199,8 +200,6 @@ def test_the_consumer_path_runs_drained_requests_with_the_same_rules() -> None:
 @pytest.fixture(scope="module")
 def guide(served: Served) -> Iterator[dict[str, Any]]:
     """The guide's deployments, run into the session's serving processes (and removed after)."""
-    from celery_serve import run
-    from celery_serve._runtime import serve as _serve
     from tests import ray_batching_examples as ex
 
     apps = {
@@ -209,18 +208,8 @@ def guide(served: Served) -> Iterator[dict[str, Any]]:
         "guide-tokens": ex.token_app,
         "guide-recorder": ex.recorder_app,
     }
-    try:
-        handles = {
-            name: run(app, name=name, route_prefix=f"/{name}", startup_timeout_s=STARTUP_TIMEOUT_S)
-            for name, app in apps.items()
-        }
+    with served_apps(served, {name: (app, f"/{name}") for name, app in apps.items()}) as handles:
         yield {"handles": handles}
-    finally:
-        session = _serve._session
-        assert session is not None
-        for name in apps:
-            session.group.stop(session.workers.pop(name, set()))
-            _serve.delete_app(served.redis_url, name)
 
 
 def test_guide_numpy_model(guide: dict[str, Any]) -> None:

@@ -10,28 +10,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import STARTUP_TIMEOUT_S, Served
+from tests.conftest import Served
+from tests.served_apps import served_apps
 
 
 @pytest.fixture(scope="module")
 def limits(served: Served) -> Iterator[dict[str, Any]]:
-    from celery_serve import run
-    from celery_serve._runtime import serve as _serve
     from tests import ray_load_shedding as ex
 
     apps = {"shed": ex.shedding_app, "sync-peak": ex.sync_peak_app, "async-peak": ex.async_peak_app}
-    try:
-        handles = {
-            name: run(app, name=name, route_prefix=f"/{name}", startup_timeout_s=STARTUP_TIMEOUT_S)
-            for name, app in apps.items()
-        }
+    with served_apps(served, {name: (app, f"/{name}") for name, app in apps.items()}) as handles:
         yield handles
-    finally:
-        session = _serve._session
-        assert session is not None
-        for name in apps:
-            session.group.stop(session.workers.pop(name, set()))
-            _serve.delete_app(served.redis_url, name)
 
 
 @pytest.mark.parametrize("name", ["sync-peak", "async-peak"])

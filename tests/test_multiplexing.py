@@ -12,7 +12,8 @@ import pytest
 
 import celery_serve as serve
 from celery_serve.multiplex import ModelCache, get_multiplexed_model_id, set_multiplexed_model_id
-from tests.conftest import STARTUP_TIMEOUT_S, Served
+from tests.conftest import Served
+from tests.served_apps import served_apps
 
 # --- the per-replica model cache, in process ------------------------------------------------------------
 
@@ -106,8 +107,6 @@ def test_model_cache_capacity_counts_loads_in_flight() -> None:
 
 @pytest.fixture(scope="module")
 def mx(served: Served) -> Iterator[dict[str, Any]]:
-    from celery_serve import run
-    from celery_serve._runtime import serve as _serve
     from tests import ray_multiplex_examples as ex
 
     apps = {
@@ -117,18 +116,8 @@ def mx(served: Served) -> Iterator[dict[str, Any]]:
         "mx-affinity": ex.affinity_app,
         "mx-single": ex.single_app,
     }
-    try:
-        handles = {
-            name: run(app, name=name, route_prefix=f"/{name}", startup_timeout_s=STARTUP_TIMEOUT_S)
-            for name, app in apps.items()
-        }
+    with served_apps(served, {name: (app, f"/{name}") for name, app in apps.items()}) as handles:
         yield handles
-    finally:
-        session = _serve._session
-        assert session is not None
-        for name in apps:
-            session.group.stop(session.workers.pop(name, set()))
-            _serve.delete_app(served.redis_url, name)
 
 
 def test_guide_header_and_handle_option_pick_the_model(mx: dict[str, Any], served: Served) -> None:
