@@ -102,3 +102,27 @@ def test_weights_change_under_load_with_no_failed_request(versions: dict[str, An
         assert len(versions_seen) >= 40, f"too few requests in a phase to measure the split ({len(versions_seen)})"
         observed = versions_seen.count("v2") / len(versions_seen)
         assert abs(observed - share) <= 0.03, f"v2 got {observed:.1%} of {len(versions_seen)}, weights say {share:.0%}"
+
+
+def test_the_traffic_command_shows_sets_and_refuses_saying_why(versions: dict[str, Any], served: Served) -> None:
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "celery_serve", "traffic", *args, "--redis-url", served.redis_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    done = cli("/canary", "canary-v1=3", "canary-v2=1")
+    assert done.returncode == 0, done.stderr
+    assert "canary-v1 75.0%, canary-v2 25.0%" in done.stdout
+    assert "'canary-v1': 3.0, 'canary-v2': 1.0" in cli("/canary").stdout
+    bad = cli("/canary", "canary-v1")
+    assert bad.returncode != 0 and "APP=WEIGHT" in bad.stderr
+    missing = cli("/canary", "nope=1")
+    assert missing.returncode != 0 and "no application named 'nope'" in missing.stderr
+    assert cli("/canary", "--clear").returncode == 0
+    assert "no traffic split on /canary" in cli("/canary").stdout
