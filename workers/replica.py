@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +29,11 @@ from celery_serve.workers.ingress import bind_ingress
 logger = logging.getLogger(__name__)
 
 
+_INLINE_BELOW_S = 0.0005  # a sync method this fast runs inline: a thread hop would cost more than the call
+
+
 class _Method:
-    __slots__ = ("call", "is_async", "takes_request", "batcher", "owner")
+    __slots__ = ("call", "is_async", "takes_request", "batcher", "owner", "sync_s")
 
     def __init__(self, call: Callable[..., Any], max_batch_size: int | None = None) -> None:
         self.call = call
@@ -52,6 +55,15 @@ class _Method:
         except (TypeError, ValueError):
             params = [None]  # type: ignore[list-item]
         self.takes_request = bool(params)
+        self.sync_s: float | None = None  # a sync method's recent run time (moving average), once measured
+
+    @property
+    def fast(self) -> bool:
+        """A sync method measured to take well under a millisecond: it runs inline, one call at a time."""
+        return self.sync_s is not None and self.sync_s < _INLINE_BELOW_S
+
+    def observe(self, seconds: float) -> None:
+        self.sync_s = seconds if self.sync_s is None else 0.8 * self.sync_s + 0.2 * seconds
 
     @property
     def batch(self) -> BatchConfig | None:
@@ -78,7 +90,7 @@ class Replica:
         self._batched = self._batched_methods()
         self._multiplexed = self.spec.multiplexed or is_multiplexed(target)
         # Sync methods run in threads, as in Ray: up to max_ongoing_requests at once (the consumer takes no
-        # more than that); with a cap of 1 they run inline, one after the other, without a thread hop.
+        # more than that); with a cap of 1, or once measured under _INLINE_BELOW_S, they run inline.
         self.max_ongoing = int(self.spec.config.get("max_ongoing_requests") or 100)
         self._threads = (
             concurrent.futures.ThreadPoolExecutor(self.max_ongoing, thread_name_prefix=f"replica-{deployment}")
@@ -100,17 +112,30 @@ class Replica:
         if env.http is not None and self.ingress is not None and env.method == "__call__":
             return True
         try:
-            return self.method(env.method).is_async or self._threads is not None
+            method = self.method(env.method)
         except Exception:  # noqa: BLE001 - the error is reported when the request runs
             return False
+        return method.is_async or (self._threads is not None and not method.fast)
 
-    async def _call_sync(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call sync user code: in one of the replica's threads, or inline when the cap is 1."""
-        if self._threads is None:
-            return func(*args, **kwargs)
+    async def _call_sync(self, method: _Method, *args: Any, **kwargs: Any) -> Any:
+        """Call sync user code: in one of the replica's threads; inline when the cap is 1, or when the method
+        has been measured to take well under a millisecond (switching back to threads if it slows down)."""
+        if self._threads is None or method.fast:
+            started = time.perf_counter()
+            try:
+                return method.call(*args, **kwargs)
+            finally:
+                method.observe(time.perf_counter() - started)
+
+        def timed() -> Any:
+            started = time.perf_counter()
+            try:
+                return method.call(*args, **kwargs)
+            finally:
+                method.observe(time.perf_counter() - started)
+
         loop = asyncio.get_running_loop()
-        context = contextvars.copy_context()
-        return await loop.run_in_executor(self._threads, functools.partial(context.run, func, *args, **kwargs))
+        return await loop.run_in_executor(self._threads, contextvars.copy_context().run, timed)
 
     @property
     def max_batch_size(self) -> int:
@@ -220,7 +245,7 @@ class Replica:
             if method.is_async:
                 value = method.call(*env.args, **env.kwargs)
             else:
-                value = await self._call_sync(method.call, *env.args, **env.kwargs)
+                value = await self._call_sync(method, *env.args, **env.kwargs)
             if inspect.isawaitable(value):
                 value = await value
             return Outcome(value=value)
@@ -258,9 +283,9 @@ class Replica:
         elif method.takes_request:
             if request.is_form:
                 await request.form()
-            value = await self._call_sync(method.call, request)
+            value = await self._call_sync(method, request)
         else:
-            value = await self._call_sync(method.call)
+            value = await self._call_sync(method)
         if inspect.isawaitable(value):
             value = await value
         return value
