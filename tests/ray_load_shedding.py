@@ -76,3 +76,18 @@ class AsyncPeak:
 shedding_app = SlowDeployment.bind()
 sync_peak_app = SyncPeak.bind()
 async_peak_app = AsyncPeak.bind()
+
+
+@serve.deployment
+class Speeds:
+    """A sync method far under a millisecond and one well over it, for the inline rule."""
+
+    def quick(self) -> int:
+        return 1
+
+    def slow(self) -> int:
+        time.sleep(0.003)
+        return 2
+
+
+speeds_app = Speeds.bind()

@@ -51,3 +51,28 @@ def test_ray_load_shedding_example(limits: dict[str, Any], served: Served) -> No
             assert [await t for t in first + queued] == [200] * 4
 
     asyncio.run(main())
+
+
+def test_fast_sync_methods_run_inline_and_slow_ones_in_threads() -> None:
+    """A thread hop costs more than a call measured well under a millisecond: such a method runs inline;
+    one measured slower goes to the replica's threads. Pure unit: the replica without Redis."""
+    from celery_serve._runtime.spec import build_spec
+    from celery_serve._wire.envelope import build_message, parse_message
+    from celery_serve.workers.replica import Replica
+    from tests import ray_load_shedding as ex
+
+    spec = build_spec(ex.speeds_app, "speeds", "/speeds")
+    replica = Replica(spec, "Speeds")
+
+    def env(method: str) -> Any:
+        return parse_message(build_message(task_id="t", app="speeds", deployment="Speeds", method=method))
+
+    async def main() -> None:
+        for method, value in (("quick", 1), ("slow", 2)):
+            assert replica.runs_concurrently(env(method))  # not measured yet: a thread, to be safe
+            for _ in range(5):
+                assert (await replica.run(env(method))).value == value
+
+    asyncio.run(main())
+    assert not replica.runs_concurrently(env("quick"))
+    assert replica.runs_concurrently(env("slow"))
