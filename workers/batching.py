@@ -1,15 +1,16 @@
 """The batching core: which requests run together, how long to wait for company, who gets what back.
 
-Plain Python, no Redis and no Celery, so every rule is unit-tested in microseconds; `celery_serve.workers.consumer`
-connects it to the queue.
+Plain Python, no Redis and no Celery, so every rule is unit-tested in microseconds; `celery_serve._batch_queue`
+runs batches with it (for the consumer's drained requests and for in-replica calls alike).
 
 Rules:
 - Items whose deadline passed, or that were cancelled, are dropped before the batch runs.
 - A batch holds items of one shape (same number of positional arguments, same keyword names), in
-  arrival order, at most `max_batch_size` of them.
-- The function receives one list per argument (the common case: one list of items) and must return a list
-  of the same length. If it raises, every item gets that error; a list of the wrong length fails every
-  item with an error naming both lengths; an exception instance in the list fails only its item.
+  arrival order, at most `max_batch_size` of them (or of `batch_size_fn`'s measure).
+- The function receives one list per argument (the common case: one list of items) and must return a
+  sequence of the same length (list, tuple, numpy array, tensor). If it raises, every item gets that error;
+  another length, a string, bytes or a mapping fails every item with an error naming the method and both
+  lengths; an exception instance in the sequence fails only its item.
 - Waiting for company is adaptive: a replica waits up to `batch_wait_timeout_s` for more items only when
   requests have lately been arriving fast enough that one more is expected within that window; otherwise
   a lone request runs at once.
