@@ -33,7 +33,7 @@ from celery_serve._wire.transport import QueueTransport, target_name
 from celery_serve.api.jobs import jobs_router
 from celery_serve.api.metrics import CONTENT_TYPE, GatewayMetrics
 from celery_serve.api.openapi import merge_openapi
-from celery_serve.api.proxy import Proxy
+from celery_serve.api.proxy import ROUTED_SCOPE_KEY, Proxy
 from celery_serve.api.routes import RouteTable
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,11 @@ class Gateway:
             await self.routes.refresh()
             return self.routes.routes
 
+        @control.get("/-/traffic", summary="Route prefix -> {application: share of its requests}")
+        async def traffic() -> dict[str, dict[str, float]]:
+            await self.routes.refresh()
+            return self.routes.traffic
+
         @control.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
         @control.get("/-/metrics", summary="Prometheus metrics")
         async def metrics() -> Response:
@@ -166,7 +171,7 @@ class Gateway:
             elapsed = time.perf_counter() - started
             deployment = ""
             if not control:
-                found = self.routes.match(scope["path"])
+                found = scope.get(ROUTED_SCOPE_KEY) or self.routes.match(scope["path"])
                 app, deployment = (found[0].name, target_name(found[1])) if found else ("", "")
                 self.metrics.observe(app, deployment, status, elapsed)
             if _access.isEnabledFor(logging.INFO):

@@ -75,7 +75,7 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
                 )
             else:  # /jobs/-/<path>: the same HTTP request a synchronous call to /<path> takes
                 path = "/" + rest.strip("/")
-                found = await routes.match_fresh(path)
+                found = await routes.match_fresh(path, pick=True)
                 if found is None:
                     raise DeploymentNotFoundError(f"no application serves {path}; see /-/routes")
                 _, dep = found

@@ -111,6 +111,9 @@ def http_envelope(scope: Scope, body: bytes, *, path: str | None = None, method:
     }
 
 
+ROUTED_SCOPE_KEY = "celery_serve.routed"
+
+
 class Proxy:
     def __init__(self, transport: QueueTransport, routes: RouteTable, max_body_bytes: int) -> None:
         self.transport = transport
@@ -123,7 +126,7 @@ class Proxy:
             return
         path = scope["path"]
         try:
-            found = await self.routes.match_fresh(path)  # a path no cached route matches reads Redis
+            found = await self.routes.match_fresh(path, pick=True)  # a path no cached route matches reads Redis
         except REDIS_FAULTS as exc:
             await send_unavailable(send, path, exc)
             return
@@ -138,6 +141,7 @@ class Proxy:
                 },
             )
             return
+        scope[ROUTED_SCOPE_KEY] = found  # which application the split picked, for the metrics
         _, dep = found
         method = "__call__"
         content_length = prefer = None

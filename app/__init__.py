@@ -16,6 +16,7 @@ protocol (`celery_serve._wire`), the run-time orchestration (`celery_serve._runt
 
 import celery_serve.status as _status_module  # noqa: F401 - loaded first, so `status` below stays the function
 from celery_serve._runtime.serve import delete, get_app_handle, run, shutdown, start, status
+from celery_serve._runtime.traffic import set_traffic
 from celery_serve.application import Application, Parallel, Pipeline
 from celery_serve.batch import batch
 from celery_serve.client import AsyncClient, Client, Job, get_deployment_handle
@@ -37,6 +38,7 @@ from celery_serve.exceptions import (
     ServiceUnavailableError,
 )
 from celery_serve.handle import DeploymentHandle, DeploymentResponse
+from celery_serve.multiplex import get_multiplexed_model_id, multiplexed
 from celery_serve.pipeline import parallel, pipeline
 
 __version__ = "0.2.0"
@@ -70,11 +72,14 @@ __all__ = [
     "deployment",
     "get_app_handle",
     "get_deployment_handle",
+    "get_multiplexed_model_id",
     "get_replica_context",
     "ingress",
+    "multiplexed",
     "parallel",
     "pipeline",
     "run",
+    "set_traffic",
     "shutdown",
     "start",
     "status",

@@ -51,13 +51,27 @@ class DeploymentResponse:
 class DeploymentHandle:
     """A reference to a deployment that can be called from any process that reaches its Redis."""
 
-    def __init__(self, deployment_name: str, app_name: str = "default", *, method_name: str = "__call__") -> None:
+    def __init__(
+        self,
+        deployment_name: str,
+        app_name: str = "default",
+        *,
+        method_name: str = "__call__",
+        multiplexed_model_id: str = "",
+    ) -> None:
         self.deployment_name = deployment_name
         self.app_name = app_name
         self.method_name = method_name
+        self.multiplexed_model_id = multiplexed_model_id
 
-    def options(self, *, method_name: str | None = None) -> DeploymentHandle:
-        return DeploymentHandle(self.deployment_name, self.app_name, method_name=method_name or self.method_name)
+    def options(self, *, method_name: str | None = None, multiplexed_model_id: str | None = None) -> DeploymentHandle:
+        """A copy calling another method, or naming the multiplexed model its requests are for."""
+        return type(self)(
+            self.deployment_name,
+            self.app_name,
+            method_name=method_name or self.method_name,
+            multiplexed_model_id=self.multiplexed_model_id if multiplexed_model_id is None else multiplexed_model_id,
+        )
 
     def __getattr__(self, name: str) -> DeploymentHandle:
         if name.startswith("_"):
@@ -66,11 +80,21 @@ class DeploymentHandle:
 
     def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse:
         io = _context.io_loop()
-        future = io.run(_call(io.transport, self.app_name, self.deployment_name, self.method_name, args, kwargs))
+        future = io.run(
+            _call(
+                io.transport,
+                self.app_name,
+                self.deployment_name,
+                self.method_name,
+                args,
+                kwargs,
+                self.multiplexed_model_id,
+            )
+        )
         return DeploymentResponse(future, self.deployment_name)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self.deployment_name, self.app_name, self.method_name))
+        return (_rebuild, (self.deployment_name, self.app_name, self.method_name, self.multiplexed_model_id))
 
     def __repr__(self) -> str:
         return (
@@ -78,8 +102,8 @@ class DeploymentHandle:
         )
 
 
-def _rebuild(deployment: str, app: str, method: str) -> DeploymentHandle:
-    return DeploymentHandle(deployment, app, method_name=method)
+def _rebuild(deployment: str, app: str, method: str, model_id: str = "") -> DeploymentHandle:
+    return DeploymentHandle(deployment, app, method_name=method, multiplexed_model_id=model_id)
 
 
 async def _resolve(value: Any) -> Any:
@@ -92,9 +116,12 @@ async def _resolve(value: Any) -> Any:
     return value
 
 
-async def _call(transport: Any, app: str, deployment: str, method: str, args: Any, kwargs: Any) -> Any:
+async def _call(
+    transport: Any, app: str, deployment: str, method: str, args: Any, kwargs: Any, model_id: str = ""
+) -> Any:
     args = [await _resolve(a) for a in args]
     kwargs = {k: await _resolve(v) for k, v in kwargs.items()}
     target = await transport.target(app, deployment)
-    record = await transport.call(target, method, args, kwargs)
+    options = {"multiplexed_model_id": model_id} if model_id else {}
+    record = await transport.call(target, method, args, kwargs, **options)
     return _results.unwrap(record, deployment)

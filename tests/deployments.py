@@ -158,9 +158,10 @@ class Probe:
         }
 
 
-@deployment(request_timeout_s=1.0)
+@deployment(request_timeout_s=1.0, max_ongoing_requests=1)
 class Mixed:
-    """A batched method beside an unbatched one, so a free replica takes up to 8 waiting requests at once."""
+    """A batched method beside an unbatched one; one request at a time (sync methods otherwise run side by
+    side in threads), so requests queue behind a slow one and pass their deadlines while they wait."""
 
     @batch(max_batch_size=8)
     def echo(self, items: list[str]) -> list[str]:

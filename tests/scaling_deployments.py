@@ -47,9 +47,11 @@ STEP_SCALING = {
 }
 
 
-@deployment(autoscaling_config=STEP_SCALING, num_cpus=0.25, request_timeout_s=120)
+# max_ongoing_requests as the targets: sync methods run side by side in threads up to it (as in Ray), and
+# sleeping "work" would otherwise let one replica absorb any load without ever needing another.
+@deployment(autoscaling_config=STEP_SCALING, num_cpus=0.25, request_timeout_s=120, max_ongoing_requests=2)
 class Step:
-    """50 ms of work per request."""
+    """50 ms of work per request, two at a time per replica."""
 
     def __call__(self, tag: str, key: str) -> dict[str, Any]:
         return _work(tag, key, 0.05)
@@ -82,6 +84,7 @@ class FromZero:
     },
     num_cpus=0.25,
     request_timeout_s=120,
+    max_ongoing_requests=1,
 )
 class Restartable:
     def __call__(self, tag: str, key: str) -> dict[str, Any]:

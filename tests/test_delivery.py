@@ -133,9 +133,9 @@ def test_a_plain_celery_client_can_call_a_deployment(served: Served) -> None:
 def test_requests_taken_together_are_skipped_once_their_deadline_passes_while_they_wait(
     served: Served, redis_client: redis.Redis
 ) -> None:
-    """Mixed: request_timeout_s=1 and a @batch method, so its replica takes up to 8 requests at once.
-    Three 1-second requests taken together: the first runs; by the time it ends the others' deadlines
-    have passed, so they must be skipped, not run."""
+    """Mixed: request_timeout_s=1, one request at a time. Three 1-second requests wait behind a slow one:
+    at most the first of them starts in time; by the time it ends the others' deadlines have passed, so
+    they must be skipped, not run."""
     run = uuid.uuid4().hex[:8]
     slow = DeploymentHandle("Mixed", "probe").slow
     holder = slow.remote(f"{run}-holder", 0.5)

@@ -67,6 +67,7 @@ def test_the_wire_protocol_and_orchestration_are_private_rooms() -> None:
         "celery_serve.deployment",
         "celery_serve.exceptions",
         "celery_serve.handle",
+        "celery_serve.multiplex",
         "celery_serve.pipeline",
         "celery_serve.schema",
         "celery_serve.status",

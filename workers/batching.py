@@ -1,15 +1,16 @@
 """The batching core: which requests run together, how long to wait for company, who gets what back.
 
-Plain Python, no Redis and no Celery, so every rule is unit-tested in microseconds; `celery_serve.workers.consumer`
-connects it to the queue.
+Plain Python, no Redis and no Celery, so every rule is unit-tested in microseconds; `celery_serve._batch_queue`
+runs batches with it (for the consumer's drained requests and for in-replica calls alike).
 
 Rules:
 - Items whose deadline passed, or that were cancelled, are dropped before the batch runs.
 - A batch holds items of one shape (same number of positional arguments, same keyword names), in
-  arrival order, at most `max_batch_size` of them.
-- The function receives one list per argument (the common case: one list of items) and must return a list
-  of the same length. If it raises, every item gets that error; a list of the wrong length fails every
-  item with an error naming both lengths; an exception instance in the list fails only its item.
+  arrival order, at most `max_batch_size` of them (or of `batch_size_fn`'s measure).
+- The function receives one list per argument (the common case: one list of items) and must return a
+  sequence of the same length (list, tuple, numpy array, tensor). If it raises, every item gets that error;
+  another length, a string, bytes or a mapping fails every item with an error naming the method and both
+  lengths; an exception instance in the sequence fails only its item.
 - Waiting for company is adaptive: a replica waits up to `batch_wait_timeout_s` for more items only when
   requests have lately been arriving fast enough that one more is expected within that window; otherwise
   a lone request runs at once.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -97,36 +98,100 @@ def batch_arguments(batch: Sequence[Item[Any]]) -> tuple[list[Any], dict[str, li
     return args, kwargs
 
 
-def distribute(batch: Sequence[Item[Any]], results: Any) -> list[Outcome]:
-    """Match a batched function's return value to its items, applying the failure rules."""
+def distribute(batch: Sequence[Item[Any]], results: Any, name: str = "") -> list[Outcome]:
+    """Match a batched function's return value to its items, applying the failure rules.
+
+    Any sequence of the batch's length is accepted: a list, a tuple, a numpy array or a torch tensor (split
+    along its first axis). A string, bytes or a mapping is refused even when its length matches: splitting
+    one would hand each caller a character or a key, which is never what the function meant."""
     if isinstance(results, BaseException):
         return [Outcome(error=results) for _ in batch]
-    if not isinstance(results, (list, tuple)):
+    what = f"@batch method '{name}'" if name else "a @batch function"
+    if (
+        isinstance(results, (str, bytes, bytearray, Mapping))
+        or not hasattr(results, "__len__")
+        or not hasattr(results, "__getitem__")
+    ):
         error = BatchSizeMismatchError(
-            f"a @batch function must return a list with one result per item; it got {len(batch)} items "
-            f"and returned {type(results).__name__}"
+            f"{what} must return one result per item (a list, tuple, numpy array or tensor); it got "
+            f"{len(batch)} items and returned {type(results).__name__}"
         )
         return [Outcome(error=error) for _ in batch]
-    if len(results) != len(batch):
+    try:
+        length = len(results)
+    except TypeError:  # e.g. a 0-d numpy array or tensor
+        length = -1
+    if length != len(batch):
+        returned = f"{length} results" if length >= 0 else f"a {type(results).__name__} without a length"
         error = BatchSizeMismatchError(
-            f"a @batch function must return one result per item: it got {len(batch)} items and returned "
-            f"{len(results)} results"
+            f"{what} must return one result per item: it got {len(batch)} items and returned {returned}"
         )
         return [Outcome(error=error) for _ in batch]
-    return [Outcome(error=r) if isinstance(r, BaseException) else Outcome(value=r) for r in results]
+    outcomes = []
+    for i in range(length):
+        value = results[i]
+        outcomes.append(Outcome(error=value) if isinstance(value, BaseException) else Outcome(value=value))
+    return outcomes
 
 
-def run_batch(func: Callable[..., Any], batch: Sequence[Item[Any]]) -> list[Outcome]:
+def form_sized_batches(
+    items: Sequence[Item[K]], max_batch_size: int, size_fn: Callable[[list[Any]], int] | None = None
+) -> tuple[list[list[Item[K]]], list[tuple[Item[K], BaseException]]]:
+    """Batches as `form_batches` makes them, measured by `size_fn` (Ray's `batch_size_fn`) when given.
+
+    `size_fn` gets the list of each item's first argument and returns the batch's size; a batch grows while
+    its size stays within `max_batch_size`. An item too big to fit even alone is returned with its error
+    (it cannot run in any batch), as is every item of a group whose `size_fn` raised."""
+    if size_fn is None:
+        return form_batches(items, max_batch_size), []
+    failed: list[tuple[Item[K], BaseException]] = []
+    batches: list[list[Item[K]]] = []
+    for group in form_batches(items, len(items) or 1):
+        current: list[Item[K]] = []
+        for item in group:
+            try:
+                alone = int(size_fn([_first(item)]))
+                together = int(size_fn([_first(i) for i in [*current, item]])) if current else alone
+            except Exception as exc:  # noqa: BLE001 - the user's size function failed: its items fail
+                failed.append((item, exc))
+                continue
+            if alone > max_batch_size:
+                failed.append(
+                    (
+                        item,
+                        BatchSizeMismatchError(
+                            f"this request's size is {alone} by batch_size_fn, more than max_batch_size "
+                            f"({max_batch_size}): it cannot fit in any batch; split it or raise max_batch_size"
+                        ),
+                    )
+                )
+                continue
+            if current and together > max_batch_size:
+                batches.append(current)
+                current = []
+            current.append(item)
+        if current:
+            batches.append(current)
+    return batches, failed
+
+
+def _first(item: Item[Any]) -> Any:
+    if item.args:
+        return item.args[0]
+    return next(iter(item.kwargs.values()), None)
+
+
+def run_batch(func: Callable[..., Any], batch: Sequence[Item[Any]], name: str = "") -> list[Outcome]:
     """Call a synchronous batched function once for the batch."""
     args, kwargs = batch_arguments(batch)
     try:
         results = func(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - the rule: every item gets the error
         return [Outcome(error=exc) for _ in batch]
-    return distribute(batch, results)
+    return distribute(batch, results, name)
 
 
-async def run_batch_async(func: Callable[..., Any], batch: Sequence[Item[Any]]) -> list[Outcome]:
+async def run_batch_async(func: Callable[..., Any], batch: Sequence[Item[Any]], name: str = "") -> list[Outcome]:
     """Call a batched function (async, or sync returning an awaitable) once for the batch."""
     args, kwargs = batch_arguments(batch)
     try:
@@ -135,7 +200,7 @@ async def run_batch_async(func: Callable[..., Any], batch: Sequence[Item[Any]]) 
             results = await results
     except Exception as exc:  # noqa: BLE001 - the rule: every item gets the error
         return [Outcome(error=exc) for _ in batch]
-    return distribute(batch, results)
+    return distribute(batch, results, name)
 
 
 class ArrivalRate:

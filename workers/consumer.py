@@ -32,6 +32,7 @@ from celery_serve._wire import results as _results
 from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, command_timeout
 from celery_serve._wire.envelope import SUSPECT_MARK, Envelope, build_message, parse_message
 from celery_serve.exceptions import BadRequestError
+from celery_serve.workers.affinity import AffinityTaker
 from celery_serve.workers.batching import ArrivalRate, Outcome, wait_budget
 from celery_serve.workers.events import TaskEvents
 from celery_serve.workers.graceful import drain
@@ -85,6 +86,9 @@ class ReplicaServer:
         self._claimed: dict[bytes, int] = {}  # messages taken by the blocking pop (a claim list may hold twins)
         self._orphans: dict[str | bytes, float] = {}  # held in Redis, unknown here: first seen at (monotonic)
         self.events = TaskEvents.from_env(url)  # Celery task events for Flower, published in batches
+        # a multiplexed deployment takes its models' queues first (see celery_serve.workers.affinity)
+        self._affinity = AffinityTaker(self.ops, replica) if replica.is_multiplexed else None
+        self._taker = self._affinity.take if self._affinity is not None else self.ops.take
 
     async def run(self) -> None:
         await self.replica.start()
@@ -107,6 +111,8 @@ class ReplicaServer:
                     "replica %s handed %d unfinished requests back to %s", self.replica_id, handed_back, self.ops.queue
                 )
             await self.replica.stop()
+            if self._affinity is not None:
+                self._affinity.close()
             await self.ops.close()
 
     def stop(self) -> None:
@@ -139,7 +145,7 @@ class ReplicaServer:
         """Take work; on any connection fault, reset the connections, pause briefly and report nothing taken
         (a take that did reach Redis is found by the reconciler)."""
         try:
-            items = await self.ops.take(limit, block_s=block_s)
+            items = await self._taker(limit, block_s=block_s)
         except REDIS_FAULTS as exc:
             logger.warning("replica %s lost Redis (%r); retrying", self.replica_id, exc)
             await self.ops.reset_connections()
@@ -339,12 +345,8 @@ class ReplicaServer:
         return 1
 
     def _is_async(self, env: Envelope) -> bool:
-        if env.http is not None and self.replica.ingress is not None and env.method == "__call__":
-            return True
-        try:
-            return self.replica.method(env.method).is_async
-        except Exception:  # noqa: BLE001 - the error is reported when the request runs
-            return False
+        """Does this request run as a task (async code, or sync code in the replica's threads)?"""
+        return self.replica.runs_concurrently(env)
 
     async def _run_async(self, token: Token, env: Envelope) -> None:
         try:

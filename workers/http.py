@@ -146,9 +146,7 @@ def _json_bytes(value: Any) -> bytes:
     try:
         return orjson.dumps(value, option=_ORJSON)
     except (TypeError, ValueError):
-        from fastapi.encoders import jsonable_encoder
-
-        return orjson.dumps(jsonable_encoder(value), option=_ORJSON)
+        return orjson.dumps(to_jsonable(value), option=_ORJSON)
 
 
 _ORJSON = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY  # int keys as JSON does; numpy arrays as lists
@@ -176,6 +174,8 @@ def to_jsonable(value: Any) -> Any:
         orjson.dumps(value, option=_ORJSON)
         return value
     except (TypeError, ValueError):
+        if type(value).__module__.partition(".")[0] in ("torch", "numpy") and hasattr(value, "tolist"):
+            return value.tolist()  # a tensor (e.g. one row of a batch's output) as nested lists or a number
         from fastapi.encoders import jsonable_encoder
 
         return jsonable_encoder(value)

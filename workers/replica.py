@@ -6,32 +6,45 @@ what to take from Redis and when.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
-from celery_serve._runtime.spec import AppSpec, resolve_deployment
+from celery_serve._runtime.spec import AppSpec, is_multiplexed, resolve_deployment
 from celery_serve._wire import results as _results
 from celery_serve._wire.envelope import Envelope
-from celery_serve.batch import BatchConfig, batch_config
+from celery_serve.batch import BatchConfig, batch_config, batcher_of
 from celery_serve.exceptions import DeploymentNotFoundError, ServeError
 from celery_serve.handle import DeploymentHandle
-from celery_serve.workers.batching import Item, Outcome, form_batches, run_batch_async
+from celery_serve.multiplex import held_models, reset_multiplexed_model_id, set_multiplexed_model_id
+from celery_serve.workers.batching import Item, Outcome
 from celery_serve.workers.http import ServeRequest, body_of, build_scope, encode_result, run_asgi, to_jsonable
 
 logger = logging.getLogger(__name__)
 
 
+_INLINE_BELOW_S = 0.0005  # a sync method this fast runs inline: a thread hop would cost more than the call
+
+
 class _Method:
-    __slots__ = ("call", "is_async", "takes_request", "batch")
+    __slots__ = ("call", "is_async", "takes_request", "batcher", "owner", "sync_s")
 
     def __init__(self, call: Callable[..., Any], max_batch_size: int | None = None) -> None:
         self.call = call
-        self.is_async = inspect.iscoroutinefunction(call)
-        self.batch: BatchConfig | None = batch_config(call)
-        if self.batch is not None and max_batch_size:
-            self.batch = BatchConfig(max_batch_size, self.batch.batch_wait_timeout_s)
+        self.batcher = batcher_of(call)
+        self.owner = getattr(call, "__self__", None)
+        if self.batcher is not None:
+            # the consumer calls the user's function with lists; it runs inline when it is sync
+            self.is_async = inspect.iscoroutinefunction(self.batcher.func)
+            if max_batch_size:  # the deployment's max_batch_size option overrides the decorator's
+                self.batcher.set_max_batch_size(max_batch_size)
+        else:
+            self.is_async = inspect.iscoroutinefunction(call)
         try:
             params = [
                 p
@@ -41,6 +54,20 @@ class _Method:
         except (TypeError, ValueError):
             params = [None]  # type: ignore[list-item]
         self.takes_request = bool(params)
+        self.sync_s: float | None = None  # a sync method's recent run time (moving average), once measured
+
+    @property
+    def fast(self) -> bool:
+        """A sync method measured to take well under a millisecond: it runs inline, one call at a time."""
+        return self.sync_s is not None and self.sync_s < _INLINE_BELOW_S
+
+    def observe(self, seconds: float) -> None:
+        self.sync_s = seconds if self.sync_s is None else 0.8 * self.sync_s + 0.2 * seconds
+
+    @property
+    def batch(self) -> BatchConfig | None:
+        """The `@batch` options as they are now (the user may change them while the replica runs)."""
+        return batch_config(self.call) if self.batcher is not None else None
 
 
 class Replica:
@@ -63,7 +90,60 @@ class Replica:
             self.ingress = bind_ingress(ingress_app, target, self.instance)
         self._methods: dict[str, _Method] = {}
         self._lifespan: Any = None
-        self.max_batch_size = self._largest_batch()
+        self._batched = self._batched_methods()
+        self._multiplexed = self.spec.multiplexed or is_multiplexed(target)
+        # Sync methods run in threads, as in Ray: up to max_ongoing_requests at once (the consumer takes no
+        # more than that); with a cap of 1, or once measured under _INLINE_BELOW_S, they run inline.
+        self.max_ongoing = int(self.spec.config.get("max_ongoing_requests") or 100)
+        self._threads = (
+            concurrent.futures.ThreadPoolExecutor(self.max_ongoing, thread_name_prefix=f"replica-{deployment}")
+            if self.max_ongoing > 1
+            else None
+        )
+
+    @property
+    def is_multiplexed(self) -> bool:
+        """Does this deployment load models with `@multiplexed` (so its replicas route by model affinity)?"""
+        return self._multiplexed
+
+    def held_models(self) -> list[str]:
+        """The models this replica holds or is loading now, most recently used last."""
+        return held_models(self.instance)
+
+    def runs_concurrently(self, env: Envelope) -> bool:
+        """Does this request run beside others (as a task): async code, or sync code in a thread?"""
+        if env.http is not None and self.ingress is not None and env.method == "__call__":
+            return True
+        try:
+            method = self.method(env.method)
+        except Exception:  # noqa: BLE001 - the error is reported when the request runs
+            return False
+        return method.is_async or (self._threads is not None and not method.fast)
+
+    async def _call_sync(self, method: _Method, *args: Any, **kwargs: Any) -> Any:
+        """Call sync user code: in one of the replica's threads; inline when the cap is 1, or when the method
+        has been measured to take well under a millisecond (switching back to threads if it slows down)."""
+        if self._threads is None or method.fast:
+            started = time.perf_counter()
+            try:
+                return method.call(*args, **kwargs)
+            finally:
+                method.observe(time.perf_counter() - started)
+
+        def timed() -> Any:
+            started = time.perf_counter()
+            try:
+                return method.call(*args, **kwargs)
+            finally:
+                method.observe(time.perf_counter() - started)
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, contextvars.copy_context().run, timed)
+
+    @property
+    def max_batch_size(self) -> int:
+        """The largest batch any batched method of this deployment takes now (1 when none is batched)."""
+        return max([1, *(self.method(name).batch.max_batch_size for name in self._batched)])  # type: ignore[union-attr]
 
     async def start(self) -> None:
         """Run what must happen before the first request: the ingress app's lifespan, user_config."""
@@ -80,6 +160,8 @@ class Replica:
     async def stop(self) -> None:
         if self._lifespan is not None:
             await self._lifespan.__aexit__(None, None, None)
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
 
     def method(self, name: str) -> _Method:
         found = self._methods.get(name)
@@ -110,44 +192,63 @@ class Replica:
         except DeploymentNotFoundError:
             return None
 
-    def _largest_batch(self) -> int:
-        """The largest batch any batched method of this deployment takes (1 when none is batched)."""
+    def _batched_methods(self) -> list[str]:
+        """The names of this deployment's `@batch` methods."""
         if self.is_function:
             names = ["__call__"]
         else:
             names = [n for n in dir(type(self.instance)) if n == "__call__" or not n.startswith("_")]
-        sizes = [1]
+        found = []
         for name in names:
             owner = self.target if self.is_function else getattr(type(self.instance), name, None)
-            if callable(owner) and batch_config(owner) is not None:
-                batch = self.method(name).batch
-                sizes.append(batch.max_batch_size if batch else 1)
-        return max(sizes)
+            if callable(owner) and batcher_of(owner) is not None:
+                self.method(name)  # applies the deployment's max_batch_size override now
+                found.append(name)
+        return found
 
     async def run_batch(self, envs: list[Envelope]) -> list[Outcome]:
         """Run requests for one batched method as batches; outcomes come back in the same order."""
         method = self.method(envs[0].method)
-        max_size = method.batch.max_batch_size if method.batch else 1
         items: list[Item[int]] = []
-        outcomes: list[Outcome] = [Outcome()] * len(envs)
         for i, env in enumerate(envs):
             if env.http is not None:
                 items.append(Item(i, (ServeRequest(build_scope(env.http), body_of(env.http)),), {}, env.deadline))
             else:
                 items.append(Item(i, tuple(env.args), dict(env.kwargs), env.deadline))
-        for batch in form_batches(items, max_size):
-            logger.debug("%s: batch of %d", envs[0].task_name, len(batch))
-            for item, outcome in zip(batch, await run_batch_async(method.call, batch), strict=True):
-                outcomes[item.key] = outcome
+        if method.batcher is None:  # not batched after all: one call per request
+            return [await self.run(env) for env in envs]
+        logger.debug("%s: %d requests for batches", envs[0].task_name, len(items))
+        by_model: dict[str, list[int]] = {}
+        for i, env in enumerate(envs):  # as in Ray, a batch's requests are all for the same multiplexed model
+            by_model.setdefault(env.model_id, []).append(i)
+        outcomes: list[Outcome] = [Outcome()] * len(envs)
+        for model_id, indexes in by_model.items():
+            token = set_multiplexed_model_id(model_id)
+            try:
+                done = await method.batcher.run_items(method.owner, [items[i] for i in indexes])
+            finally:
+                reset_multiplexed_model_id(token)
+            for i, outcome in zip(indexes, done, strict=True):
+                outcomes[i] = outcome
         return outcomes
 
     async def run(self, env: Envelope) -> Outcome:
         """Call the user's code for one request; never raises (an error is the outcome)."""
+        token = set_multiplexed_model_id(env.model_id)  # serve.get_multiplexed_model_id() for this request
+        try:
+            return await self._run(env)
+        finally:
+            reset_multiplexed_model_id(token)
+
+    async def _run(self, env: Envelope) -> Outcome:
         try:
             if env.http is not None:
                 return Outcome(value=await self._call_http(env))
             method = self.method(env.method)
-            value = method.call(*env.args, **env.kwargs)
+            if method.is_async:
+                value = method.call(*env.args, **env.kwargs)
+            else:
+                value = await self._call_sync(method, *env.args, **env.kwargs)
             if inspect.isawaitable(value):
                 value = await value
             return Outcome(value=value)
@@ -180,12 +281,14 @@ class Replica:
             return await run_asgi(self.ingress, build_scope(http, root_path=self.root_path), body_of(http))
         method = self.method(env.method)
         request = ServeRequest(build_scope(http), body_of(http))
-        if method.takes_request:
-            if not method.is_async and request.is_form:
+        if method.is_async:
+            value = method.call(request) if method.takes_request else method.call()
+        elif method.takes_request:
+            if request.is_form:
                 await request.form()
-            value = method.call(request)
+            value = await self._call_sync(method, request)
         else:
-            value = method.call()
+            value = await self._call_sync(method)
         if inspect.isawaitable(value):
             value = await value
         return value

@@ -67,7 +67,7 @@ class QueueOps:
         "@" + the message, which is how it is acknowledged (see `celery_serve._wire.scripts`), and the caller marks its
         job running with `mark_running` (DRAIN does that itself for what it takes)."""
         items = await self._take_now(limit)
-        if items:
+        if items or block_s < 0.001:  # Redis reads a timeout under 1 ms as 0: "block forever"
             return items
         # Redis takes a fractional timeout (>= 6.0); redis-py's annotation says int.
         moved = await self.blocking.blmove(self.queue, self.claim, block_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
@@ -87,10 +87,11 @@ class QueueOps:
         except REDIS_FAULTS as exc:
             logger.debug("could not mark job %s running: %s", job_id, exc)
 
-    async def _take_now(self, limit: int) -> list[tuple[Token, bytes]]:
+    async def _take_now(self, limit: int, queue: str | None = None) -> list[tuple[Token, bytes]]:
+        """What is waiting now on `queue` (default: the deployment's; a model's queue for affinity)."""
         self._takes += 1
         flat = await self._drain(
-            keys=[self.queue, self.claim, self.inflight], args=[limit, f"{self._takes}:", time.time()]
+            keys=[queue or self.queue, self.claim, self.inflight], args=[limit, f"{self._takes}:", time.time()]
         )
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 

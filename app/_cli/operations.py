@@ -1,4 +1,4 @@
-"""Looking at and changing what runs: `status`, `delete` and `shutdown`.
+"""Looking at and changing what runs: `status`, `delete`, `traffic` and `shutdown`.
 
 Without `--redis-url` (or `REDIS_URL`) they act on the service that `celery-serve run` (or `serve.run()`)
 started from this folder, or on this environment's only one (see `celery_serve._runtime.state`).
@@ -42,6 +42,33 @@ def cmd_delete(args: argparse.Namespace) -> int:
     url = resolve_redis(args)
     delete_application(sync_client(url), args.app)  # DeploymentNotFoundError names what is deployed
     print(f"deleted application '{args.app}' (its replicas stop once they finish what they run)")
+    return 0
+
+
+def cmd_traffic(args: argparse.Namespace) -> int:
+    from celery_serve._runtime.traffic import get_traffic, set_traffic
+
+    url = resolve_redis(args)
+    if args.clear:
+        set_traffic(args.route, None, redis_url=url)
+        print(f"removed the traffic split of {args.route}: the application deployed there first takes it all")
+        return 0
+    if not args.weights:
+        print(get_traffic(args.route, redis_url=url) or f"no traffic split on {args.route}")
+        return 0
+    weights: dict[str, float] = {}
+    for item in args.weights:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name] = float(value) if sep else float("nan")
+        except ValueError:
+            weights[name] = float("nan")
+        if not sep or weights[name] != weights[name]:
+            raise ServeError(f"weights are given as APP=WEIGHT (e.g. v1=90 v2=10), got {item!r}")
+    set_traffic(args.route, weights, redis_url=url)
+    total = sum(weights.values())
+    shares = ", ".join(f"{name} {100 * w / total:.1f}%" for name, w in weights.items())
+    print(f"{args.route}: {shares} (gateways follow within a second)")
     return 0
 
 
@@ -106,6 +133,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_redis_url(delete)
     add_log_level(delete)
     delete.set_defaults(func=cmd_delete)
+
+    traffic = sub.add_parser(
+        "traffic",
+        help="share a route's requests between applications deployed on it (canary, rollout, rollback)",
+        description="e.g. `celery-serve traffic /model v1=90 v2=10`; without weights: show the split. Gateways "
+        "follow a change within a second; requests already queued finish where they are.",
+        formatter_class=HelpFormatter,
+    )
+    traffic.add_argument("route", metavar="ROUTE", help="the route prefix, e.g. /model")
+    traffic.add_argument("weights", metavar="APP=WEIGHT", nargs="*", help="application names and their weights")
+    traffic.add_argument("--clear", action="store_true", help="remove the split (the first application takes all)")
+    add_redis_url(traffic)
+    add_log_level(traffic)
+    traffic.set_defaults(func=cmd_traffic)
 
     shutdown = sub.add_parser(
         "shutdown",

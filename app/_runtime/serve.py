@@ -184,6 +184,7 @@ def run(
     replace: bool = False,
     _source: str | None = None,
     _kind: str = "python",
+    _local_testing_mode: bool = False,
 ) -> DeploymentHandle:
     """Deploy an application and return a handle to its ingress deployment.
 
@@ -193,7 +194,14 @@ def run(
     application of the same name that another live run serves on the same Redis is refused
     (`ApplicationConflictError`) unless `replace=True`. An autoscaled deployment is ready with its
     `initial_replicas` (or `min_replicas`, which may be 0).
+
+    `_local_testing_mode=True` (as in Ray, for unit tests) runs the application in this process instead:
+    no Redis, no workers, no HTTP; the handle behaves as the distributed one.
     """
+    if _local_testing_mode:
+        from celery_serve._runtime.local import run_local
+
+        return run_local(target, name)
     if os.environ.get("CELERY_SERVE_REPLICA"):
         raise ServeError(
             "run() was called while a worker imported your application: put the run() call under "
@@ -669,15 +677,16 @@ def _wait_route_gone(gateway_url: str, prefix: str, timeout_s: float = 5.0) -> N
 
 
 def _wait_for_route(session: _Session, spec: AppSpec, deadline: float) -> None:
-    url = f"{session.gateway_url}/-/routes"
+    url = f"{session.gateway_url}/-/traffic"
     last_error: Exception | None = None
     import httpx  # here, not at module level: replicas import this package and never need httpx
 
     with httpx.Client(timeout=2.0) as http:
         while time.monotonic() < deadline:
             try:
-                routes = http.get(url).json()
-                if routes.get(spec.route_prefix) == spec.ingress:
+                # the gateway knows the application on its prefix (its share may be 0: a new version beside
+                # another one takes traffic once a split gives it some)
+                if spec.name in http.get(url).json().get(spec.route_prefix, {}):
                     return
             except (httpx.HTTPError, ValueError) as exc:
                 last_error = exc
@@ -698,6 +707,9 @@ def _block_until_interrupted() -> None:
 def shutdown() -> None:
     """Stop every process `run` started (workers first, then the gateway, then an embedded Redis)."""
     global _session
+    from celery_serve._runtime.local import shutdown_local
+
+    shutdown_local()
     with _lock:
         session, _session = _session, None
     if session is None:

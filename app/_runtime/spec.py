@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery_serve._runtime import by_value
 from celery_serve._wire import keys as _keys
 from celery_serve.application import Application, Pipeline, flatten, name_of, replace_applications
 from celery_serve.config import DeploymentConfig, validate_route_prefix
@@ -80,6 +81,11 @@ class DeploymentSpec:
     @property
     def queue(self) -> str:
         return _keys.queue(self.app, self.name, gpu=float(self.config.get("num_gpus") or 0) > 0)
+
+    @property
+    def multiplexed(self) -> bool:
+        """Does it load models with `@multiplexed` (requests naming a model then go to that model's queue)?"""
+        return bool(self.target.get("multiplexed"))
 
     @property
     def options(self) -> DeploymentConfig:
@@ -164,7 +170,10 @@ def build_spec(root: Application | Pipeline, name: str, route_prefix: str | None
     graph = flatten(root.applications if isinstance(root, Pipeline) else root)
     stages = [[name_of(graph, app) for app in stage] for stage in root.stages] if isinstance(root, Pipeline) else None
     ingress = pipeline_ingress(stages) if stages else name_of(graph, root)  # type: ignore[arg-type]
-    app_source = _source_from_path(source) if source else _find_app_source(root)
+    if not source and by_value.needs_by_value([n.deployment.func_or_class for n in graph.values()]):
+        app_source: dict[str, Any] | None = by_value.pack(root)  # nothing for workers to import: ship the code
+    else:
+        app_source = _source_from_path(source) if source else _find_app_source(root)
     deployments = {}
     for dep_name, node in graph.items():
         config = node.deployment.config.model_dump()
@@ -239,9 +248,20 @@ def _target_source(target: Any) -> dict[str, Any]:
     index = definition_index(target)
     if index:
         source["definition"] = index  # the script defines this name again later (see definition_at)
-    if module == "__main__":
+    if is_multiplexed(target):  # requests naming a model then wait on that model's queue (_wire/affinity.py)
+        source["multiplexed"] = True
+    if module == "__main__" and not by_value.main_has_no_file():
         source["file"] = os.path.abspath(sys.modules["__main__"].__file__ or "")
     return source
+
+
+def is_multiplexed(target: Any) -> bool:
+    """Has this deployment class a `@multiplexed` model loader?"""
+    from celery_serve.multiplex import MULTIPLEX_ATTR
+
+    return inspect.isclass(target) and any(
+        getattr(getattr(target, name, None), MULTIPLEX_ATTR, None) for name in dir(target)
+    )
 
 
 def _source_from_path(path: str) -> dict[str, Any]:
@@ -260,7 +280,7 @@ def _find_app_source(root: Application | Pipeline) -> dict[str, Any] | None:
         if value is root:
             source: dict[str, Any] = {"module": module_name, "attr": attr}
             if module_name == "__main__":
-                source["file"] = os.path.abspath(module.__file__ or "")
+                source["file"] = os.path.abspath(getattr(module, "__file__", None) or "")
             return source
     return None
 
@@ -315,10 +335,13 @@ def resolve_deployment(spec: AppSpec, dep_name: str, make_handle: Any) -> tuple[
     """Return (class or function, init args, init kwargs) for a deployment, with handles in place of apps."""
     dep = spec.deployments[dep_name]
     if spec.source:
-        root = import_object(spec.source, spec.source["attr"])
+        if by_value.KEY in spec.source:
+            root = by_value.unpack(spec.source)
+        else:
+            root = import_object(spec.source, spec.source["attr"])
         if not isinstance(root, (Application, Pipeline)):
             raise DeploymentConfigError(
-                f"{spec.source['module']}:{spec.source['attr']} is not an application (.bind())"
+                f"{spec.source.get('module')}:{spec.source.get('attr', '(by value)')} is not an application (.bind())"
             )
         graph = flatten(root.applications if isinstance(root, Pipeline) else root)
         node = graph[dep_name]

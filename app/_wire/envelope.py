@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from celery_serve._wire import keys as _keys
+from celery_serve._wire.affinity import MODEL_ID_HEADER
 from celery_serve.exceptions import BadRequestError
 
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
@@ -50,6 +51,7 @@ class Envelope:
     job_id: str = ""  # the id the caller waits on: this task's id, or a pipeline's job id
     http_reply: bool = False  # answer with an HTTP response (the pipeline was called over HTTP)
     chord: dict[str, Any] | None = None  # for one branch of a parallel step: {"key", "index", "size"}
+    model_id: str = ""  # the multiplexed model the caller asked for (serve_multiplexed_model_id)
     deliveries: int = 0  # how many times a replica died holding this message (see `_wire.delivery`)
 
     @property
@@ -97,6 +99,7 @@ def build_message(
     chord: dict[str, Any] | None = None,
     http_reply: bool = False,
     queue: str | None = None,
+    model_id: str = "",
 ) -> str:
     """Encode one request as the JSON string kombu's Redis transport keeps on the queue."""
     queue = queue or _keys.queue(app, deployment)
@@ -136,6 +139,8 @@ def build_message(
         headers["serve_http_reply"] = True
     if http is not None:
         headers["serve_http"] = http
+    if model_id:
+        headers[MODEL_ID_HEADER] = model_id
     message = {
         "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",
@@ -187,6 +192,7 @@ def parse_message(raw: bytes | str) -> Envelope:
             job_id=headers.get("serve_job") or headers["id"],
             http_reply=bool(headers.get("serve_http_reply") or headers.get("serve_http")),
             chord=headers.get("serve_chord"),
+            model_id=str(headers.get(MODEL_ID_HEADER) or ""),
             deliveries=int(headers.get("serve_deliveries") or 0),
         )
     except BadRequestError:

@@ -23,6 +23,7 @@ from celery_serve._runtime.spec import AppSpec, DeploymentSpec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
 from celery_serve._wire import scripts as _scripts
+from celery_serve._wire.affinity import AffinityRouter, model_id_from_http
 from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, async_client
 from celery_serve._wire.envelope import build_message, new_task_id, parallel_signature, signature
 from celery_serve.exceptions import (
@@ -233,6 +234,7 @@ class QueueTransport:
         self.redis = async_client(url)
         self.waiter = ResultWaiter(url)
         self._enqueue = self.redis.register_script(_scripts.ENQUEUE)
+        self.affinity = AffinityRouter(self.redis)
         self._finish = self.redis.register_script(_scripts.FINISH)
         self._specs: dict[str, tuple[float, AppSpec]] = {}
         durability = ReplicaWait.from_env(wait_replicas, wait_timeout_ms)
@@ -289,6 +291,7 @@ class QueueTransport:
         expect_reply: bool = True,
         job: bool = False,
         idempotency_key: str | None = None,
+        multiplexed_model_id: str = "",
     ) -> Submitted:
         """Put one request on its deployment's queue (for a pipeline, on its first step's queues).
 
@@ -318,15 +321,18 @@ class QueueTransport:
             messages = _pipeline_messages(target, job_id, common)
             name, method = target.ingress, "__call__"
         else:
+            multiplexed_model_id = multiplexed_model_id or model_id_from_http(http)
+            queue = await self.affinity.queue_for(target, multiplexed_model_id)  # see _wire/affinity.py
             messages = [
                 (
-                    target.queue,
+                    queue,
                     build_message(
                         task_id=job_id,
                         app=target.app,
                         deployment=target.name,
                         method=method,
                         queue=target.queue,
+                        model_id=multiplexed_model_id,
                         **common,
                     ),
                 )
@@ -359,6 +365,8 @@ class QueueTransport:
                 f"deployment '{name}' already has {limit} requests waiting; "
                 "retry shortly or raise max_queued_requests / num_replicas"
             )
+        if isinstance(target, DeploymentSpec) and messages[0][0] != target.queue:  # on a model's queue
+            await self.affinity.announce(target.queue, multiplexed_model_id)
         return Submitted(job_id, fut, deadline)
 
     async def _enqueue_replicated(
