@@ -33,6 +33,7 @@ from celery_serve.api.metrics import CONTENT_TYPE, GatewayMetrics
 from celery_serve.api.openapi import merge_openapi
 from celery_serve.api.proxy import Proxy
 from celery_serve.api.routes import RouteTable
+from celery_serve.api.streaming import StreamRelay, stream_router
 from celery_serve.config import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Gateway:
         self.routes = RouteTable(self.transport.redis)
         self.proxy = Proxy(self.transport, self.routes, settings.max_body_bytes)
         self.jobs = JobStore(self.transport.redis)
+        self.streams = StreamRelay(self.transport, self.jobs)
+        self.proxy.streams = self.streams
         self.metrics = GatewayMetrics()
         self._own_openapi: dict[str, Any] | None = None
         self.control = self._control_app()
@@ -67,6 +70,7 @@ class Gateway:
             yield
         finally:
             refresher.cancel()
+            await self.streams.close()
             await self.jobs.close()
             await self.transport.close()
 
@@ -115,6 +119,7 @@ class Gateway:
         async def metrics() -> Response:
             return Response(await self.metrics.render(self.transport.redis), media_type=CONTENT_TYPE)
 
+        control.include_router(stream_router(self.streams))
         control.include_router(jobs_router(self.transport, self.routes, self.jobs, self.settings.max_body_bytes))
         return control
 

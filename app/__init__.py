@@ -32,8 +32,10 @@ from celery_serve.exceptions import (
     RequestTimeoutError,
     ServeError,
     ServeStartupError,
+    StreamLimitError,
+    StreamUsageError,
 )
-from celery_serve.handle import DeploymentHandle, DeploymentResponse
+from celery_serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from celery_serve.pipeline import parallel, pipeline
 
 __version__ = "0.2.0"
@@ -50,6 +52,7 @@ __all__ = [
     "DeploymentHandle",
     "DeploymentNotFoundError",
     "DeploymentResponse",
+    "DeploymentResponseGenerator",
     "Job",
     "JobCancelledError",
     "Parallel",
@@ -60,6 +63,8 @@ __all__ = [
     "RequestTimeoutError",
     "ServeError",
     "ServeStartupError",
+    "StreamLimitError",
+    "StreamUsageError",
     "batch",
     "deployment",
     "get_deployment_handle",

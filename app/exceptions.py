@@ -74,6 +74,19 @@ class ApplicationConflictError(ServeError):
     http_status = 409
 
 
+class StreamUsageError(ServeError, TypeError):
+    """A stream where a value was expected, or the other way round: a generator method called without
+    `handle.options(stream=True)`, or a method that returns a value called with it."""
+
+    http_status = 500
+
+
+class StreamLimitError(ServeError):
+    """A response stream passed its cap in chunks or bytes (`SERVE_STREAM_MAX_CHUNKS` / `_MAX_BYTES`)."""
+
+    http_status = 500
+
+
 class ServeStartupError(ServeError):
     """A process `run` started (Redis, the gateway, a deployment's workers) did not come up."""
 

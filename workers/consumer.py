@@ -25,6 +25,7 @@ from celery_serve._wire import results as _results
 from celery_serve._wire.connections import BLOCK_S
 from celery_serve._wire.envelope import Envelope, build_message, parse_message
 from celery_serve.exceptions import BadRequestError
+from celery_serve.workers import streaming as _streaming
 from celery_serve.workers.batching import ArrivalRate, Outcome, wait_budget
 from celery_serve.workers.events import TaskEvents
 from celery_serve.workers.replica import Replica
@@ -67,6 +68,7 @@ class ReplicaServer:
         self._service_s = 0.0
         self._arrivals = ArrivalRate()
         self.events = TaskEvents.from_env(url)  # Celery task events for Flower, published in batches
+        self.streams = _streaming.StreamRunner(self)
 
     async def run(self) -> None:
         await self.replica.start()
@@ -248,6 +250,10 @@ class ReplicaServer:
 
     async def _finish(self, token: Token, env: Envelope, outcome: Outcome) -> None:
         """Answer the caller, or, for a pipeline step that succeeded, hand the result to the next step."""
+        outcome = _streaming.check(env, outcome, self.replica.name)
+        if outcome.ok and _streaming.is_stream(outcome.value):  # answered when its stream ends
+            self.streams.start(token, env, outcome.value)
+            return
         self.events.finished(env, outcome)
         if outcome.ok and (env.chain or env.chord):
             try:

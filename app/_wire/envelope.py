@@ -50,6 +50,7 @@ class Envelope:
     job_id: str = ""  # the id the caller waits on: this task's id, or a pipeline's job id
     http_reply: bool = False  # answer with an HTTP response (the pipeline was called over HTTP)
     chord: dict[str, Any] | None = None  # for one branch of a parallel step: {"key", "index", "size"}
+    stream: str = ""  # "require": the caller iterates a stream; "allow": a stream or a value; "": a value
 
     @property
     def in_pipeline(self) -> bool:
@@ -96,6 +97,7 @@ def build_message(
     chord: dict[str, Any] | None = None,
     http_reply: bool = False,
     queue: str | None = None,
+    stream: str | None = None,
 ) -> str:
     """Encode one request as the JSON string kombu's Redis transport keeps on the queue."""
     queue = queue or _keys.queue(app, deployment)
@@ -135,6 +137,8 @@ def build_message(
         headers["serve_http_reply"] = True
     if http is not None:
         headers["serve_http"] = http
+    if stream:
+        headers["serve_stream"] = stream
     message = {
         "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",
@@ -183,6 +187,7 @@ def parse_message(raw: bytes | str) -> Envelope:
             job_id=headers.get("serve_job") or headers["id"],
             http_reply=bool(headers.get("serve_http_reply") or headers.get("serve_http")),
             chord=headers.get("serve_chord"),
+            stream=str(headers.get("serve_stream") or ""),
         )
     except BadRequestError:
         raise

@@ -25,6 +25,7 @@ from celery_serve._wire import results as _results
 from celery_serve._wire import scripts as _scripts
 from celery_serve._wire.connections import BLOCK_S, async_client
 from celery_serve._wire.envelope import build_message, new_task_id, parallel_signature, signature
+from celery_serve._wire.streams import StreamHub
 from celery_serve.exceptions import (
     BackpressureError,
     DeploymentConfigError,
@@ -221,6 +222,7 @@ class QueueTransport:
         self.url = url
         self.redis = async_client(url)
         self.waiter = ResultWaiter(url)
+        self.streams = StreamHub(url)  # follows streamed responses (celery_serve._wire.streams)
         self._enqueue = self.redis.register_script(_scripts.ENQUEUE)
         self._specs: dict[str, tuple[float, AppSpec]] = {}
         durability = ReplicaWait.from_env(wait_replicas, wait_timeout_ms)
@@ -231,6 +233,7 @@ class QueueTransport:
 
     async def close(self) -> None:
         await self.waiter.close()
+        await self.streams.close()
         await self.redis.aclose()
 
     async def app_spec(self, app: str, *, refresh: bool = False) -> AppSpec:
@@ -277,6 +280,7 @@ class QueueTransport:
         expect_reply: bool = True,
         job: bool = False,
         idempotency_key: str | None = None,
+        stream: str | None = None,
     ) -> Submitted:
         """Put one request on its deployment's queue (for a pipeline, on its first step's queues).
 
@@ -301,6 +305,7 @@ class QueueTransport:
             "reply_to": reply,
             "http": http,
             "retention_s": retention,
+            "stream": stream,
         }
         if isinstance(target, AppSpec):
             messages = _pipeline_messages(target, job_id, common)

@@ -1,0 +1,361 @@
+"""Streamed HTTP responses: relaying a replica's stream to the client as it comes, and resuming it.
+
+    (any route)                  a deployment that streams answers with its status and headers (and
+                                 X-Request-ID) at once, then each chunk as the replica yields it
+    GET /jobs/{id}/stream        replays the stream from its first chunk and follows it to its end;
+                                 ?from=N starts at chunk N (0-based); with `Accept: text/event-stream`
+                                 the chunks come as server-sent events whose ids are the chunk indices, and
+                                 `Last-Event-ID: K` resumes after chunk K
+
+Chunks are read from Redis by the transport's `StreamHub` (one connection and one blocking XREAD for every
+stream this gateway relays), so a stream costs no thread and no connection here. A stream that ends with an
+error ends a server-sent-event response with an `error` event; any other response is cut off without its
+final chunk, which every HTTP client reports as an incomplete body (never a silent short 200).
+
+When the client of a synchronous request goes away and no client is attached to its stream again within
+the grace period (`SERVE_STREAM_DISCONNECT_GRACE_S`, default 5 s), the request is cancelled, which stops
+the generator in the replica. A stream submitted as a job (`POST /jobs/...`) runs to its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import orjson
+import redis.exceptions
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
+
+from celery_serve._wire import keys as _keys
+from celery_serve._wire import streams as _streams
+from celery_serve._wire.jobs import TERMINAL, JobStore, check_job_id
+from celery_serve._wire.transport import QueueTransport
+from celery_serve.exceptions import BadRequestError, DeploymentConfigError, ServeError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GRACE_S = 5.0
+_SKIP_HEADERS = {"content-length", "transfer-encoding", "x-request-id"}
+_SSE = "text/event-stream"
+
+
+def grace_from_env() -> float:
+    raw = os.environ.get("SERVE_STREAM_DISCONNECT_GRACE_S")
+    if raw in (None, ""):
+        return DEFAULT_GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise DeploymentConfigError(f"SERVE_STREAM_DISCONNECT_GRACE_S must be seconds from 0 to 86400, got {raw!r}")
+    return value
+
+
+def _content_type(head: dict[str, Any]) -> str:
+    return next((v for k, v in head.get("headers", []) if k.lower() == "content-type"), "")
+
+
+class Framing:
+    """How chunks are written: as they are, as the user's server-sent events (each given its chunk index as
+    its id), or wrapped into server-sent events (one event per chunk)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode  # "raw", "sse" (the response already is SSE), "wrap"
+        self._at_boundary = True
+
+    @classmethod
+    def choose(cls, head: dict[str, Any], wants_sse: bool) -> Framing:
+        if _content_type(head).startswith(_SSE):
+            return cls("sse")
+        return cls("wrap" if wants_sse else "raw")
+
+    @property
+    def sse(self) -> bool:
+        return self.mode != "raw"
+
+    def chunk(self, event: _streams.Event) -> bytes:
+        data = _streams.chunk_bytes(event.type, event.data)
+        if self.mode == "raw":
+            return data
+        if self.mode == "sse":
+            prefix = f"id: {event.index}\n".encode() if self._at_boundary else b""
+            self._at_boundary = data.endswith(b"\n")
+            return prefix + data
+        lines = data.decode("utf-8", "replace").rstrip("\n").split("\n")
+        return f"id: {event.index}\n".encode() + "".join(f"data: {line}\n" for line in lines).encode() + b"\n"
+
+    def error(self, event: _streams.Event) -> bytes:
+        payload = {
+            "error": event.error.get("exc_type", "Exception"),
+            "message": event.error.get("exc_message", ""),
+            "deployment": event.error.get("deployment"),
+        }
+        lead = b"" if self._at_boundary else b"\n\n"
+        return lead + b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+    def end(self, event: _streams.Event) -> bytes:
+        return b"event: end\ndata: " + orjson.dumps({"chunks": event.chunks}) + b"\n\n" if self.mode == "wrap" else b""
+
+
+class StreamStats:
+    """What the gateway relayed, for /metrics."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.started = 0
+        self.chunks = 0
+        self.errors = 0
+        self.first_chunk_s: list[float] = []  # recent times to first chunk (from the request's arrival)
+
+    def first_chunk(self, seconds: float) -> None:
+        self.first_chunk_s.append(seconds)
+        if len(self.first_chunk_s) > 4096:
+            del self.first_chunk_s[:2048]
+
+
+class StreamRelay:
+    """Writes streams to HTTP clients, and cancels abandoned synchronous streams after the grace period."""
+
+    def __init__(self, transport: QueueTransport, jobs: JobStore, grace_s: float | None = None) -> None:
+        self.transport = transport
+        self.hub = transport.streams
+        self.jobs = jobs
+        self.grace_s = grace_from_env() if grace_s is None else grace_s
+        self.stats = StreamStats()
+        self._timers: set[asyncio.Task[None]] = set()
+
+    async def live(self, send: Send, receive: Receive, record: dict[str, Any], started: float) -> None:
+        """Answer a request whose replica began streaming (`record` is its STREAMING reply)."""
+        job_id = record["task_id"]
+        head = record.get("result") or {}
+        framing = Framing.choose(head, wants_sse=False)
+        follower = self.hub.follow(_streams.key(job_id), _streams.HEAD_ID)
+        await self._relay(send, receive, job_id, head, follower, framing, started)
+
+    async def replay(
+        self, send: Send, receive: Receive, job_id: str, start: int, wants_sse: bool, head: _streams.Event
+    ) -> None:
+        framing = Framing.choose(head.head, wants_sse)
+        follower = self.hub.follow(_streams.key(job_id), _streams.after_chunk(start - 1))
+        extra = [(b"x-stream-from", str(start).encode())]
+        await self._relay(send, receive, job_id, head.head, follower, framing, time.perf_counter(), extra)
+
+    async def _relay(
+        self,
+        send: Send,
+        receive: Receive,
+        job_id: str,
+        head: dict[str, Any],
+        follower: _streams.Follower,
+        framing: Framing,
+        started: float,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        headers = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in head.get("headers", [])
+            if k.lower() not in _SKIP_HEADERS
+        ]
+        if framing.mode == "wrap":
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+            headers.append((b"content-type", b"text/event-stream; charset=utf-8"))
+        if framing.sse:
+            headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        headers += [(b"x-request-id", job_id.encode()), *(extra or [])]
+        status = int(head.get("status_code", 200))
+        await self._attach(job_id)
+        main = asyncio.current_task()
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone.set()
+                    if main is not None:
+                        main.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        self.stats.in_flight += 1
+        self.stats.started += 1
+        first = True
+        complete = False
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            async for event in follower:
+                if event.kind == _streams.CHUNK:
+                    await send({"type": "http.response.body", "body": framing.chunk(event), "more_body": True})
+                    self.stats.chunks += 1
+                    if first:
+                        first = False
+                        self.stats.first_chunk(time.perf_counter() - started)
+                elif event.kind == _streams.END:
+                    await send({"type": "http.response.body", "body": framing.end(event), "more_body": False})
+                    complete = True
+                elif event.kind == _streams.ERROR:
+                    self.stats.errors += 1
+                    if framing.sse:
+                        await send({"type": "http.response.body", "body": framing.error(event), "more_body": False})
+                        complete = True
+                    else:  # cut off: the client sees an incomplete body, never a short success
+                        logger.warning(
+                            "stream %s ended with %s: %s; closing the response without its last chunk",
+                            job_id,
+                            event.error.get("exc_type"),
+                            event.error.get("exc_message"),
+                        )
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise
+            if main is not None:
+                main.uncancel()
+        except OSError:  # the client went away while we wrote
+            gone.set()
+        finally:
+            follower.close()
+            watcher.cancel()
+            self.stats.in_flight -= 1
+            await self._detach(job_id, abandoned=gone.is_set() and not complete)
+
+    async def _attach(self, job_id: str) -> None:
+        try:
+            pipe = self.transport.redis.pipeline(transaction=False)
+            pipe.incr(_streams.readers_key(job_id))
+            pipe.expire(_streams.readers_key(job_id), 86400)
+            await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            logger.warning("could not count a reader of stream %s: %s", job_id, exc)
+
+    async def _detach(self, job_id: str, *, abandoned: bool) -> None:
+        try:
+            left = await self.transport.redis.decr(_streams.readers_key(job_id))
+        except redis.exceptions.RedisError as exc:
+            logger.warning("could not count a reader of stream %s leaving: %s", job_id, exc)
+            return
+        if abandoned and int(left) <= 0:
+            timer = asyncio.create_task(self._cancel_if_abandoned(job_id), name=f"stream-grace {job_id}")
+            self._timers.add(timer)
+            timer.add_done_callback(self._timers.discard)
+
+    async def _cancel_if_abandoned(self, job_id: str) -> None:
+        """After the grace period, cancel a synchronous request whose stream nobody reads any more."""
+        await asyncio.sleep(self.grace_s)
+        try:
+            readers = await self.transport.redis.get(_streams.readers_key(job_id))
+            if readers is not None and int(readers) > 0:
+                return
+            kind, status = await self.transport.redis.hmget(_keys.job(job_id), ["kind", "status"])
+            if kind != b"sync" or status is None or status.decode() in TERMINAL:
+                return
+            logger.info(
+                "stream %s: its client left %.1f s ago and nobody re-attached; cancelling", job_id, self.grace_s
+            )
+            await self.jobs.finish(job_id, "cancelled")
+        except redis.exceptions.RedisError as exc:
+            logger.warning("could not cancel abandoned stream %s: %s", job_id, exc)
+
+    async def close(self) -> None:
+        for timer in list(self._timers):
+            timer.cancel()
+
+
+class _RelayResponse:
+    """A raw ASGI response that replays a stream (returned from the FastAPI route)."""
+
+    def __init__(self, relay: StreamRelay, job_id: str, start: int, wants_sse: bool, head: _streams.Event) -> None:
+        self.args = (job_id, start, wants_sse, head)
+        self.relay = relay
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.relay.replay(send, receive, *self.args)
+
+
+def _error(status: int, error: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": error, "message": message, **extra}, status_code=status)
+
+
+def stream_router(relay: StreamRelay) -> APIRouter:
+    router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+    @router.get(
+        "/{job_id}/stream",
+        summary="Replay a streamed response from chunk N and follow it to its end",
+        response_model=None,
+    )
+    async def stream(
+        job_id: str,
+        start: int = Query(0, alias="from", ge=0, description="the 0-based index of the first chunk to send"),
+        accept: str = Header(""),
+        last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+    ) -> Any:
+        try:
+            job_id = check_job_id(job_id)
+            if last_event_id not in (None, ""):
+                try:
+                    start = int(last_event_id) + 1
+                except ValueError:
+                    raise BadRequestError(
+                        f"Last-Event-ID must be a chunk index (an integer), got {last_event_id!r}"
+                    ) from None
+                if start < 0:
+                    raise BadRequestError(f"Last-Event-ID must be -1 or more, got {last_event_id!r}")
+            wants_sse = _SSE in accept or last_event_id is not None
+            head = await _streams.read_head(relay.transport.redis, job_id)
+            if head is None:
+                head = await _await_head(relay, job_id)
+            if isinstance(head, JSONResponse):
+                return head
+        except ServeError as exc:
+            return _error(exc.http_status, type(exc).__name__, exc.message)
+        except redis.exceptions.RedisError as exc:
+            return _error(503, "ServeError", f"the queue service (Redis) is unavailable: {exc}; retry shortly")
+        return _RelayResponse(relay, job_id, start, wants_sse, head)
+
+    return router
+
+
+async def _await_head(relay: StreamRelay, job_id: str) -> _streams.Event | JSONResponse:
+    """The head of a stream not started yet: wait while its job is queued or running (until it starts
+    streaming or ends); a job that ended without a stream answers 409 with what became of it."""
+    job = await relay.jobs.get(job_id)  # 404 for an unknown job
+    while job["status"] not in TERMINAL:
+        follower = relay.hub.follow(_streams.key(job_id), _streams.START)
+        first = asyncio.ensure_future(anext(follower))
+        ended = asyncio.ensure_future(relay.jobs.wait(job_id, 30.0))
+        try:
+            await asyncio.wait([first, ended], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            follower.close()
+            ended.cancel()
+            if not first.done():
+                first.cancel()
+        if (
+            first.done()
+            and not first.cancelled()
+            and first.exception() is None
+            and first.result().kind == _streams.HEAD
+        ):
+            return first.result()
+        head = await _streams.read_head(relay.transport.redis, job_id)
+        if head is not None:
+            return head
+        job = await relay.jobs.get(job_id)
+    head = await _streams.read_head(relay.transport.redis, job_id)
+    if head is not None:
+        return head
+    error = job.get("error")
+    detail = f" ({error['type']}: {error['message']})" if error else ""
+    return _error(
+        409,
+        "NoStreamError",
+        f"job {job_id} ended {job['status']} without streaming{detail}; GET /jobs/{job_id} for its result",
+        job=job,
+    )
