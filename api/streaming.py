@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 import redis.exceptions
 from fastapi import APIRouter, Header, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from celery_serve._wire import keys as _keys
@@ -266,8 +266,8 @@ class StreamRelay:
             timer.cancel()
 
 
-class _RelayResponse:
-    """A raw ASGI response that replays a stream (returned from the FastAPI route)."""
+class _RelayResponse(Response):
+    """The response that replays a stream (returned from the FastAPI route, which then sends it as is)."""
 
     def __init__(self, relay: StreamRelay, job_id: str, start: int, wants_sse: bool, head: _streams.Event) -> None:
         self.args = (job_id, start, wants_sse, head)

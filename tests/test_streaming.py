@@ -299,7 +299,8 @@ def test_a_stream_resumes_on_another_gateway_after_its_gateway_died(apps: Apps, 
                 parts = response.iter_raw()
                 while got.count(b"\n") < 2:
                     got += next(parts)
-                group.stop()  # the gateway dies mid-stream
+                for process in group.processes:  # the gateway dies mid-stream
+                    process.proc.kill()
         r.rpush(sd.release_key(t), 1)
         with apps.http() as other:
             resumed = other.get(f"/jobs/{request_id}/stream", params={"from": 2})
