@@ -20,6 +20,7 @@ the generator in the replica. A stream submitted as a job (`POST /jobs/...`) run
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import time
@@ -70,16 +71,28 @@ class Framing:
         self._at_boundary = True
 
     @classmethod
-    def choose(cls, head: dict[str, Any], wants_sse: bool) -> Framing:
+    def choose(cls, head: dict[str, Any], wants_sse: bool, items: bool = False) -> Framing:
+        if items:
+            return cls("items")
         if _content_type(head).startswith(_SSE):
             return cls("sse")
         return cls("wrap" if wants_sse else "raw")
 
     @property
     def sse(self) -> bool:
+        return self.mode in ("sse", "wrap")
+
+    @property
+    def reports_errors(self) -> bool:
         return self.mode != "raw"
 
     def chunk(self, event: _streams.Event) -> bytes:
+        if self.mode == "items":  # typed items for the Python client: one JSON object per line
+            kind = event.type.decode()
+            value: Any = event.data.decode("utf-8") if kind == "s" else base64.b64encode(event.data).decode()
+            if kind == "j":
+                return b'{"i":%d,"t":"j","v":%s}\n' % (event.index, event.data)
+            return orjson.dumps({"i": event.index, "t": kind, "v": value}) + b"\n"
         data = _streams.chunk_bytes(event.type, event.data)
         if self.mode == "raw":
             return data
@@ -96,10 +109,14 @@ class Framing:
             "message": event.error.get("exc_message", ""),
             "deployment": event.error.get("deployment"),
         }
+        if self.mode == "items":
+            return orjson.dumps({"error": event.error}) + b"\n"
         lead = b"" if self._at_boundary else b"\n\n"
         return lead + b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
 
     def end(self, event: _streams.Event) -> bytes:
+        if self.mode == "items":
+            return orjson.dumps({"end": event.chunks}) + b"\n"
         return b"event: end\ndata: " + orjson.dumps({"chunks": event.chunks}) + b"\n\n" if self.mode == "wrap" else b""
 
 
@@ -139,9 +156,9 @@ class StreamRelay:
         await self._relay(send, receive, job_id, head, follower, framing, started)
 
     async def replay(
-        self, send: Send, receive: Receive, job_id: str, start: int, wants_sse: bool, head: _streams.Event
+        self, send: Send, receive: Receive, job_id: str, start: int, wants_sse: bool, head: _streams.Event, items: bool
     ) -> None:
-        framing = Framing.choose(head.head, wants_sse)
+        framing = Framing.choose(head.head, wants_sse, items)
         follower = self.hub.follow(_streams.key(job_id), _streams.after_chunk(start - 1))
         extra = [(b"x-stream-from", str(start).encode())]
         await self._relay(send, receive, job_id, head.head, follower, framing, time.perf_counter(), extra)
@@ -165,6 +182,8 @@ class StreamRelay:
         if framing.mode == "wrap":
             headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
             headers.append((b"content-type", b"text/event-stream; charset=utf-8"))
+        if framing.mode == "items":
+            headers = [(b"content-type", b"application/x-ndjson")]
         if framing.sse:
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         headers += [(b"x-request-id", job_id.encode()), *(extra or [])]
@@ -201,7 +220,7 @@ class StreamRelay:
                     complete = True
                 elif event.kind == _streams.ERROR:
                     self.stats.errors += 1
-                    if framing.sse:
+                    if framing.reports_errors:
                         await send({"type": "http.response.body", "body": framing.error(event), "more_body": False})
                         complete = True
                     else:  # cut off: the client sees an incomplete body, never a short success
@@ -269,8 +288,10 @@ class StreamRelay:
 class _RelayResponse(Response):
     """The response that replays a stream (returned from the FastAPI route, which then sends it as is)."""
 
-    def __init__(self, relay: StreamRelay, job_id: str, start: int, wants_sse: bool, head: _streams.Event) -> None:
-        self.args = (job_id, start, wants_sse, head)
+    def __init__(
+        self, relay: StreamRelay, job_id: str, start: int, wants_sse: bool, head: _streams.Event, items: bool
+    ) -> None:
+        self.args = (job_id, start, wants_sse, head, items)
         self.relay = relay
         self.background = None
 
@@ -295,6 +316,9 @@ def stream_router(relay: StreamRelay) -> APIRouter:
         start: int = Query(0, alias="from", ge=0, description="the 0-based index of the first chunk to send"),
         accept: str = Header(""),
         last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+        format: str = Query(
+            "http", pattern="^(http|items)$", description="items: typed items as JSON lines (the Python client's)"
+        ),
     ) -> Any:
         try:
             job_id = check_job_id(job_id)
@@ -317,7 +341,7 @@ def stream_router(relay: StreamRelay) -> APIRouter:
             return _error(exc.http_status, type(exc).__name__, exc.message)
         except redis.exceptions.RedisError as exc:
             return _error(503, "ServeError", f"the queue service (Redis) is unavailable: {exc}; retry shortly")
-        return _RelayResponse(relay, job_id, start, wants_sse, head)
+        return _RelayResponse(relay, job_id, start, wants_sse, head, format == "items")
 
     return router
 

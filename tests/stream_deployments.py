@@ -186,7 +186,45 @@ class Batched:
             await asyncio.sleep(0.01)
 
 
+@deployment(max_ongoing_requests=1200)
+class Many:
+    """Streams held open together: each sends its first chunk, then waits for the test's release."""
+
+    def __init__(self) -> None:
+        self._released: dict[str, asyncio.Event] = {}
+
+    async def __call__(self, request: Request) -> StreamingResponse:
+        tag, i = request.query_params["tag"], request.query_params["i"]
+
+        async def gen() -> AsyncGenerator[str, None]:
+            yield f"first {i}\n"
+            await self._wait(tag)
+            for part in range(3):
+                yield f"{i}.{part}\n"
+
+        return StreamingResponse(gen(), media_type="text/plain")
+
+    async def _wait(self, tag: str) -> None:
+        event = self._released.get(tag)
+        if event is None:
+            event = self._released[tag] = asyncio.Event()
+            asyncio.get_running_loop().create_task(self._watch(tag, event))
+        await event.wait()
+
+    async def _watch(self, tag: str, event: asyncio.Event) -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(os.environ["REDIS_URL"])
+        try:
+            while not await client.exists(release_key(tag)):
+                await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+        event.set()
+
+
 textgen_app = Textgen.bind()
+many_app = Many.bind()
 app = Streamer.bind()
 sse_app = SSE.bind()
 api_app = Api.bind()

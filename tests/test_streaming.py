@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -31,6 +33,7 @@ ROUTES = {
     "sse": (sd.sse_app, "/sse"),
     "streamapi": (sd.api_app, "/streamapi"),
     "batched": (sd.batched_app, "/batched"),
+    "many": (sd.many_app, "/many"),
 }
 
 
@@ -307,3 +310,124 @@ def test_a_stream_resumes_on_another_gateway_after_its_gateway_died(apps: Apps, 
         assert resumed.text == "line 2\nline 3\nline 4\n"
     finally:
         group.stop()
+
+
+# --- clients ---------------------------------------------------------------------------------------------
+
+
+def test_client_stream_over_http_and_over_redis(apps: Apps) -> None:
+    for client in (
+        serve.Client(apps.gateway_url, app="streams"),
+        serve.Client(redis_url=apps.redis_url, app="streams"),
+    ):
+        with client:
+            assert list(client.stream("Streamer.numbers", 4)) == [0, 1, 2, 3]
+            assert list(client.stream("Streamer.words", "x y")) == ["x", "y"]
+            got = []
+            with pytest.raises(RemoteError, match="model broke"):
+                for item in client.stream("Streamer.failing", 1):
+                    got.append(item)
+            assert got == ["chunk 0"]
+            with pytest.raises(StreamUsageError):
+                list(client.stream("Streamer.plain", 1))
+
+    async def use_async() -> list[str]:
+        async with serve.AsyncClient(apps.gateway_url, app="streams") as client:
+            return [w async for w in client.stream("Streamer.words", "p q r")]
+
+    assert asyncio.run(use_async()) == ["p", "q", "r"]
+
+
+def test_leaving_a_redis_client_stream_early_stops_the_generator(apps: Apps, r: redis.Redis) -> None:
+    t = tag()
+    with serve.Client(redis_url=apps.redis_url, app="streams") as client:
+        for n, _ in enumerate(client.stream("Streamer.endless", t)):
+            if n == 2:
+                break
+    wait_until(lambda: r.get(sd.closed_key(t)), timeout_s=20, what="the generator to be closed")
+
+
+# --- many streams at once --------------------------------------------------------------------------------
+
+STREAMS = 1000
+MAX_GATEWAY_THREADS = 50
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Threads: line for pid {pid}")
+
+
+async def _hold_streams(host: str, port: int, t: str, pid: int, release: Callable[[], None]) -> tuple[list[bytes], int]:
+    peak = _threads(pid)
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, _threads(pid))
+            await asyncio.sleep(0.02)
+
+    firsts = 0
+    all_first = asyncio.Event()
+
+    async def one(i: int) -> bytes:
+        nonlocal firsts
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(f"GET /many?tag={t}&i={i} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            raw = b""
+            while f"first {i}\n".encode() not in raw:
+                part = await reader.read(65536)
+                assert part, f"stream {i} closed before its first chunk: {raw!r}"
+                raw += part
+            firsts += 1
+            if firsts == STREAMS:
+                all_first.set()
+            raw += await reader.read()  # to the end (Connection: close)
+            return raw
+        finally:
+            writer.close()
+
+    sampler = asyncio.create_task(sample())
+    tasks = [asyncio.create_task(one(i)) for i in range(STREAMS)]
+    try:
+        await asyncio.wait_for(all_first.wait(), timeout=120)  # every stream is open and has sent a chunk
+        release()
+        return list(await asyncio.gather(*tasks)), peak
+    finally:
+        sampler.cancel()
+        for task in tasks:
+            task.cancel()
+
+
+def _dechunk(raw: bytes) -> tuple[bytes, bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    out = b""
+    while body:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out, body = out + body[:size], body[size + 2 :]
+    return head, out
+
+
+def test_a_thousand_concurrent_streams_through_one_gateway_with_few_threads(apps: Apps, r: redis.Redis) -> None:
+    group = ProcessGroup()
+    try:
+        url = urlsplit(start_gateway(group, apps.redis_url))
+        pid = group.processes[0].proc.pid
+        t = tag()
+        results, peak = asyncio.run(
+            _hold_streams(url.hostname or "127.0.0.1", url.port or 80, t, pid, lambda: r.set(sd.release_key(t), 1))
+        )
+    finally:
+        group.stop()
+    for i, raw in enumerate(results):
+        head, body = _dechunk(raw)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert body == f"first {i}\n{i}.0\n{i}.1\n{i}.2\n".encode()
+    assert peak < MAX_GATEWAY_THREADS, f"the gateway ran {peak} threads with {STREAMS} streams open"
