@@ -55,6 +55,7 @@ class Gateway:
         self.streams = StreamRelay(self.transport, self.jobs)
         self.proxy.streams = self.streams
         self.metrics = GatewayMetrics()
+        self.metrics.registry.register(self.streams.stats)
         self._own_openapi: dict[str, Any] | None = None
         self.control = self._control_app()
 

@@ -21,15 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import redis.exceptions
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse, Response
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from starlette.types import Receive, Scope, Send
 
 from celery_serve._wire import keys as _keys
@@ -41,6 +46,7 @@ from celery_serve.exceptions import BadRequestError, DeploymentConfigError, Serv
 logger = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 5.0
+FIRST_CHUNK_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SKIP_HEADERS = {"content-length", "transfer-encoding", "x-request-id"}
 _SSE = "text/event-stream"
 
@@ -120,20 +126,38 @@ class Framing:
         return b"event: end\ndata: " + orjson.dumps({"chunks": event.chunks}) + b"\n\n" if self.mode == "wrap" else b""
 
 
-class StreamStats:
-    """What the gateway relayed, for /metrics."""
+class StreamStats(Collector):
+    """What the gateway relayed, as /metrics series: streams in flight, streams and chunks relayed (their
+    rate is chunks per second), streams that ended with an error, and time to first chunk (from the
+    request's arrival at the gateway for a live stream, from the GET for a replay)."""
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.started = 0
         self.chunks = 0
         self.errors = 0
-        self.first_chunk_s: list[float] = []  # recent times to first chunk (from the request's arrival)
+        self._first = [0] * (len(FIRST_CHUNK_BUCKETS_S) + 1)
+        self._first_sum = 0.0
 
     def first_chunk(self, seconds: float) -> None:
-        self.first_chunk_s.append(seconds)
-        if len(self.first_chunk_s) > 4096:
-            del self.first_chunk_s[:2048]
+        self._first[bisect.bisect_left(FIRST_CHUNK_BUCKETS_S, seconds)] += 1
+        self._first_sum += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("serve_streams_in_flight", "Streamed responses being relayed now", value=self.in_flight)
+        yield CounterMetricFamily("serve_streams", "Streamed responses relayed (live and replays)", value=self.started)
+        yield CounterMetricFamily("serve_stream_chunks", "Chunks of streamed responses relayed", value=self.chunks)
+        yield CounterMetricFamily("serve_stream_errors", "Relayed streams that ended with an error", value=self.errors)
+        cumulative, buckets = 0, []
+        for bound, n in zip([*FIRST_CHUNK_BUCKETS_S, float("inf")], self._first, strict=True):
+            cumulative += n
+            buckets.append((floatToGoString(bound), float(cumulative)))
+        yield HistogramMetricFamily(
+            "serve_stream_first_chunk_seconds",
+            "Time to the first chunk of a streamed response, at the gateway",
+            buckets=buckets,
+            sum_value=self._first_sum,
+        )
 
 
 class StreamRelay:
@@ -271,7 +295,7 @@ class StreamRelay:
             if readers is not None and int(readers) > 0:
                 return
             kind, status = await self.transport.redis.hmget(_keys.job(job_id), ["kind", "status"])
-            if kind != b"sync" or status is None or status.decode() in TERMINAL:
+            if kind != b"sync" or status is None or _text(status) in TERMINAL:
                 return
             logger.info(
                 "stream %s: its client left %.1f s ago and nobody re-attached; cancelling", job_id, self.grace_s
@@ -332,9 +356,8 @@ def stream_router(relay: StreamRelay) -> APIRouter:
                 if start < 0:
                     raise BadRequestError(f"Last-Event-ID must be -1 or more, got {last_event_id!r}")
             wants_sse = _SSE in accept or last_event_id is not None
-            head = await _streams.read_head(relay.transport.redis, job_id)
-            if head is None:
-                head = await _await_head(relay, job_id)
+            found = await _streams.read_head(relay.transport.redis, job_id)
+            head = found if found is not None else await _await_head(relay, job_id)
             if isinstance(head, JSONResponse):
                 return head
         except ServeError as exc:
@@ -383,3 +406,7 @@ async def _await_head(relay: StreamRelay, job_id: str) -> _streams.Event | JSONR
         f"job {job_id} ended {job['status']} without streaming{detail}; GET /jobs/{job_id} for its result",
         job=job,
     )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -19,7 +19,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -207,10 +207,10 @@ def _items(value: Any) -> tuple[AsyncIterator[Any], dict[str, Any] | None]:
     return _sync_items(value), None
 
 
-async def _charset_items(body: AsyncIterator[Any], charset: str) -> AsyncIterator[bytes]:
+async def _charset_items(body: AsyncIterable[Any], charset: str) -> AsyncIterator[bytes]:
     try:
         async for chunk in body:
-            yield chunk if isinstance(chunk, (bytes, memoryview)) else chunk.encode(charset)
+            yield bytes(chunk) if isinstance(chunk, (bytes, memoryview)) else chunk.encode(charset)
     finally:
         aclose = getattr(body, "aclose", None)
         if aclose is not None:

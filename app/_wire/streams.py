@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -312,12 +312,17 @@ class StreamHub:
                 await asyncio.sleep(0.2)
                 continue
             self._blocked = False
-            for raw_key, entries in got or []:
-                name = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            for raw_key, entries in cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], got or []):
+                name = raw_key.decode()
                 if name == self.wake_key:
                     self._wake_last = entries[-1][0]
                     continue
+                read_from = _order(streams[name])
                 for follower in list(self._followers.get(name, [])):
+                    # Only readers this read was for: paused ones wait, and one that joined during the read
+                    # from further back is read for next time (handing it these entries would skip some).
+                    if follower.paused or _order(follower.last_id) < read_from:
+                        continue
                     for entry_id, fields in entries:
                         follower._put(entry_id, fields)
         self._blocked = False
@@ -338,4 +343,5 @@ async def read_head(client: aioredis.Redis, job_id: str) -> Event | None:
     entries = await client.xrange(key(job_id), HEAD_ID, HEAD_ID)
     if not entries:
         return None
-    return decode_entry(*entries[0])
+    entry_id, fields = entries[0]
+    return decode_entry(cast(bytes, entry_id), cast(dict[bytes, bytes], fields))
