@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import contextlib
 import logging
 import os
 import time
@@ -176,8 +177,12 @@ class StreamRelay:
         job_id = record["task_id"]
         head = record.get("result") or {}
         framing = Framing.choose(head, wants_sse=False)
-        follower = self.hub.follow(_streams.key(job_id), _streams.HEAD_ID)
-        await self._relay(send, receive, job_id, head, follower, framing, started)
+        first = None
+        if record.get("first"):  # the first chunk came with the reply: write it, follow from the next
+            kind, data = _streams.chunk_of_record(record["first"])
+            first = _streams.Event(_streams.CHUNK, 0, kind, data)
+        follower = self.hub.follow(_streams.key(job_id), _streams.chunk_id(0) if first else _streams.HEAD_ID)
+        await self._relay(send, receive, job_id, head, follower, framing, started, first=first)
 
     async def replay(
         self, send: Send, receive: Receive, job_id: str, start: int, wants_sse: bool, head: _streams.Event, items: bool
@@ -197,6 +202,7 @@ class StreamRelay:
         framing: Framing,
         started: float,
         extra: list[tuple[bytes, bytes]] | None = None,
+        first: _streams.Event | None = None,
     ) -> None:
         headers = [
             (k.encode("latin-1"), v.encode("latin-1"))
@@ -212,7 +218,7 @@ class StreamRelay:
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         headers += [(b"x-request-id", job_id.encode()), *(extra or [])]
         status = int(head.get("status_code", 200))
-        await self._attach(job_id)
+        attached = asyncio.ensure_future(self._attach(job_id))  # not on the way to the first chunk
         main = asyncio.current_task()
         gone = asyncio.Event()
 
@@ -228,17 +234,25 @@ class StreamRelay:
         watcher = asyncio.create_task(watch())
         self.stats.in_flight += 1
         self.stats.started += 1
-        first = True
         complete = False
+        sent_first = first is not None
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
+            if first is not None:
+                await send({"type": "http.response.body", "body": framing.chunk(first), "more_body": True})
+                self.stats.chunks += 1
+                self.stats.first_chunk(time.perf_counter() - started)
             async for event in follower:
                 if event.kind == _streams.CHUNK:
-                    await send({"type": "http.response.body", "body": framing.chunk(event), "more_body": True})
-                    self.stats.chunks += 1
-                    if first:
-                        first = False
+                    # what already arrived goes out in one write: a slow client or a fast producer costs
+                    # one send per batch, not per chunk
+                    ready = [event, *follower.ready_chunks()]
+                    body = b"".join(framing.chunk(e) for e in ready)
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    if not sent_first:
+                        sent_first = True
                         self.stats.first_chunk(time.perf_counter() - started)
+                    self.stats.chunks += len(ready)
                 elif event.kind == _streams.END:
                     await send({"type": "http.response.body", "body": framing.end(event), "more_body": False})
                     complete = True
@@ -265,6 +279,8 @@ class StreamRelay:
             follower.close()
             watcher.cancel()
             self.stats.in_flight -= 1
+            with contextlib.suppress(BaseException):
+                await attached
             await self._detach(job_id, abandoned=gone.is_set() and not complete)
 
     async def _attach(self, job_id: str) -> None:

@@ -40,6 +40,7 @@ from celery_serve.workers.http import response_dict
 logger = logging.getLogger(__name__)
 
 _INFLIGHT = 32  # chunks produced but not yet in Redis, at most
+FIRST_CHUNK_WINDOW_S = 0.002  # how long the head waits for the first chunk to go out with it
 _DONE = object()
 REQUIRE = "require"  # the caller iterates the response (handle.options(stream=True), Client.stream)
 ALLOW = "allow"  # the caller takes a stream or a value (HTTP, POST /jobs)
@@ -233,18 +234,25 @@ class StreamWriter:
         self._flushing: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
         self._room.set()
-        self.first_chunk_at: float | None = None
 
-    async def head(self, head: dict[str, Any]) -> bool:
+    async def head(self, head: dict[str, Any], first: Any = _DONE) -> bool:
         """Open the stream and tell a waiting caller to follow it; False if this request already streamed
-        (a redelivery after a replica died mid-stream), whose stream cannot be restarted."""
+        (a redelivery after a replica died mid-stream), whose stream cannot be restarted.
+
+        A `first` chunk already produced goes out in the same round trip, and rides in the reply record
+        too, so a caller writes it without a read of the stream (time to first chunk = one request's)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(self.key, {"k": _streams.HEAD, "d": orjson.dumps(head)}, id=_streams.HEAD_ID)
+        record: dict[str, Any] = {}
+        if first is not _DONE:
+            kind, data = self._admit(first)
+            pipe.xadd(self.key, {"k": _streams.CHUNK, "t": kind, "d": data}, id=_streams.chunk_id(0))
+            record["first"] = _streams.record_chunk(kind, data)
         pipe.expire(self.key, self.ttl)
         pipe.hset(_keys.job(self.env.job_id), "stream", 1)
         reply = self.env.reply_to
         if reply and reply.startswith(_keys.REPLY_PREFIX):
-            pipe.rpush(reply, _results._record(self.env.job_id, _streams.STREAMING, head))
+            pipe.rpush(reply, _results._record(self.env.job_id, _streams.STREAMING, head, **record))
             pipe.expire(reply, 3600)
         done = await pipe.execute(raise_on_error=False)
         if isinstance(done[0], redis.exceptions.ResponseError):
@@ -253,7 +261,8 @@ class StreamWriter:
             raise done[0]
         return True
 
-    async def chunk(self, value: Any) -> None:
+    def _admit(self, value: Any) -> tuple[bytes, bytes]:
+        """Encode one chunk and count it against the caps (`StreamLimitError` past them)."""
         kind, data = _streams.encode_chunk(value)
         if self.chunks + 1 > self.limits.max_chunks:
             raise StreamLimitError(
@@ -265,11 +274,13 @@ class StreamWriter:
                 f"the stream passed its cap of {self.limits.max_bytes} bytes (SERVE_STREAM_MAX_BYTES): "
                 "stream less, or raise the cap"
             )
-        if self.first_chunk_at is None:
-            self.first_chunk_at = time.perf_counter()
-        self._pending.append((_streams.chunk_id(self.chunks), {"k": _streams.CHUNK, "t": kind, "d": data}))
         self.chunks += 1
         self.bytes += len(data)
+        return kind, data
+
+    async def chunk(self, value: Any) -> None:
+        kind, data = self._admit(value)
+        self._pending.append((_streams.chunk_id(self.chunks - 1), {"k": _streams.CHUNK, "t": kind, "d": data}))
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush())
         if len(self._pending) >= _INFLIGHT:
@@ -324,24 +335,29 @@ async def stream(writer: StreamWriter, value: Any, failure: Any) -> tuple[Outcom
     `failure(exc)` turns an exception into the replica's failure record (error dict and HTTP status)."""
     items, head = _items(value)
     opened = False
+    first_item: asyncio.Future[Any] | None = None
     try:
         if head is None:  # a plain generator: the first item decides the content type
             first = await anext(items, _DONE)
             head = {"status_code": 200, "headers": [["content-type", _media_type(first)]]}
-            if not await writer.head(head):
-                raise StreamUsageError("this request's stream was already started by a replica that died mid-stream")
-            opened = True
+        else:  # status and headers are known: send them with the first item if it comes at once, else alone
+            first_item = asyncio.ensure_future(anext(items, _DONE))
+            await asyncio.wait([first_item], timeout=FIRST_CHUNK_WINDOW_S)
+            first = first_item.result() if first_item.done() else _DONE
+        if not await writer.head(head, first):
+            raise StreamUsageError("this request's stream was already started by a replica that died mid-stream")
+        opened = True
+        if first_item is not None and not first_item.done():
+            first = await first_item
             if first is not _DONE:
                 await writer.chunk(first)
-        else:
-            if not await writer.head(head):
-                raise StreamUsageError("this request's stream was already started by a replica that died mid-stream")
-            opened = True
         async for item in items:
             await writer.chunk(item)
         await writer.end()
         return Outcome(value={"stream": f"/jobs/{writer.env.job_id}/stream", "chunks": writer.chunks}), True
     except asyncio.CancelledError:
+        if first_item is not None:
+            first_item.cancel()
         error = JobCancelledError(
             f"job {writer.env.job_id} was cancelled; its stream stopped after {writer.chunks} chunks"
         )

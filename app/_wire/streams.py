@@ -21,9 +21,11 @@ Redis, not in the gateway's memory.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -117,6 +119,19 @@ def encode_chunk(value: Any) -> tuple[bytes, bytes]:
         return JSON, orjson.dumps(jsonable_encoder(value), option=orjson.OPT_NON_STR_KEYS)
 
 
+def record_chunk(kind: bytes, data: bytes) -> dict[str, str]:
+    """A chunk inside a JSON record (the first chunk rides in the STREAMING reply)."""
+    if kind == BYTES:
+        return {"t": "b", "d": base64.b64encode(data).decode()}
+    return {"t": kind.decode(), "d": data.decode("utf-8")}
+
+
+def chunk_of_record(item: dict[str, str]) -> tuple[bytes, bytes]:
+    if item["t"] == "b":
+        return BYTES, base64.b64decode(item["d"])
+    return item["t"].encode(), item["d"].encode("utf-8")
+
+
 def decode_chunk(kind: bytes, data: bytes) -> Any:
     """A chunk as a handle caller gets it back: bytes, str or the JSON value."""
     if kind == BYTES:
@@ -176,24 +191,26 @@ class Follower:
         self.hub = hub
         self.key = stream
         self.last_id = last_id.encode()
-        self.queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        self.items: deque[Event | BaseException] = deque()
+        self._ready = asyncio.Event()
         self.finished = False
         self.paused = False
 
     @property
     def room(self) -> bool:
-        return self.queue.qsize() <= _QUEUE - _COUNT
+        return len(self.items) <= _QUEUE - _COUNT
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self
 
     async def __anext__(self) -> Event:
-        if self.finished and self.queue.empty():
-            raise StopAsyncIteration
-        item = await self.queue.get()
-        if self.paused and self.room:
-            self.paused = False
-            self.hub.wake()
+        while not self.items:
+            if self.finished:
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
+        item = self.items.popleft()
+        self._resume()
         if isinstance(item, BaseException):
             self.close()
             raise item
@@ -201,16 +218,35 @@ class Follower:
             self.close()
         return item
 
+    def ready_chunks(self) -> list[Event]:
+        """The chunks already here, in order, up to the next entry that is not a chunk (not waiting)."""
+        taken: list[Event] = []
+        while self.items and isinstance(self.items[0], Event) and self.items[0].kind == CHUNK:
+            taken.append(self.items.popleft())  # type: ignore[arg-type]
+        if taken:
+            self._resume()
+        return taken
+
+    def _resume(self) -> None:
+        if self.paused and self.room:
+            self.paused = False
+            self.hub.wake()
+
     def close(self) -> None:
         if not self.finished:
             self.finished = True
+            self._ready.set()
             self.hub._remove(self)
+
+    def _push(self, item: Event | BaseException) -> None:
+        self.items.append(item)
+        self._ready.set()
 
     def _put(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         if self.finished or not _newer(entry_id, self.last_id):
             return
         self.last_id = entry_id
-        self.queue.put_nowait(decode_entry(entry_id, fields))
+        self._push(decode_entry(entry_id, fields))
 
 
 def _newer(a: bytes, b: bytes) -> bool:
@@ -283,7 +319,7 @@ class StreamHub:
                     await client.aclose()
         for group in list(self._followers.values()):
             for follower in list(group):
-                follower.queue.put_nowait(ConnectionError("the stream reader was closed"))
+                follower._push(ConnectionError("the stream reader was closed"))
         self._followers.clear()
 
     async def _run(self) -> None:
