@@ -344,10 +344,12 @@ async def stream(writer: StreamWriter, value: Any, failure: Any) -> tuple[Outcom
             first_item = asyncio.ensure_future(anext(items, _DONE))
             await asyncio.wait([first_item], timeout=FIRST_CHUNK_WINDOW_S)
             first = first_item.result() if first_item.done() else _DONE
+            if first_item.done():
+                first_item = None  # it goes with the head
         if not await writer.head(head, first):
             raise StreamUsageError("this request's stream was already started by a replica that died mid-stream")
         opened = True
-        if first_item is not None and not first_item.done():
+        if first_item is not None:  # it came after the head was sent, or is still to come
             first = await first_item
             if first is not _DONE:
                 await writer.chunk(first)
