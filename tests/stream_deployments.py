@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from celery_serve import batch, deployment, ingress
+from celery_serve import DeploymentHandle, DeploymentResponseGenerator, batch, deployment, ingress
 
 APP_NAME = "streams"
 ROUTE_PREFIX = "/streamtest"
@@ -223,7 +223,31 @@ class Many:
         event.set()
 
 
+@deployment
+class NumberStreamer:
+    """Ray's `DeploymentResponseGenerator` example, as in its API reference."""
+
+    def generate_numbers(self, limit: int) -> Generator[int, None, None]:
+        for i in range(limit):  # noqa: UP028 - Ray's example as it is written
+            yield i
+
+
+@deployment
+class Caller:
+    def __init__(self, handle: DeploymentHandle) -> None:
+        # Set `stream=True` on the handle to enable streaming calls.
+        self._streaming_handle = handle.options(stream=True)
+
+    async def __call__(self, limit: int) -> AsyncGenerator[int, None]:
+        gen: DeploymentResponseGenerator = self._streaming_handle.generate_numbers.remote(limit)
+
+        # Inside a deployment: use `async for` to enable concurrency.
+        async for i in gen:
+            yield i
+
+
 textgen_app = Textgen.bind()
+caller_app = Caller.bind(NumberStreamer.bind())
 many_app = Many.bind()
 app = Streamer.bind()
 sse_app = SSE.bind()

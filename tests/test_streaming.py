@@ -34,6 +34,7 @@ ROUTES = {
     "streamapi": (sd.api_app, "/streamapi"),
     "batched": (sd.batched_app, "/batched"),
     "many": (sd.many_app, "/many"),
+    "caller": (sd.caller_app, "/caller"),
 }
 
 
@@ -92,6 +93,11 @@ def test_rays_streaming_response_example_streams_every_number(apps: Apps) -> Non
         parts = [part for part in response.iter_raw() if part]
     assert b"".join(parts) == b"0123456789"
     assert len(parts) > 1  # it came in pieces, not as one body
+    with apps.http() as http:
+        metrics = http.get("/metrics").text
+    assert "serve_streams_in_flight" in metrics and "serve_stream_first_chunk_seconds_count" in metrics
+    chunks = next(line for line in metrics.splitlines() if line.startswith("serve_stream_chunks_total"))
+    assert float(chunks.split()[-1]) >= 10
 
 
 def test_http_stream_is_incremental_and_resumes_after_a_dropped_connection(apps: Apps, r: redis.Redis) -> None:
@@ -210,6 +216,13 @@ def test_handle_stream_true_iterates_with_for_and_async_for(apps: Apps) -> None:
         return [w async for w in handle.options(stream=True).words.remote("a b c")]
 
     assert asyncio.run(collect()) == ["a", "b", "c"]
+
+
+def test_rays_deployment_response_generator_example_streams_through_a_deployment(apps: Apps) -> None:
+    handle = apps.handles["caller"]
+    # Outside a deployment: use a standard `for` loop.
+    gen = handle.options(stream=True).remote(10)
+    assert [i for i in gen] == list(range(10))
 
 
 def test_stream_misuse_is_a_clear_error_both_ways(apps: Apps) -> None:
