@@ -246,7 +246,22 @@ class Caller:
             yield i
 
 
+@deployment
+def shout(request: Request) -> str:
+    return request.query_params.get("text", "hi").upper()
+
+
+@deployment
+class Spell:
+    """The last step of a chain: streams the previous step's text one letter at a time."""
+
+    def __call__(self, text: str) -> Generator[str, None, None]:
+        for letter in text:
+            yield letter + "\n"
+
+
 textgen_app = Textgen.bind()
+chain_app = shout.bind() >> Spell.bind()
 caller_app = Caller.bind(NumberStreamer.bind())
 many_app = Many.bind()
 app = Streamer.bind()

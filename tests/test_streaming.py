@@ -35,6 +35,7 @@ ROUTES = {
     "batched": (sd.batched_app, "/batched"),
     "many": (sd.many_app, "/many"),
     "caller": (sd.caller_app, "/caller"),
+    "chain": (sd.chain_app, "/chain"),
 }
 
 
@@ -122,6 +123,12 @@ def test_http_stream_is_incremental_and_resumes_after_a_dropped_connection(apps:
         job = wait_until(lambda: (j := http.get(f"/jobs/{request_id}").json())["status"] == "succeeded" and j)
         assert job["result"] == {"stream": f"/jobs/{request_id}/stream", "chunks": 6}
         assert job["stream_url"] == f"/jobs/{request_id}/stream"
+
+
+def test_the_last_step_of_a_chain_streams(apps: Apps) -> None:
+    with apps.http() as http, http.stream("GET", "/chain", params={"text": "abc"}) as response:
+        assert response.status_code == 200 and response.headers["x-request-id"]
+        assert b"".join(response.iter_raw()) == b"A\nB\nC\n"
 
 
 def test_fastapi_ingress_route_streams_with_its_headers(apps: Apps) -> None:
