@@ -26,6 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 from celery_serve import __version__
 from celery_serve._runtime.logs import ACCESS_LOGGER
 from celery_serve._wire import keys as _keys
+from celery_serve._wire.connections import REDIS_FAULTS
 from celery_serve._wire.jobs import JobStore
 from celery_serve._wire.transport import QueueTransport, target_name
 from celery_serve.api.jobs import jobs_router
@@ -49,7 +50,7 @@ class Gateway:
             raise ValueError("the gateway needs REDIS_URL (or --redis-url)")
         self.settings = settings
         self.transport = QueueTransport(settings.redis_url)
-        self.routes = RouteTable(self.transport.redis)
+        self.routes = RouteTable(self.transport.redis, on_data_loss=self.transport.lost_requests)
         self.proxy = Proxy(self.transport, self.routes, settings.max_body_bytes)
         self.jobs = JobStore(self.transport.redis)
         self.streams = StreamRelay(self.transport, self.jobs)
@@ -106,8 +107,8 @@ class Gateway:
         async def healthz() -> Any:
             try:
                 await self.transport.redis.ping()
-            except (redis.exceptions.RedisError, OSError) as exc:
-                return JSONResponse({"status": "unhealthy", "redis": str(exc)}, status_code=503)
+            except REDIS_FAULTS as exc:
+                return JSONResponse({"status": "unhealthy", "redis": repr(exc)}, status_code=503)
             return {"status": "ok", "applications": len(self.routes.apps), "pending": self.transport.waiter.pending}
 
         @control.get("/-/routes", summary="Route prefix -> ingress deployment")

@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import redis.exceptions
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from celery_serve._runtime.spec import AppSpec, DeploymentSpec
+from celery_serve._wire.connections import REDIS_FAULTS
 from celery_serve._wire.jobs import TERMINAL, JobStore
 from celery_serve._wire.transport import QueueTransport
 from celery_serve.api.proxy import accepted_payload, http_envelope, read_body
@@ -90,13 +90,10 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
                 http = http_envelope(request.scope, body, path=path, method=verb)
                 method = request.headers.get("x-serve-call-method", "__call__")
                 sub = await transport.submit(dep, method, http=http, job=True, idempotency_key=key, expect_reply=False)
-        except redis.exceptions.RedisError as exc:
-            message = f"the queue service (Redis) is unavailable: {exc}; retry shortly"
-            return JSONResponse(
-                {"error": "ServeError", "message": message}, status_code=503, headers={"Retry-After": "1"}
-            )
         except ServeError as exc:
             return _error(exc)
+        except REDIS_FAULTS as exc:
+            return _unavailable(exc)
         payload, headers = accepted_payload(sub.task_id)
         response_headers = {k.decode(): v.decode() for k, v in headers}
         if sub.existing:
@@ -126,6 +123,8 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
             return await (jobs.wait(job_id, wait) if wait > 0 else jobs.get(job_id))
         except ServeError as exc:
             return _error(exc)
+        except REDIS_FAULTS as exc:
+            return _unavailable(exc)
 
     @router.delete("/{job_id}", summary="Cancel a job")
     async def cancel(job_id: str) -> Any:
@@ -133,11 +132,20 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
             job = await jobs.cancel(job_id)
         except ServeError as exc:
             return _error(exc)
+        except REDIS_FAULTS as exc:
+            return _unavailable(exc)
         if job["was"] in TERMINAL and job["was"] != "cancelled":
             raise HTTPException(409, f"job {job_id} already {job['was']}; nothing to cancel")
         return job
 
     return router
+
+
+def _unavailable(exc: BaseException) -> JSONResponse:
+    message = f"the queue service (Redis) is unavailable: {exc!r}; retry shortly"
+    return JSONResponse(
+        {"error": "ServiceUnavailableError", "message": message}, status_code=503, headers={"Retry-After": "1"}
+    )
 
 
 def _call_arguments(body: bytes) -> tuple[list[Any], dict[str, Any]]:

@@ -54,6 +54,11 @@ class DeploymentCollector(Collector):
             ),
             "ready": GaugeMetricFamily("serve_replicas_ready", "Replicas registered and heartbeating", labels=_LABELS),
             "workers": GaugeMetricFamily("serve_workers", "Live Celery workers of the deployment", labels=_LABELS),
+            "dead_letters": GaugeMetricFamily(
+                "serve_dead_letters",
+                "Requests in the deployment's dead-letter list (given up on; see celery-serve dlq list)",
+                labels=_LABELS,
+            ),
         }
         requests = CounterMetricFamily(
             "serve_replica_requests", "Requests the deployment's replicas answered", labels=_LABELS
@@ -71,6 +76,7 @@ class DeploymentCollector(Collector):
                 ("desired", d.desired),
                 ("ready", d.ready),
                 ("workers", len(d.workers)),
+                ("dead_letters", d.dead_letters),
             ):
                 gauges[name].add_metric(labels, value)
             requests.add_metric(labels, d.requests)

@@ -18,16 +18,22 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-import redis.exceptions
 from starlette.types import Receive, Scope, Send
 
 from celery_serve._runtime.spec import AppSpec, DeploymentSpec
 from celery_serve._wire import results as _results
+from celery_serve._wire.connections import REDIS_FAULTS
 from celery_serve._wire.envelope import new_task_id
 from celery_serve._wire.streams import STREAMING
 from celery_serve._wire.transport import QueueTransport, Submitted, target_name
 from celery_serve.api.routes import RouteTable
-from celery_serve.exceptions import BackpressureError, PayloadTooLargeError, RequestTimeoutError, ServeError
+from celery_serve.exceptions import (
+    BackpressureError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    ServeError,
+    ServiceUnavailableError,
+)
 
 if TYPE_CHECKING:
     from celery_serve.api.streaming import StreamRelay
@@ -124,7 +130,7 @@ class Proxy:
         path = scope["path"]
         try:
             found = await self.routes.match_fresh(path)  # a path no cached route matches reads Redis
-        except redis.exceptions.RedisError as exc:
+        except REDIS_FAULTS as exc:
             await send_unavailable(send, path, exc)
             return
         if found is None:
@@ -173,15 +179,18 @@ class Proxy:
         try:
             sub = await self.transport.submit(dep, method, http=http, task_id=task_id)
             record = await self.transport.wait(sub, target_name(dep), timeout_s=spill_after_s)
-        except redis.exceptions.RedisError as exc:
-            self.routes.mark_stale()
-            await send_unavailable(send, http["path"], exc, task_id)
-            return
         except BackpressureError as exc:
             await send_json(send, 503, error_payload(exc, task_id), [(b"retry-after", b"1"), id_header])
             return
         except RequestTimeoutError as exc:
             await send_json(send, 504, error_payload(exc, task_id), [id_header])
+            return
+        except ServeError as exc:  # e.g. the request was lost with Redis's data
+            await send_json(send, exc.http_status, error_payload(exc, task_id), [id_header])
+            return
+        except REDIS_FAULTS as exc:  # after its one retry on a closed connection (see _wire.connections)
+            self.routes.mark_stale()
+            await send_unavailable(send, http["path"], exc, task_id)
             return
         if record is None:
             await self._accepted(send, sub)
@@ -199,7 +208,7 @@ class Proxy:
 
 async def send_unavailable(send: Send, path: str, exc: Exception, task_id: str | None = None) -> None:
     logger.error("Redis unavailable for %s: %s", path, exc)
-    unavailable = ServeError(f"the queue service (Redis) is unavailable: {exc}; retry shortly")
+    unavailable = ServiceUnavailableError(f"the queue service (Redis) is unavailable: {exc!r}; retry shortly")
     headers = [(b"retry-after", b"1")]
     if task_id:
         headers.append((REQUEST_ID_HEADER, task_id.encode()))

@@ -87,6 +87,10 @@ class DeploymentConfig(BaseModel):
     job_retention_s: int = Field(default=24 * 3600, ge=1, le=90 * 24 * 3600)
     request_retention_s: int = Field(default=600, ge=1, le=90 * 24 * 3600)
     autoscaling_config: AutoscalingConfig | None = None
+    # How many times a request may be handed back because its replica died (or stalled) while running it,
+    # before it ends `failed` and goes to the deployment's dead-letter list: a request that crashes its
+    # replica cannot take the deployment down with it.
+    max_deliveries: int = Field(default=3, ge=1, le=1000)
 
     @model_validator(mode="before")
     @classmethod

@@ -9,6 +9,8 @@
     ├── RequestTimeoutError          no result before the request's deadline (HTTP 504; also TimeoutError)
     ├── JobCancelledError            the job was cancelled before it finished (HTTP 409)
     ├── ApplicationConflictError     the application name belongs to another live run (HTTP 409)
+    ├── ReplicaCrashError            the request's replica died running it, max_deliveries times (HTTP 500)
+    ├── ServiceUnavailableError      Redis cannot be reached or does not answer in time (HTTP 503)
     ├── RemoteError                  user code raised; carries the remote type and message (HTTP 500)
     └── ServeStartupError            something `run` needed did not come up
 
@@ -81,10 +83,24 @@ class StreamUsageError(ServeError, TypeError):
     http_status = 500
 
 
+class ReplicaCrashError(ServeError):
+    """The replica running the request died (or stalled past its liveness timeout) as many times as the
+    deployment's `max_deliveries` allows: the request ends failed and is kept in the deployment's dead-letter
+    list (`celery-serve dlq list`), so one request that crashes its replica cannot take the service down."""
+
+    http_status = 500
+
+
 class StreamLimitError(ServeError):
     """A response stream passed its cap in chunks or bytes (`SERVE_STREAM_MAX_CHUNKS` / `_MAX_BYTES`)."""
 
     http_status = 500
+
+
+class ServiceUnavailableError(ServeError):
+    """Redis cannot be reached or does not answer within `SERVE_REDIS_TIMEOUT_S`; retry shortly."""
+
+    http_status = 503
 
 
 class ServeStartupError(ServeError):

@@ -75,6 +75,7 @@ class DeploymentStatus:
     desired: int = 0  # what the scaler wants (the fixed count for a fixed deployment)
     queued: int = 0
     in_flight: int = 0
+    dead_letters: int = 0  # requests given up on (see `celery-serve dlq list`)
     requests: int = 0  # answered since the deployment first ran, over all its replicas
     errors: int = 0
     batches: int = 0
@@ -114,6 +115,9 @@ class Snapshot:
         return None
 
 
+_PER_DEPLOYMENT = 6  # commands read per deployment in the first round trip
+
+
 def _reader(now: float) -> Generator[list[Command], list[Any], Snapshot]:
     apps_raw, workers_raw = yield [("hgetall", (_keys.APPS,)), ("hgetall", (_keys.WORKERS,))]
     specs = sorted((AppSpec.from_json(raw) for raw in apps_raw.values()), key=lambda s: s.name)
@@ -141,27 +145,31 @@ def _reader(now: float) -> Generator[list[Command], list[Any], Snapshot]:
                 ("hgetall", (_keys.replica_stats(spec.name, dep.name),)),
                 ("hgetall", (_keys.autoscale_state(spec.name, dep.name),)),
                 ("lrange", (_keys.history(spec.name, dep.name), 0, _RATE_SAMPLES - 1)),
+                ("llen", (_keys.dead_letters(spec.name, dep.name),)),
             ]
     hosts = sorted(registered)
     commands += [("exists", (_keys.worker_alive(host),)) for host in hosts]
     replies = yield commands
 
-    alive_workers = {host for host, alive in zip(hosts, replies[len(deployments) * 5 :], strict=True) if alive}
+    alive_workers = {
+        host for host, alive in zip(hosts, replies[len(deployments) * _PER_DEPLOYMENT :], strict=True) if alive
+    }
     workers = [WorkerStatus.from_json(registered[host]) for host in hosts if host in alive_workers]
     stats: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     histories: list[list[dict[str, Any]]] = []
     commands = []
     replica_ids: list[list[str]] = []
     for i, status in enumerate(deployments):
-        queued, ids, stats_raw, state_raw, history_raw = replies[i * 5 : i * 5 + 5]
+        queued, ids, stats_raw, state_raw, history_raw, dead = replies[i * _PER_DEPLOYMENT : (i + 1) * _PER_DEPLOYMENT]
         status.queued = int(queued)
+        status.dead_letters = int(dead)
         ids = sorted(_text(r) for r in ids)
         replica_ids.append(ids)
         for rid in ids:
             commands += [
                 ("hlen", (_keys.replica_inflight(rid),)),
                 ("llen", (_keys.replica_claim(rid),)),
-                ("exists", (_keys.replica_alive(rid),)),
+                ("zscore", (_keys.heartbeats(status.app, status.deployment), rid)),
             ]
         per_replica = {_text(k): json.loads(v) for k, v in stats_raw.items()}
         stats[(status.app, status.deployment)] = per_replica
@@ -175,9 +183,9 @@ def _reader(now: float) -> Generator[list[Command], list[Any], Snapshot]:
     pos = 0
     for status, ids, history in zip(deployments, replica_ids, histories, strict=True):
         for rid in ids:
-            inflight, claimed, alive = replies[pos : pos + 3]
+            inflight, claimed, alive_until = replies[pos : pos + 3]
             pos += 3
-            if alive:
+            if alive_until is not None and float(alive_until) > now:
                 status.ready += 1
                 status.replica_ids.append(rid)
             status.in_flight += int(inflight) + int(claimed)
@@ -299,6 +307,8 @@ def status_table(snapshot: Snapshot) -> str:
                 str(d.errors),
             )
         )
+        if d.dead_letters:
+            notes.append(f"  {d.app}.{d.deployment}: {d.dead_letters} dead letters (celery-serve dlq list {d.app})")
         if d.decision:
             age = f" ({snapshot.at - d.decided_at:.0f}s ago)" if d.decided_at else ""
             notes.append(f"  {d.app}.{d.deployment}: {d.decision}{age}")

@@ -19,7 +19,7 @@ from celery_serve import DeploymentHandle, RequestTimeoutError, deployment
 from celery_serve._runtime.serve import delete_app, deploy_spec
 from celery_serve._runtime.spec import build_spec
 from celery_serve._wire.envelope import build_message, parse_message
-from celery_serve._wire.keys import queue, replica_claim, replica_inflight, replicas, result
+from celery_serve._wire.keys import dead_letters, queue, replica_claim, replica_inflight, replicas, result
 from tests.conftest import Served, wait_until
 from tests.deployments import executions_key, pids_key
 
@@ -46,7 +46,7 @@ def _inflight_messages(client: redis.Redis, app: str, dep: str) -> list[bytes]:
     return held
 
 
-def test_a_pickle_message_is_dropped_unread_and_the_replica_keeps_serving(
+def test_a_pickle_message_is_refused_unread_dead_lettered_and_the_replica_keeps_serving(
     served: Served, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     marker = tmp_path / "unpickled"
@@ -62,7 +62,12 @@ def test_a_pickle_message_is_dropped_unread_and_the_replica_keeps_serving(
     assert not marker.exists(), "the pickle body was unpickled"
     assert redis_client.llen(queue("probe", "Calc")) == 0
     assert not any(task_id.encode() in m for m in _inflight_messages(redis_client, "probe", "Calc"))
-    assert redis_client.get(result(task_id)) is None  # dropped: nothing ran, nothing answered
+    # Not run, not silently dropped: the caller learns at once why, and the message is kept for inspection.
+    record = json.loads(redis_client.get(result(task_id)))
+    assert record["status"] == "FAILURE" and record["http_status"] == 400
+    assert "only JSON is accepted" in record["result"]["exc_message"]
+    entry = json.loads(redis_client.lindex(dead_letters("probe", "Calc"), 0))
+    assert entry["job_id"] == task_id and "application/x-python-serialize" in entry["message"]
 
 
 def test_a_request_whose_replica_is_killed_is_delivered_again_and_succeeds(

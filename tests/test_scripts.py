@@ -20,7 +20,8 @@ from celery_serve._runtime.spec import build_spec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
 from celery_serve._wire import scripts as _scripts
-from celery_serve._wire.envelope import parse_message
+from celery_serve._wire.delivery import DeploymentKeys, HandBack
+from celery_serve._wire.envelope import build_message, parse_message
 from celery_serve._wire.transport import QueueTransport
 
 
@@ -34,9 +35,10 @@ class Keys:
     queue: str
     claim: str
     inflight: str
-    alive: str
     replicas: str
+    stats: str
     replica_id: str
+    app: str
 
 
 @pytest.fixture
@@ -47,12 +49,14 @@ def keys(redis_client: redis.Redis) -> Iterator[Keys]:
         queue=_keys.queue(f"scripts-{run}", "Dep"),
         claim=_keys.replica_claim(replica_id),
         inflight=_keys.replica_inflight(replica_id),
-        alive=_keys.replica_alive(replica_id),
         replicas=_keys.replicas(f"scripts-{run}", "Dep"),
+        stats=_keys.replica_stats(f"scripts-{run}", "Dep"),
         replica_id=replica_id,
+        app=f"scripts-{run}",
     )
     yield found
-    redis_client.delete(*vars(found).values())
+    redis_client.delete(found.queue, found.claim, found.inflight, found.replicas, found.stats)
+    redis_client.delete(_keys.heartbeats(found.app, "Dep"), _keys.dead_letters(found.app, "Dep"))
 
 
 def _submit_all(redis_url: str, max_queued_requests: int, count: int) -> tuple[list[str], str]:
@@ -172,42 +176,129 @@ def test_complete_with_no_result_key_just_acknowledges(redis_client: redis.Redis
     assert redis_client.hlen(keys.inflight) == 0
 
 
-def _restore(redis_client: redis.Redis, keys: Keys, force: bool) -> int:
-    restore = redis_client.register_script(_scripts.RESTORE)
-    return int(
-        restore(
-            keys=[keys.queue, keys.claim, keys.inflight, keys.alive, keys.replicas],
-            args=[keys.replica_id, "1" if force else "0"],
-        )
-    )
+def _restore(redis_client: redis.Redis, keys: Keys, force: bool, max_deliveries: int = 3, count: bool = True) -> int:
+    restored, _dead = HandBack(redis_client, _dep_keys(keys), max_deliveries)(keys.replica_id, force=force, count=count)
+    return restored
+
+
+def _dep_keys(keys: Keys) -> DeploymentKeys:
+    return DeploymentKeys(keys.app, "Dep", keys.queue)
+
+
+def _beat(redis_client: redis.Redis, keys: Keys, ttl_s: float) -> None:
+    beat = redis_client.register_script(_scripts.HEARTBEAT)
+    dep = _dep_keys(keys)
+    beat(keys=[dep.heartbeats, dep.replicas, keys.stats], args=[keys.replica_id, ttl_s, json.dumps({"pid": 1}), ""])
 
 
 def _held(redis_client: redis.Redis, keys: Keys) -> None:
     redis_client.lpush(keys.queue, "waiting")
-    redis_client.hset(keys.inflight, "1:1", "in flight")
-    redis_client.lpush(keys.claim, "claimed")
+    redis_client.hset(keys.inflight, "1:1", _message("in-flight"))
+    redis_client.lpush(keys.claim, _message("claimed"))
     redis_client.hset(keys.replicas, keys.replica_id, json.dumps({"pid": 1}))
+
+
+def _message(task_id: str) -> str:
+    return build_message(task_id=task_id, app="scripts", deployment="Dep", method="m", args=[1])
 
 
 def test_restore_leaves_a_live_replica_alone(redis_client: redis.Redis, keys: Keys) -> None:
     _held(redis_client, keys)
-    redis_client.set(keys.alive, 1, ex=60)
+    _beat(redis_client, keys, ttl_s=60)
     assert _restore(redis_client, keys, force=False) == -1
     assert redis_client.hlen(keys.inflight) == 1 and redis_client.llen(keys.claim) == 1
     assert redis_client.hexists(keys.replicas, keys.replica_id)
 
 
-def test_restore_of_a_dead_replica_puts_its_messages_next_in_line(redis_client: redis.Redis, keys: Keys) -> None:
+def test_restore_of_a_stale_replica_puts_its_messages_next_in_line_counting_a_delivery(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
     _held(redis_client, keys)
+    _beat(redis_client, keys, ttl_s=-1)  # its heartbeat ran out a second ago (by Redis's clock)
     assert _restore(redis_client, keys, force=False) == 2
-    assert redis_client.rpop(keys.queue, 3) == [b"claimed", b"in flight", b"waiting"]
+    claimed, in_flight, waiting = redis_client.rpop(keys.queue, 3)
+    assert waiting == b"waiting"
+    assert [parse_message(claimed).task_id, parse_message(in_flight).task_id] == ["claimed", "in-flight"]
+    assert parse_message(claimed).deliveries == parse_message(in_flight).deliveries == 1
     assert not redis_client.exists(keys.inflight, keys.claim)
     assert not redis_client.hexists(keys.replicas, keys.replica_id)
+    assert redis_client.zscore(_dep_keys(keys).heartbeats, keys.replica_id) is None
 
 
 def test_forced_restore_hands_back_even_when_alive(redis_client: redis.Redis, keys: Keys) -> None:
     _held(redis_client, keys)
-    redis_client.set(keys.alive, 1, ex=60)
+    _beat(redis_client, keys, ttl_s=60)
     assert _restore(redis_client, keys, force=True) == 2
     assert redis_client.llen(keys.queue) == 3
-    assert not redis_client.exists(keys.alive, keys.inflight, keys.claim)
+    assert not redis_client.exists(keys.inflight, keys.claim)
+
+
+def test_a_shutdown_hand_back_counts_no_delivery(redis_client: redis.Redis, keys: Keys) -> None:
+    _held(redis_client, keys)
+    assert _restore(redis_client, keys, force=True, count=False) == 2
+    assert [parse_message(m).deliveries for m in redis_client.rpop(keys.queue, 2)] == [0, 0]
+
+
+def test_deliveries_count_up_and_at_the_limit_the_request_fails_into_the_dead_letter_list(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    job_id = f"poison-{uuid.uuid4().hex[:6]}"
+    reply = f"serve:reply:test-{job_id}"
+    redis_client.hset(_keys.job(job_id), mapping={"status": "running", "reply": reply, "retention_s": 60})
+    message = _message(job_id)
+    for delivery in (1, 2):
+        redis_client.hset(keys.inflight, "1:1", message)
+        assert _restore(redis_client, keys, force=True, max_deliveries=3) == 1
+        message = redis_client.rpop(keys.queue).decode()
+        assert parse_message(message).deliveries == delivery
+    redis_client.hset(keys.inflight, "1:1", message)
+    restored, dead = HandBack(redis_client, _dep_keys(keys), 3)(keys.replica_id, force=True)
+    assert (restored, dead) == (0, 1)
+    assert redis_client.llen(keys.queue) == 0
+    record = json.loads(redis_client.get(_keys.result(job_id)))
+    assert record["status"] == "FAILURE" and record["result"]["exc_type"] == "ReplicaCrashError"
+    assert "died 3 times" in record["result"]["exc_message"]
+    assert redis_client.hget(_keys.job(job_id), "status") == b"failed"
+    assert json.loads(redis_client.rpop(reply))["task_id"] == job_id  # the waiting caller learns at once
+    entry = json.loads(redis_client.lindex(_dep_keys(keys).dead_letters, 0))
+    assert entry["job_id"] == job_id and entry["deliveries"] == 3
+    assert parse_message(entry["message"]).task_id == job_id  # kept whole, so it can be replayed
+    redis_client.delete(_keys.job(job_id), _keys.result(job_id), reply, _dep_keys(keys).dead_letters)
+
+
+def test_stale_lists_expired_and_unregistered_replicas_only(redis_client: redis.Redis, keys: Keys) -> None:
+    dep = _dep_keys(keys)
+    stale = redis_client.register_script(_scripts.STALE)
+    _beat(redis_client, keys, ttl_s=60)
+    assert stale(keys=[dep.heartbeats, dep.replicas], args=[10]) == []
+    _beat(redis_client, keys, ttl_s=-1)
+    redis_client.hset(dep.replicas, "never-beat", "{}")
+    assert sorted(stale(keys=[dep.heartbeats, dep.replicas], args=[10])) == sorted(
+        [keys.replica_id.encode(), b"never-beat"]
+    )
+    redis_client.delete(dep.heartbeats)
+
+
+def test_handback_returns_taken_messages_uncounted(redis_client: redis.Redis, keys: Keys) -> None:
+    handback = redis_client.register_script(_scripts.HANDBACK)
+    redis_client.hset(keys.inflight, "1:1", "a")
+    redis_client.lpush(keys.claim, "b")
+    assert handback(keys=[keys.queue, keys.inflight, keys.claim], args=["1:1", "@b", "1:9", "@zz"]) == 2
+    assert redis_client.rpop(keys.queue, 2) == [b"a", b"b"]
+    assert not redis_client.exists(keys.inflight, keys.claim)
+
+
+def test_bury_dead_letters_an_unreadable_message_and_fails_its_job(redis_client: redis.Redis, keys: Keys) -> None:
+    bury = redis_client.register_script(_scripts.BURY)
+    job_id = f"bad-{uuid.uuid4().hex[:6]}"
+    redis_client.hset(_keys.job(job_id), mapping={"status": "running", "retention_s": 60})
+    raw = json.loads(_message(job_id))
+    raw["content-type"] = "application/x-python-serialize"
+    redis_client.hset(keys.inflight, "2:1", json.dumps(raw))
+    dlq = _dep_keys(keys).dead_letters
+    assert bury(keys=[keys.inflight, keys.claim, dlq], args=["2:1", "refused: pickle", 0, "now"]) == 1
+    assert not redis_client.hexists(keys.inflight, "2:1")
+    record = json.loads(redis_client.get(_keys.result(job_id)))
+    assert record["result"]["exc_type"] == "BadRequestError" and record["http_status"] == 400
+    assert json.loads(redis_client.lindex(dlq, 0))["reason"] == "refused: pickle"
+    redis_client.delete(_keys.job(job_id), _keys.result(job_id), dlq)

@@ -3,8 +3,17 @@
 A replica that becomes free takes what is waiting (up to what it can run soon) in one round trip, runs it,
 and stores all the results with one script call that also acknowledges the messages. When the queue is
 empty it blocks on the queue, so an idle replica costs nothing and a lone request starts at once.
-Messages stay in the replica's in-flight hash until acknowledged; if the replica dies, another replica's
-reaper puts them back on the queue (see `celery_serve._wire.scripts`).
+Messages stay in the replica's in-flight hash until acknowledged; if the replica dies, its pool or the
+deployment's reaper puts them back on the queue, counting a delivery (see `celery_serve._wire.delivery`).
+
+Faults it survives without losing or repeating work needlessly:
+- a connection fault of any kind (reset, timeout, Redis restart) never ends the replica: it resets its
+  connections and goes on; results not yet stored are retried until they are;
+- a take whose reply was lost (the script ran after the client gave up) is found by reconciling what Redis says
+  the replica holds with what it knows it holds, and handed back;
+- a message a replica died holding (a suspect) runs alone, one at a time, so a request that crashes its replica
+  is isolated and its batch mates are not blamed; unreadable messages go to the dead-letter list at once;
+- after SIGTERM nothing new starts: what was taken and not started is handed back.
 """
 
 from __future__ import annotations
@@ -15,27 +24,30 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
-
-import redis
-import redis.exceptions
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
-from celery_serve._wire.connections import BLOCK_S
-from celery_serve._wire.envelope import Envelope, build_message, parse_message
+from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, command_timeout
+from celery_serve._wire.envelope import SUSPECT_MARK, Envelope, build_message, parse_message
 from celery_serve.exceptions import BadRequestError
 from celery_serve.workers import streaming as _streaming
 from celery_serve.workers.batching import ArrivalRate, Outcome, wait_budget
 from celery_serve.workers.events import TaskEvents
 from celery_serve.workers.replica import Replica
-from celery_serve.workers.replica_redis import Done, Heartbeat, QueueOps, ReplicaStats, Token
+from celery_serve.workers.replica_redis import Done, Liveness, QueueOps, ReplicaStats, Token
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 _MAX_TAKE = 256
 _TAKE_BUDGET_S = 0.005  # take as many requests as this replica can finish in about this long
+RECONCILE_EVERY_S = 5.0
+# A message Redis records as held by this replica that the replica never heard of, seen this long apart, is
+# an orphan (a take whose reply was lost): longer than any take can be in flight (blocking pop + timeout).
+ORPHAN_AFTER_S = BLOCK_S + 2 * command_timeout() + 5.0
 
 
 class ReplicaServer:
@@ -47,7 +59,7 @@ class ReplicaServer:
         self.replica_id = replica_id or f"{replica.name}@{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ops = QueueOps(url, replica.spec, self.replica_id)
         self.stats = ReplicaStats()
-        self.heartbeat = Heartbeat(
+        self.heartbeat = Liveness(
             url,
             self.ops,
             {
@@ -57,6 +69,7 @@ class ReplicaServer:
                 "deployed_at": replica.app.deployed_at,
             },
             self.stats,
+            int(self.config.get("max_deliveries") or 3),
         )
         self.max_ongoing = int(self.config.get("max_ongoing_requests") or 100)
         self._ongoing: set[asyncio.Task[None]] = set()
@@ -67,6 +80,9 @@ class ReplicaServer:
         self._stopping = asyncio.Event()
         self._service_s = 0.0
         self._arrivals = ArrivalRate()
+        self._held: set[str] = set()  # tokens of messages taken and not yet acknowledged or handed back
+        self._claimed: dict[bytes, int] = {}  # messages taken by the blocking pop (a claim list may hold twins)
+        self._orphans: dict[str | bytes, float] = {}  # held in Redis, unknown here: first seen at (monotonic)
         self.events = TaskEvents.from_env(url)  # Celery task events for Flower, published in batches
         self.streams = _streaming.StreamRunner(self)
 
@@ -77,10 +93,12 @@ class ReplicaServer:
         self.events.start()
         logger.info("replica %s serving %s", self.replica_id, self.ops.queue)
         cancels = asyncio.create_task(self._listen_for_cancels())
+        reconciler = asyncio.create_task(self._reconcile_forever())
         try:
             await self._loop()
         finally:
             cancels.cancel()
+            reconciler.cancel()
             await self._drain_ongoing()
             await asyncio.to_thread(self.events.stop)
             handed_back = await asyncio.to_thread(self.heartbeat.unregister)
@@ -102,17 +120,83 @@ class ReplicaServer:
                 self._slot.clear()
                 await self._slot.wait()
                 continue
-            try:
-                items = await self.ops.take(min(free, self._take_limit()), block_s=1.0)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-                logger.warning("replica %s lost Redis (%s); retrying", self.replica_id, exc)
-                await asyncio.sleep(0.5)
-                continue
+            items = await self._take(min(free, self._take_limit()), block_s=1.0)
             self._arrivals.observe(len(items))
-            if items:
+            if not items:
+                continue
+            if self._stopping.is_set():
+                await self._hand_back([token for token, _ in items], "the replica is stopping")
+                break
+            suspects = [i for i, (_, raw) in enumerate(items) if SUSPECT_MARK in raw]
+            if suspects:
+                await self._run_suspect(items, suspects[0])
+            else:
                 await self._process(items)
-                self._schedule_flush()
-                await asyncio.sleep(0)  # let the results go out before the next take is sent
+            self._schedule_flush()
+            await asyncio.sleep(0)  # let the results go out before the next take is sent
+
+    async def _take(self, limit: int, block_s: float) -> list[tuple[Token, bytes]]:
+        """Take work; on any connection fault, reset the connections, pause briefly and report nothing taken
+        (a take that did reach Redis is found by the reconciler)."""
+        try:
+            items = await self.ops.take(limit, block_s=block_s)
+        except REDIS_FAULTS as exc:
+            logger.warning("replica %s lost Redis (%r); retrying", self.replica_id, exc)
+            await self.ops.reset_connections()
+            await asyncio.sleep(0.5)
+            return []
+        for token, raw in items:
+            self._hold(token, raw)
+        return items
+
+    def _hold(self, token: Token, raw: bytes) -> None:
+        if isinstance(token, bytes):
+            self._claimed[raw] = self._claimed.get(raw, 0) + 1
+        else:
+            self._held.add(token)
+
+    def _release(self, token: Token) -> None:
+        if isinstance(token, bytes):
+            raw = token[1:]
+            left = self._claimed.get(raw, 0) - 1
+            if left > 0:
+                self._claimed[raw] = left
+            else:
+                self._claimed.pop(raw, None)
+        else:
+            self._held.discard(token)
+
+    async def _hand_back(self, tokens: list[Token], why: str) -> None:
+        """Put taken, unstarted messages back on the queue (not counted as deliveries)."""
+        if not tokens:
+            return
+        while True:
+            try:
+                await self.ops.hand_back(tokens)
+                break
+            except REDIS_FAULTS as exc:
+                logger.warning("could not hand back %d requests (%r); retrying", len(tokens), exc)
+                await self.ops.reset_connections()
+                await asyncio.sleep(0.5)
+        for token in tokens:
+            self._release(token)
+        logger.info("replica %s handed back %d requests: %s", self.replica_id, len(tokens), why)
+
+    async def _run_suspect(self, items: list[tuple[Token, bytes]], index: int) -> None:
+        """Run a message a replica died holding, alone: nothing else runs meanwhile, so if it kills this
+        replica too, only it is blamed (its delivery count grows toward max_deliveries); everything else taken
+        with it goes back to the queue, to run as usual."""
+        token, raw = items[index]
+        others = [t for i, (t, _) in enumerate(items) if i != index]
+        await self._hand_back(others, "a suspect runs alone")
+        await self._drain_ongoing()
+        logger.warning("replica %s runs a redelivered request alone (its replica died holding it)", self.replica_id)
+        await self._process([(token, raw)])
+        for task in list(self._ongoing):
+            await asyncio.wait([task])
+        self._schedule_flush()
+        if self._flushing is not None:
+            await self._flushing
 
     def _take_limit(self) -> int:
         batch = self.replica.max_batch_size
@@ -148,8 +232,8 @@ class ReplicaServer:
             try:
                 env = parse_message(raw)
             except BadRequestError as exc:
-                logger.error("dropping an unreadable message from %s: %s", self.ops.queue, exc)
-                self._done.append((token, "", "", "", "", 0))
+                logger.error("dead-lettering an unreadable message from %s: %s", self.ops.queue, exc)
+                self._bury_later(token, f"a replica of '{self.replica.name}' cannot read the message: {exc}")
                 continue
             if self._skip_if_expired(token, env, now):
                 continue
@@ -158,6 +242,22 @@ class ReplicaServer:
             admitted.append((token, env))
             self.events.received(env)
         return admitted
+
+    def _bury_later(self, token: Token, reason: str) -> None:
+        task = asyncio.create_task(self._bury(token, reason))
+        self._ongoing.add(task)
+        task.add_done_callback(self._finished)
+
+    async def _bury(self, token: Token, reason: str) -> None:
+        while True:
+            try:
+                await self.ops.bury(token, reason)
+                self._release(token)
+                return
+            except REDIS_FAULTS as exc:
+                logger.warning("could not dead-letter a message (%r); retrying", exc)
+                await self.ops.reset_connections()
+                await asyncio.sleep(0.5)
 
     def _skip_if_expired(self, token: Token, env: Envelope, now: float | None = None) -> bool:
         """Answer a request whose deadline passed before it started (it is not run); True if so.
@@ -179,8 +279,11 @@ class ReplicaServer:
         window = wait_budget(len(group), batch.max_batch_size, batch.batch_wait_timeout_s, self._arrivals)
         deadline = time.monotonic() + window
         while len(group) < batch.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
-            more = await self.ops.take(batch.max_batch_size - len(group), block_s=remaining)
+            more = await self._take(batch.max_batch_size - len(group), block_s=remaining)
             if not more:
+                break
+            if self._stopping.is_set() or any(SUSPECT_MARK in raw for _, raw in more):
+                await self._hand_back([t for t, _ in more], "not joining a batch")
                 break
             for token, env in self._admit(more):
                 if env.method == method:
@@ -207,6 +310,9 @@ class ReplicaServer:
             await self._run_batch_now(group)
 
     async def _run_batch_now(self, group: list[tuple[Token, Envelope]]) -> None:
+        if self._stopping.is_set():
+            await self._hand_back([token for token, _ in group], "the replica is stopping")
+            return
         now = time.time()
         group = [(token, env) for token, env in group if not self._skip_if_expired(token, env, now)]
         if not group:
@@ -217,6 +323,9 @@ class ReplicaServer:
 
     async def _dispatch(self, token: Token, env: Envelope) -> int:
         """Start one request; returns 1 when it ran inline (synchronously), 0 when it runs as a task."""
+        if self._stopping.is_set():
+            await self._hand_back([token], "the replica is stopping")
+            return 0
         self.stats.record_batch(1)
         if self._skip_if_expired(token, env):
             return 0
@@ -266,7 +375,10 @@ class ReplicaServer:
     async def _forward(self, token: Token, env: Envelope, value: Any) -> None:
         fire_key = ""
         if env.chord:
-            results = await self.ops.chord_add(env.chord, value, env.retention_s)
+            branch = env.chord
+            results = await self._retrying(
+                "record a parallel branch", lambda: self.ops.chord_add(branch, value, env.retention_s)
+            )
             if results is None:  # other branches still running: the last one to finish goes on
                 self._done.append((token, "", "", "", "", 0))
                 return
@@ -305,7 +417,50 @@ class ReplicaServer:
                     ),
                 )
             )
-        await self.ops.forward(token, messages, fire_key)
+        await self._retrying("hand a result to the next step", lambda: self.ops.forward(token, messages, fire_key))
+        self._release(token)
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run an idempotent Redis call until it succeeds: a connection fault must not fail the request."""
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except REDIS_FAULTS as exc:
+                logger.warning("could not %s (%r); retrying", what, exc)
+                await self.ops.reset_connections()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_EVERY_S)
+            try:
+                await self.reconcile()
+            except Exception as exc:  # noqa: BLE001 - it must keep running: it is what recovers lost takes
+                logger.warning("could not reconcile held messages: %r", exc)
+
+    async def reconcile(self, now: float | None = None) -> int:
+        """Hand back messages Redis says this replica holds that it never heard of (a take whose reply was
+        lost after the script ran): seen twice, ORPHAN_AFTER_S apart. Returns how many were handed back."""
+        tokens, claimed = await self.ops.held()
+        now = time.monotonic() if now is None else now
+        unknown: set[str | bytes] = {t for t in tokens if t not in self._held}
+        counts: dict[bytes, int] = {}
+        for raw in claimed:
+            counts[raw] = counts.get(raw, 0) + 1
+            if counts[raw] > self._claimed.get(raw, 0):
+                unknown.add(b"@" + raw)
+        self._orphans = {k: self._orphans.get(k, now) for k in unknown}
+        due = [k for k, first in self._orphans.items() if now - first >= ORPHAN_AFTER_S]
+        if not due:
+            return 0
+        n = await self.ops.hand_back(due)
+        for k in due:
+            self._orphans.pop(k, None)
+        if n:
+            logger.warning("replica %s handed back %d requests whose take reply was lost", self.replica_id, n)
+        return n
 
     async def _listen_for_cancels(self) -> None:
         """Cancel running async requests whose job was cancelled (sync work cannot be interrupted)."""
@@ -315,9 +470,18 @@ class ReplicaServer:
             while True:
                 try:
                     message = await pubsub.get_message(timeout=BLOCK_S)
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-                    logger.warning("cancel listener lost Redis (%s); retrying", exc)
+                except REDIS_FAULTS as exc:
+                    logger.warning("cancel listener lost Redis (%r); retrying", exc)
                     await asyncio.sleep(0.5)
+                    try:  # a new subscription on a fresh connection
+                        await pubsub.aclose()
+                    except REDIS_FAULTS:
+                        pass
+                    pubsub = self.ops.redis.pubsub(ignore_subscribe_messages=True)
+                    try:
+                        await pubsub.subscribe(_keys.cancel_channel(self.replica.app.name, self.replica.name))
+                    except REDIS_FAULTS:
+                        pass
                     continue
                 if message is None:
                     continue
@@ -325,7 +489,10 @@ class ReplicaServer:
                 if task is not None:
                     task.cancel()
         finally:
-            await pubsub.aclose()
+            try:
+                await pubsub.aclose()
+            except REDIS_FAULTS:
+                pass
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._ongoing.discard(task)
@@ -351,10 +518,13 @@ class ReplicaServer:
                 try:
                     await self.ops.complete(batch)
                     break
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-                    logger.warning("could not store %d results (%s); retrying", len(batch), exc)
+                except REDIS_FAULTS as exc:  # retried until stored: an answered request must not be lost
+                    logger.warning("could not store %d results (%r); retrying", len(batch), exc)
+                    await self.ops.reset_connections()
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
+            for item in batch:
+                self._release(item[0])
 
     async def _drain_ongoing(self) -> None:
         if self._ongoing:

@@ -25,8 +25,8 @@ from celery.concurrency.base import BasePool
 
 from celery_serve._runtime.launcher import spawn
 from celery_serve._wire import keys as _keys
-from celery_serve._wire import scripts as _scripts
-from celery_serve._wire.connections import sync_client
+from celery_serve._wire.connections import REDIS_FAULTS, sync_client
+from celery_serve._wire.delivery import DeploymentKeys, HandBack, epoch
 from celery_serve.workers.gpus import plan_placement, replica_env
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,14 @@ class ReplicaPool(BasePool):
         self._supervisor: threading.Thread | None = None
         self._redis = sync_client(self.app.conf.serve_redis_url)
         self.redis_client = self._redis  # shared with the worker's remote-control commands
-        self._restore = self._redis.register_script(_scripts.RESTORE)
+        conf = self.app.conf
+        self._hand_back_of = HandBack(
+            self._redis,
+            DeploymentKeys(conf.serve_app, conf.serve_deployment, conf.serve_queue),
+            int(conf.get("serve_max_deliveries") or 3),
+        )
         self._registered_at = 0.0
+        self._epoch: str | None = None
 
     def _command(self, replica_id: str) -> list[str]:
         conf = self.app.conf
@@ -155,8 +161,22 @@ class ReplicaPool(BasePool):
             pipe.set(_keys.worker_alive(hostname), 1, ex=WORKER_ALIVE_TTL_S)
             pipe.execute()
             self._registered_at = time.monotonic()
+            self._reannounce_after_data_loss()
         except Exception as exc:  # noqa: BLE001 - retried by the supervisor every few seconds
             logger.warning("could not register worker %s: %s", hostname, exc)
+
+    def _reannounce_after_data_loss(self) -> None:
+        """If Redis lost its data (its epoch changed), put this worker's application spec back, so the
+        gateway routes to it again without a redeploy. An application deleted on purpose stays deleted (the
+        epoch does not change for that)."""
+        conf = self.app.conf
+        current = epoch(self._redis)
+        before, self._epoch = self._epoch, current
+        if before is None or before == current or not conf.get("serve_spec_json"):
+            return
+        if self._redis.hsetnx(_keys.APPS, conf.serve_app, conf.serve_spec_json):
+            self._redis.publish(_keys.APPS_CHANGED, conf.serve_app)
+            logger.warning("Redis lost its data; re-announced application '%s'", conf.serve_app)
 
     def _unregister(self) -> None:
         hostname = self.app.conf.get("serve_worker_hostname")
@@ -205,27 +225,32 @@ class ReplicaPool(BasePool):
             )
             slot.proc = None
             slot.restart_at = now + delay
-            self._hand_back(slot.replica_id)
+            self._hand_back(slot.replica_id, code)
         if slot.proc is None and now >= slot.restart_at:
             self._spawn(slot)
 
-    def _hand_back(self, replica_id: str) -> None:
-        """Put what a dead replica held back on the queue at once (no need to wait for its heartbeat)."""
-        conf = self.app.conf
-        keys = [
-            conf.serve_queue,
-            _keys.replica_claim(replica_id),
-            _keys.replica_inflight(replica_id),
-            _keys.replica_alive(replica_id),
-            _keys.replicas(conf.serve_app, conf.serve_deployment),
-        ]
+    def _hand_back(self, replica_id: str, code: int | None) -> None:
+        """Put what a dead replica held back on the queue at once (no need to wait for its heartbeat), each
+        counting a delivery; what reached max_deliveries is dead-lettered and its job failed."""
         try:
-            restored = int(self._restore(keys=keys, args=[replica_id, "1"]))
-        except Exception as exc:  # noqa: BLE001 - the heartbeat reaper will restore it later
+            restored, dead = self._hand_back_of(replica_id, force=True)
+        except REDIS_FAULTS as exc:  # the deployment's reaper hands it back once the heartbeat runs out
             logger.warning("could not hand back requests of replica %s yet: %s", replica_id, exc)
             return
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         if restored:
-            logger.warning("put %d unfinished requests of dead replica %s back on the queue", restored, replica_id)
+            logger.warning(
+                "put %d unfinished requests of dead replica %s (%s) back on the queue", restored, replica_id, how
+            )
+        if dead:
+            logger.error(
+                "gave up on %d requests of dead replica %s (%s): they killed replicas max_deliveries times and are "
+                "in the dead-letter list (celery-serve dlq list %s)",
+                dead,
+                replica_id,
+                how,
+                self.app.conf.serve_app,
+            )
 
     def grow(self, n: int = 1) -> None:
         """Start n more replicas (Celery's `pool_grow`, which the scaler sends)."""

@@ -1,7 +1,9 @@
 """The Redis side of one replica: taking and acknowledging messages, its heartbeat, its statistics.
 
 `QueueOps` is every queue operation a replica makes, each one script call (see `celery_serve._wire.scripts`);
-`Heartbeat` keeps the replica registered and alive, and reaps replicas of the same deployment that died;
+`Liveness` keeps the replica registered and alive (a heartbeat that re-registers it every time, so a replica
+that was stalled and reaped rejoins by itself) and, while it holds the deployment's reaper lease, hands back the
+work of replicas whose heartbeat ran out: O(replicas) calls in all, not every replica checking every other;
 `ReplicaStats` counts what the replica did, for the scaler, `/metrics` and `celery-serve status`.
 """
 
@@ -15,12 +17,12 @@ import time
 from typing import Any
 
 import redis
-import redis.exceptions
 
 from celery_serve._runtime.spec import DeploymentSpec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import scripts as _scripts
-from celery_serve._wire.connections import async_client, sync_client
+from celery_serve._wire.connections import REDIS_FAULTS, async_client, sync_client
+from celery_serve._wire.delivery import DeploymentKeys, HandBack, now_iso
 from celery_serve.workers.http import to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ Token = str | bytes  # how a taken message is acknowledged (see QueueOps.take)
 Done = tuple[Token, str, str, str, str, int]  # (token, job id, reply list, record, job status, retention s)
 
 HEARTBEAT_S = 2.0
-ALIVE_TTL_S = 10
+ALIVE_TTL_S = 10  # a replica whose heartbeat is this old is stale: its work is handed back
 REAP_EVERY_S = 5.0
 REPLY_TTL_S = 3600
 
@@ -45,6 +47,7 @@ class QueueOps:
         self.inflight = _keys.replica_inflight(replica_id)
         self.replicas = _keys.replicas(app, deployment)
         self.stats_key = _keys.replica_stats(app, deployment)
+        self.keys = DeploymentKeys(app, deployment, self.queue)
         self.redis = async_client(url)
         self.blocking = async_client(url, single_connection=True)
         self._drain = self.redis.register_script(_scripts.DRAIN)
@@ -53,6 +56,8 @@ class QueueOps:
         self._marker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mark-running")
         self._mark = sync_client(url).register_script(_scripts.MARK_RUNNING)
         self._chord_add = self.redis.register_script(_scripts.CHORD_ADD)
+        self._handback = self.redis.register_script(_scripts.HANDBACK)
+        self._bury = self.redis.register_script(_scripts.BURY)
         self._takes = 0
 
     async def take(self, limit: int, block_s: float) -> list[tuple[str | bytes, bytes]]:
@@ -79,7 +84,7 @@ class QueueOps:
     def _mark_sync(self, job_id: str) -> None:
         try:
             self._mark(keys=[_keys.job(job_id)], args=[time.time()])
-        except redis.exceptions.RedisError as exc:
+        except REDIS_FAULTS as exc:
             logger.debug("could not mark job %s running: %s", job_id, exc)
 
     async def _take_now(self, limit: int) -> list[tuple[Token, bytes]]:
@@ -88,6 +93,36 @@ class QueueOps:
             keys=[self.queue, self.claim, self.inflight], args=[limit, f"{self._takes}:", time.time()]
         )
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    async def hand_back(self, tokens: list[Token]) -> int:
+        """Put taken messages back on the queue, to be taken next, without counting a delivery."""
+        if not tokens:
+            return 0
+        return int(await self._handback(keys=[self.queue, self.inflight, self.claim], args=list(tokens)))
+
+    async def bury(self, token: Token, reason: str) -> bool:
+        """Dead-letter a message this replica cannot read, failing its job when its id is readable."""
+        return bool(
+            await self._bury(
+                keys=[self.inflight, self.claim, self.keys.dead_letters], args=[token, reason, time.time(), now_iso()]
+            )
+        )
+
+    async def held(self) -> tuple[set[str], list[bytes]]:
+        """What Redis records this replica as holding: in-flight tokens and claimed messages."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hkeys(self.inflight)
+        pipe.lrange(self.claim, 0, -1)
+        tokens, claimed = await pipe.execute()
+        return {t.decode() if isinstance(t, bytes) else t for t in tokens}, list(claimed)
+
+    async def reset_connections(self) -> None:
+        """Drop every pooled connection (after a reset or a timeout, one may be half-read or dead)."""
+        for client in (self.redis, self.blocking):
+            try:
+                await client.connection_pool.disconnect(inuse_connections=True)
+            except Exception as exc:  # noqa: BLE001 - best effort: new connections are made on demand
+                logger.debug("could not reset connections: %s", exc)
 
     async def forward(self, token: Token, messages: list[tuple[str, str]], fire_key: str = "") -> bool:
         """Queue a pipeline's next step(s) and acknowledge this message, in one step."""
@@ -140,70 +175,73 @@ class ReplicaStats:
         }
 
 
-class Heartbeat(threading.Thread):
-    """Keeps the replica's alive key fresh and reaps replicas of the same deployment that died.
+class Liveness(threading.Thread):
+    """The replica's heartbeat and, while it holds the deployment's reaper lease, the reaper.
 
     A thread with its own connection, so a long synchronous model call cannot make a live replica look dead.
+    Every heartbeat re-registers the replica: one reaped while it was stalled (SIGSTOP, a long pause) rejoins
+    at its next beat, and its late results change nothing (the first terminal write wins).
     """
 
-    def __init__(self, url: str, ops: QueueOps, info: dict[str, Any], stats: ReplicaStats) -> None:
-        super().__init__(name="celery-serve-heartbeat", daemon=True)
+    def __init__(self, url: str, ops: QueueOps, info: dict[str, Any], stats: ReplicaStats, max_deliveries: int) -> None:
+        super().__init__(name="celery-serve-liveness", daemon=True)
         self.redis: redis.Redis = sync_client(url)
         self.ops = ops
-        self.info = info
+        self.keys = ops.keys
+        self.info = json.dumps(info)
         self.stats = stats
         self.stopping = threading.Event()
-        self._restore = self.redis.register_script(_scripts.RESTORE)
+        self._beat = self.redis.register_script(_scripts.HEARTBEAT)
+        self._stale = self.redis.register_script(_scripts.STALE)
+        self._lead = self.redis.register_script(_scripts.LEAD)
+        self.hand_back = HandBack(self.redis, self.keys, max_deliveries)
+
+    def beat(self) -> None:
+        self._beat(
+            keys=[self.keys.heartbeats, self.keys.replicas, self.ops.stats_key],
+            args=[self.ops.replica_id, ALIVE_TTL_S, self.info, json.dumps(self.stats.snapshot())],
+        )
 
     def register(self) -> None:
-        pipe = self.redis.pipeline()
-        pipe.set(_keys.replica_alive(self.ops.replica_id), 1, ex=ALIVE_TTL_S)
-        pipe.hset(self.ops.replicas, self.ops.replica_id, json.dumps(self.info))
-        pipe.execute()
+        self.beat()
 
     def run(self) -> None:
         next_reap = 0.0
         while not self.stopping.wait(HEARTBEAT_S):
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.set(_keys.replica_alive(self.ops.replica_id), 1, ex=ALIVE_TTL_S)
-                pipe.hset(self.ops.stats_key, self.ops.replica_id, json.dumps(self.stats.snapshot()))
-                pipe.execute()
+                self.beat()
                 if time.monotonic() >= next_reap:
-                    self.reap()
                     next_reap = time.monotonic() + REAP_EVERY_S
-            except redis.exceptions.RedisError as exc:
+                    if self._lead(keys=[self.keys.reaper_lease], args=[self.ops.replica_id, int(REAP_EVERY_S * 2500)]):
+                        self.reap()
+            except REDIS_FAULTS as exc:
                 logger.warning("heartbeat failed: %s", exc)
 
     def reap(self) -> int:
+        """Hand back the work of this deployment's stale replicas (their heartbeat ran out)."""
         restored = 0
-        for raw_id in self.redis.hkeys(self.ops.replicas):
+        for raw_id in self._stale(keys=[self.keys.heartbeats, self.keys.replicas], args=[100]):
             rid = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
             if rid == self.ops.replica_id:
                 continue
-            n = self.restore(rid, force=False)
+            n, dead = self.hand_back(rid, force=False)
             if n >= 0:
                 logger.warning(
-                    "replica %s stopped heartbeating; put %d unfinished requests back on %s", rid, n, self.ops.queue
+                    "replica %s stopped heartbeating; put %d unfinished requests back on %s%s",
+                    rid,
+                    n,
+                    self.ops.queue,
+                    f" and gave up on {dead} that had killed replicas too often" if dead else "",
                 )
                 restored += n
         return restored
 
-    def restore(self, replica_id: str, *, force: bool) -> int:
-        keys = [
-            self.ops.queue,
-            _keys.replica_claim(replica_id),
-            _keys.replica_inflight(replica_id),
-            _keys.replica_alive(replica_id),
-            self.ops.replicas,
-        ]
-        return int(self._restore(keys=keys, args=[replica_id, "1" if force else "0"]))
-
     def unregister(self) -> int:
-        """Hand back whatever is still held and leave the deployment."""
+        """Hand back whatever is still held (not counted as a delivery: it was not a crash) and leave."""
         self.stopping.set()
         try:  # the final counts, for metrics (the last heartbeat may be seconds old)
             self.redis.hset(self.ops.stats_key, self.ops.replica_id, json.dumps(self.stats.snapshot()))
-        except redis.exceptions.RedisError as exc:
+        except REDIS_FAULTS as exc:
             logger.warning("could not store final stats: %s", exc)
-        return self.restore(self.ops.replica_id, force=True)
+        restored, _ = self.hand_back(self.ops.replica_id, force=True, count=False)
+        return restored

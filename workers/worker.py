@@ -96,6 +96,8 @@ def run_worker(
     celery.conf.serve_deployment = deployment
     celery.conf.serve_hostname = socket.gethostname()
     celery.conf.serve_queue = spec.deployments[deployment].queue
+    celery.conf.serve_max_deliveries = int(config.get("max_deliveries") or 3)
+    celery.conf.serve_spec_json = spec.to_json()  # re-announced if Redis loses its data
     celery.conf.serve_num_gpus = num_gpus
     celery.conf.serve_devices = devices if num_gpus > 0 and not cpu_fallback else []
     celery.conf.serve_placement = placement

@@ -1,7 +1,8 @@
 """The `celery-serve` command line. Thin: each subcommand parses, then calls functions tests call too.
 
 One parser; the subcommands live in modules by what they do, each adding its own with `register()`:
-`serving` (run, deploy), `processes` (gateway, worker, scaler, flower), `operations` (status, delete).
+`serving` (run, deploy), `processes` (gateway, worker, scaler, flower), `operations` (status, delete),
+`dlq` (dead letters).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import sys
 import redis.exceptions
 
 from celery_serve import __version__
-from celery_serve._cli import operations, processes, serving
+from celery_serve._cli import dlq, operations, processes, serving
 from celery_serve._cli.common import HelpFormatter
 from celery_serve._runtime import logs
 from celery_serve._runtime.logs import redact
 from celery_serve.exceptions import ServeError
 
-_COMMANDS = (serving, processes, operations)
+_COMMANDS = (serving, processes, operations, dlq)
 
 _DESCRIPTION = """\
 Serve Ray Serve-style applications on Redis queues and Celery worker pools.
@@ -32,6 +33,7 @@ Serve Ray Serve-style applications on Redis queues and Celery worker pools.
   celery-serve status [--json]      what every deployment is doing
   celery-serve delete NAME          remove an application
   celery-serve shutdown             stop the run started from this folder
+  celery-serve dlq list             requests given up on (list, show, replay, purge)
 
 Without --redis-url, status, delete and shutdown act on the run started from this folder.
 """

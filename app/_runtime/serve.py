@@ -311,11 +311,14 @@ def wait_until_ready(session: _Session, spec: AppSpec, timeout_s: float) -> None
 def ready_replicas(client: Any, spec: AppSpec, deployment: str) -> int:
     """Replicas of this deployment that run this spec version and are alive."""
     entries = client.hgetall(_keys.replicas(spec.name, deployment))
+    beats = _keys.heartbeats(spec.name, deployment)
+    now = time.time()
     count = 0
     for rid, raw in entries.items():
         info = json.loads(raw)
-        if info.get("deployed_at") == spec.deployed_at and client.exists(_keys.replica_alive(rid.decode())):
-            count += 1
+        if info.get("deployed_at") == spec.deployed_at:
+            alive_until = client.zscore(beats, rid)
+            count += alive_until is not None and float(alive_until) > now
     return count
 
 

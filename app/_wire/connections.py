@@ -12,18 +12,46 @@ import redis.asyncio as aioredis
 import redis.asyncio.sentinel as aiosentinel
 import redis.exceptions
 import redis.sentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from celery_serve._wire.urls import RedisTarget, parse_redis_url, redacted
 from celery_serve.exceptions import DeploymentConfigError, ServeError
 
-__all__ = ["async_client", "check_url", "redacted", "sync_client", "wait_for_redis"]
+__all__ = ["REDIS_FAULTS", "async_client", "check_url", "command_timeout", "redacted", "sync_client", "wait_for_redis"]
 
 BLOCK_S = 2.0  # how long a blocking pop waits before it loops (to notice shutdown)
-POOL_WAIT_S = 20.0  # how long a command waits for a free pooled connection before it fails
+DEFAULT_TIMEOUT_S = 2.0  # how long one command may take before Redis counts as unresponsive
+# What a Redis command can raise when the connection, not the command, failed: redis-py's errors, socket errors,
+# uvloop's RuntimeError for a write on a transport the peer reset. Callers that must survive any connection
+# fault (a replica's loop, the gateway's submit) catch these; a ServeError is not among them.
+# KeyError: redis-py's asyncio client on a connection dropped mid-reply.
+REDIS_FAULTS: tuple[type[Exception], ...] = (redis.exceptions.RedisError, OSError, RuntimeError, KeyError)
 REDIS_WAIT_S = 3.0  # how long a command-line tool waits for Redis to answer before it says it cannot
 # Connections one pooled client may open (`SERVE_REDIS_MAX_CONNECTIONS`). A command holds one only for its
 # round trip (~0.2 ms), so 32 carry well over 50,000 commands/s; more wait for a free one instead of failing.
 DEFAULT_MAX_CONNECTIONS = 32
+
+
+def command_timeout() -> float:
+    """Seconds a Redis command may take (`SERVE_REDIS_TIMEOUT_S`, default 2): past it, Redis counts as
+    unresponsive and the caller answers 503 instead of hanging (a paused or overloaded Redis)."""
+    raw = os.environ.get("SERVE_REDIS_TIMEOUT_S")
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0.05 <= value <= 300:
+        raise DeploymentConfigError(f"SERVE_REDIS_TIMEOUT_S must be a number of seconds from 0.05 to 300, got {raw!r}")
+    return value
+
+
+def _retry() -> Retry:
+    """Retry once, at once, when the server closed the connection before answering (a restart, a proxy or load
+    balancer reset, an idle connection reaped); never on a timeout (Redis is slow: retrying only doubles the wait)."""
+    return Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
 
 
 def max_connections() -> int:
@@ -69,26 +97,42 @@ def _node_kwargs(target: RedisTarget) -> dict[str, Any]:
 def async_client(url: str, *, single_connection: bool = False) -> aioredis.Redis:
     """An asyncio client; `single_connection` for a listener that blocks on BLPOP/BLMOVE/XREAD."""
     target = _target(url)
+    timeout = command_timeout()
     # Blocking pops wait up to BLOCK_S; a listener's socket must wait longer than that before it gives up.
-    socket_timeout = BLOCK_S + 10 if single_connection else 10.0
+    socket_timeout = BLOCK_S + timeout if single_connection else timeout
     if target.kind == "single":
         if single_connection:
             return aioredis.Redis.from_url(
                 url,
                 single_connection_client=True,
                 socket_timeout=socket_timeout,
+                socket_connect_timeout=timeout,
+                retry=_retry(),
                 health_check_interval=30,  # detect half-open connections on long-idle blocking pops
             )
         # A blocking pool: with thousands of requests in flight, a command waits for a free connection
-        # instead of failing with "Too many connections" (redis-py's plain pool raises at its limit).
+        # instead of failing with "Too many connections" (redis-py's plain pool raises at its limit); it waits
+        # no longer than a command may take, so a hung Redis is reported within that time.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections(), timeout=POOL_WAIT_S, socket_timeout=10, health_check_interval=30
+            url,
+            max_connections=max_connections(),
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=_retry(),
+            health_check_interval=30,
         )
         return aioredis.Redis.from_pool(pool)
     # Sentinel: each new connection asks a Sentinel where the master is; after a failover, connections to
     # the old master fail (or read READONLY) and reconnect to the promoted replica.
     sentinel = aiosentinel.Sentinel(target.hosts, sentinel_kwargs=_sentinel_kwargs(target, socket_timeout))
-    common = {**_node_kwargs(target), "socket_timeout": socket_timeout, "health_check_interval": 30}
+    common = {
+        **_node_kwargs(target),
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": timeout,
+        "retry": _retry(),
+        "health_check_interval": 30,
+    }
     if single_connection:
         client = aioredis.Redis(
             connection_pool=aiosentinel.SentinelConnectionPool(target.master, sentinel, **common),
@@ -96,24 +140,29 @@ def async_client(url: str, *, single_connection: bool = False) -> aioredis.Redis
         )
         client.auto_close_connection_pool = True
         return client
-    pool = _BlockingSentinelPool(
-        target.master, sentinel, max_connections=max_connections(), timeout=POOL_WAIT_S, **common
-    )
+    pool = _BlockingSentinelPool(target.master, sentinel, max_connections=max_connections(), timeout=timeout, **common)
     return aioredis.Redis.from_pool(pool)
 
 
 def sync_client(url: str, *, socket_timeout: float | None = None) -> redis.Redis:
-    """A synchronous client (its pool grows with the threads that use it at once)."""
+    """A synchronous client (its pool grows with the threads that use it at once); commands time out after
+    `socket_timeout` (default: `command_timeout()`), so a hung Redis is an error, not a hang."""
     target = _target(url)
+    socket_timeout = command_timeout() if socket_timeout is None else socket_timeout
     if target.kind == "single":
         return redis.Redis.from_url(
-            url, health_check_interval=30, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+            url,
+            health_check_interval=30,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=_retry(),
         )
-    sentinel = redis.sentinel.Sentinel(target.hosts, sentinel_kwargs=_sentinel_kwargs(target, socket_timeout or 5.0))
+    sentinel = redis.sentinel.Sentinel(target.hosts, sentinel_kwargs=_sentinel_kwargs(target, socket_timeout))
     return sentinel.master_for(
         target.master,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
+        retry=_retry(),
         health_check_interval=30,
         **_node_kwargs(target),
     )

@@ -51,6 +51,7 @@ class Envelope:
     http_reply: bool = False  # answer with an HTTP response (the pipeline was called over HTTP)
     chord: dict[str, Any] | None = None  # for one branch of a parallel step: {"key", "index", "size"}
     stream: str = ""  # "require": the caller iterates a stream; "allow": a stream or a value; "": a value
+    deliveries: int = 0  # how many times a replica died holding this message (see `_wire.delivery`)
 
     @property
     def in_pipeline(self) -> bool:
@@ -157,6 +158,9 @@ def build_message(
     return orjson.dumps(message).decode()
 
 
+SUSPECT_MARK = b'"serve_deliveries"'  # in a message a replica died holding (found without decoding it)
+
+
 def parse_message(raw: bytes | str) -> Envelope:
     """Decode a queued message; raises `BadRequestError` for anything that is not a JSON task message."""
     try:
@@ -188,6 +192,7 @@ def parse_message(raw: bytes | str) -> Envelope:
             http_reply=bool(headers.get("serve_http_reply") or headers.get("serve_http")),
             chord=headers.get("serve_chord"),
             stream=str(headers.get("serve_stream") or ""),
+            deliveries=int(headers.get("serve_deliveries") or 0),
         )
     except BadRequestError:
         raise

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -96,6 +97,14 @@ def describe(job_id: str, fields: dict[bytes, bytes], record: dict[str, Any] | N
     return job
 
 
+def expiry_grace_s() -> float:
+    """How long past its deadline a running job may go before a read ends it `expired` (SERVE_EXPIRY_GRACE_S)."""
+    try:
+        return max(float(os.environ.get("SERVE_EXPIRY_GRACE_S") or 30.0), 0.0)
+    except ValueError:
+        return 30.0
+
+
 class JobStore:
     """Job reads, cancels and long-polls on one Redis client (one pub/sub connection for all waits)."""
 
@@ -118,12 +127,18 @@ class JobStore:
         fields, raw = await self._read(job_id)
         if not fields and raw is None:
             raise DeploymentNotFoundError(
-                f"no job {job_id}: it never existed, or it finished longer ago than its retention period"
+                f"no job {job_id}: it never existed, it finished longer ago than its retention period, or Redis "
+                "lost its data (a restart without persistence) before it finished"
             )
         status = _text(fields.get(b"status"))
         deadline = _number(fields.get(b"deadline"))
-        if status == "queued" and deadline is not None and time.time() > deadline:
-            await self.finish(job_id, "expired", only_if_queued=True, fields=fields)
+        now = time.time()
+        if deadline is not None and (
+            (status == "queued" and now > deadline) or (status == "running" and now > deadline + expiry_grace_s())
+        ):
+            # Nobody will end it any more (no replica took it in time, or its replica stalled past the
+            # deadline): it must not read queued or running forever.
+            await self.finish(job_id, "expired", only_if_queued=status == "queued", fields=fields)
             fields, raw = await self._read(job_id)
         return describe(job_id, fields, _results.decode(raw) if raw is not None else None)
 
@@ -143,7 +158,8 @@ class JobStore:
         if status == "cancelled":
             record = _results.cancelled(job_id)
         else:
-            record = _results.expired(job_id, _text(fields.get(b"deployment")) or "")
+            started = _text(fields.get(b"status")) == "running"
+            record = _results.expired(job_id, _text(fields.get(b"deployment")) or "", started=started)
         retention = int(_number(fields.get(b"retention_s")) or 86400)
         before = await self._finish(
             keys=[_keys.job(job_id), _keys.result(job_id)],

