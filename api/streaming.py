@@ -182,7 +182,8 @@ class StreamRelay:
             kind, data = _streams.chunk_of_record(record["first"])
             first = _streams.Event(_streams.CHUNK, 0, kind, data)
         follower = self.hub.follow(_streams.key(job_id), _streams.chunk_id(0) if first else _streams.HEAD_ID)
-        await self._relay(send, receive, job_id, head, follower, framing, started, first=first)
+        # counted as a reader by the replica when it opened the stream (no extra round trip here)
+        await self._relay(send, receive, job_id, head, follower, framing, started, first=first, counted=True)
 
     async def replay(
         self, send: Send, receive: Receive, job_id: str, start: int, wants_sse: bool, head: _streams.Event, items: bool
@@ -203,6 +204,7 @@ class StreamRelay:
         started: float,
         extra: list[tuple[bytes, bytes]] | None = None,
         first: _streams.Event | None = None,
+        counted: bool = False,
     ) -> None:
         headers = [
             (k.encode("latin-1"), v.encode("latin-1"))
@@ -218,7 +220,7 @@ class StreamRelay:
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         headers += [(b"x-request-id", job_id.encode()), *(extra or [])]
         status = int(head.get("status_code", 200))
-        attached = asyncio.ensure_future(self._attach(job_id))  # not on the way to the first chunk
+        attached = None if counted else asyncio.ensure_future(self._attach(job_id))  # off the first chunk's path
         main = asyncio.current_task()
         gone = asyncio.Event()
 
@@ -279,9 +281,11 @@ class StreamRelay:
             follower.close()
             watcher.cancel()
             self.stats.in_flight -= 1
-            with contextlib.suppress(BaseException):
-                await attached
-            await self._detach(job_id, abandoned=gone.is_set() and not complete)
+            if attached is not None:
+                with contextlib.suppress(BaseException):
+                    await attached
+            if not complete:  # a stream that ended needs no count: nothing is left to cancel
+                await self._detach(job_id, abandoned=gone.is_set())
 
     async def _attach(self, job_id: str) -> None:
         try:

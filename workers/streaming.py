@@ -254,6 +254,9 @@ class StreamWriter:
         if reply and reply.startswith(_keys.REPLY_PREFIX):
             pipe.rpush(reply, _results._record(self.env.job_id, _streams.STREAMING, head, **record))
             pipe.expire(reply, 3600)
+            if self.env.http_reply:  # the waiting HTTP client is the stream's first reader (see api.streaming)
+                pipe.incr(_streams.readers_key(self.env.job_id))
+                pipe.expire(_streams.readers_key(self.env.job_id), self.ttl)
         done = await pipe.execute(raise_on_error=False)
         if isinstance(done[0], redis.exceptions.ResponseError):
             return False
