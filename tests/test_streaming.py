@@ -451,3 +451,23 @@ def test_a_thousand_concurrent_streams_through_one_gateway_with_few_threads(apps
         assert head.startswith(b"HTTP/1.1 200"), head
         assert body == f"first {i}\n{i}.0\n{i}.1\n{i}.2\n".encode()
     assert peak < MAX_GATEWAY_THREADS, f"the gateway ran {peak} threads with {STREAMS} streams open"
+
+
+def test_a_stream_whose_producer_is_gone_ends_with_an_error_not_a_hang(apps: Apps, r: redis.Redis) -> None:
+    """A replica that died mid-stream, its request dead-lettered: the stream has no end, the job ended."""
+    from celery_serve._wire import keys as _keys
+    from celery_serve._wire import streams as _streams
+
+    job_id = str(uuid.uuid4())
+    head = {"status_code": 200, "headers": [["content-type", "text/plain"]]}
+    r.xadd(_streams.key(job_id), {"k": "h", "d": json.dumps(head)}, id=_streams.HEAD_ID)
+    r.xadd(_streams.key(job_id), {"k": "c", "t": "s", "d": "partial"}, id=_streams.chunk_id(0))
+    r.hset(_keys.job(job_id), mapping={"status": "running", "kind": "async", "app": "streams"})
+    for key in (_streams.key(job_id), _keys.job(job_id)):
+        r.expire(key, 600)
+    with apps.http() as http, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(http.get, f"/jobs/{job_id}/stream", headers={"Accept": "text/event-stream"})
+        r.hset(_keys.job(job_id), "status", "failed")
+        text = pending.result(timeout=60).text
+    assert text.startswith("id: 0\ndata: partial\n\nevent: error\n")
+    assert "stopped before its end: the job ended failed" in text

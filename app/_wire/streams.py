@@ -25,6 +25,7 @@ import base64
 import contextlib
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from celery_serve._wire import keys as _keys
+from celery_serve._wire import results as _results
 from celery_serve._wire.connections import async_client
 from celery_serve.exceptions import DeploymentConfigError
 
@@ -182,6 +185,8 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
 _QUEUE = 256  # entries one reader may have waiting in memory
 _COUNT = 64  # entries one XREAD takes per stream (a reader is followed only with this much room left)
 _BLOCK_MS = 1000
+IDLE_CHECK_S = 5.0  # a reader this long without an entry has its job's state checked
+_TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 
 
 class Follower:
@@ -195,6 +200,11 @@ class Follower:
         self._ready = asyncio.Event()
         self.finished = False
         self.paused = False
+        self.active_at = time.monotonic()  # when an entry last arrived (for the hub's watchdog)
+
+    @property
+    def job_id(self) -> str:
+        return self.key[len(PREFIX) :]
 
     @property
     def room(self) -> bool:
@@ -246,6 +256,7 @@ class Follower:
         if self.finished or not _newer(entry_id, self.last_id):
             return
         self.last_id = entry_id
+        self.active_at = time.monotonic()
         self._push(decode_entry(entry_id, fields))
 
 
@@ -267,6 +278,7 @@ class StreamHub:
         self.wake_key = WAKE_PREFIX + self.id
         self._followers: dict[str, list[Follower]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._conn: aioredis.Redis | None = None
         self.redis: aioredis.Redis | None = None
         self._wake_last = b"0-0"
@@ -286,6 +298,7 @@ class StreamHub:
             self._conn = async_client(self.url, single_connection=True)
             self.redis = async_client(self.url)
             self._task = asyncio.create_task(self._run(), name=f"stream-hub {self.id}")
+            self._watchdog = asyncio.create_task(self._watch(), name=f"stream-hub watchdog {self.id}")
         self.wake()
         return follower
 
@@ -305,6 +318,8 @@ class StreamHub:
 
     async def close(self) -> None:
         self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._task is not None:
             conn = self._conn.connection if self._conn is not None else None
             if conn is not None:
@@ -362,6 +377,57 @@ class StreamHub:
                     for entry_id, fields in entries:
                         follower._put(entry_id, fields)
         self._blocked = False
+
+
+    async def _watch(self) -> None:
+        """End the streams whose producer is gone: a reader idle for a while whose job has ended although
+        its stream has no end (the replica died mid-stream and the request was dead-lettered, or its job
+        was ended from outside) gets an error instead of waiting forever."""
+        while not self._closing:
+            await asyncio.sleep(IDLE_CHECK_S)
+            now = time.monotonic()
+            idle = [
+                f
+                for group in list(self._followers.values())
+                for f in group
+                if not f.finished and not f.paused and not f.items and now - f.active_at > IDLE_CHECK_S
+            ]
+            if not idle or self.redis is None:
+                continue
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for f in idle:
+                    pipe.hget(_keys.job(f.job_id), "status")
+                    pipe.xrevrange(f.key, count=1)
+                    pipe.get(_keys.result(f.job_id))
+                found = await pipe.execute()
+            except (redis.exceptions.RedisError, OSError) as exc:
+                logger.warning("stream watchdog could not read job states: %s", exc)
+                continue
+            for i, follower in enumerate(idle):
+                status, last, record = found[3 * i : 3 * i + 3]
+                state = status.decode() if isinstance(status, bytes) else status
+                if state not in _TERMINAL:
+                    continue
+                if last and last[0][1].get(b"k") in (END, ERROR):
+                    continue  # the end is there: the next read delivers it
+                follower._push(Event(ERROR, error=_orphan_error(follower.job_id, state, record)))
+
+
+def _orphan_error(job_id: str, status: str, record: bytes | None) -> dict[str, Any]:
+    error: dict[str, Any] = {}
+    if record is not None:
+        decoded = _results.decode(record)
+        if decoded.get("status") != _results.SUCCESS:
+            error = dict(decoded.get("result") or {})
+    message = f"the stream of job {job_id} stopped before its end: the job ended {status}"
+    if error.get("exc_message"):
+        message += f" ({error.get('exc_type')}: {error['exc_message']})"
+    return {
+        "exc_type": error.get("exc_type") or "ServeError",
+        "exc_message": message,
+        "exc_module": error.get("exc_module") or "celery_serve.exceptions",
+    }
 
 
 def _order(entry_id: bytes) -> tuple[int, int]:
