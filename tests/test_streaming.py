@@ -471,3 +471,29 @@ def test_a_stream_whose_producer_is_gone_ends_with_an_error_not_a_hang(apps: App
         text = pending.result(timeout=60).text
     assert text.startswith("id: 0\ndata: partial\n\nevent: error\n")
     assert "stopped before its end: the job ended failed" in text
+
+
+def test_a_replica_killed_mid_stream_ends_the_stream_with_an_error(apps: Apps, r: redis.Redis) -> None:
+    """Last in this module: it kills the Streamer replica (its worker starts another)."""
+    import os
+    import signal
+
+    from celery_serve._wire import keys as _keys
+
+    t = tag()
+    with apps.http() as http:
+        job = http.post("/jobs/Streamer/endless", params={"app": "streams"}, json={"args": [t]}).json()
+        with http.stream(
+            "GET", f"/jobs/{job['job_id']}/stream", headers={"Accept": "text/event-stream"}, timeout=120
+        ) as response:
+            parts = response.iter_raw()
+            got = next(parts)
+            replicas = r.hgetall(_keys.replicas("streams", "Streamer"))
+            for raw in replicas.values():
+                os.kill(json.loads(raw)["pid"], signal.SIGKILL)
+            for part in parts:
+                got += part
+        text = got.decode()
+        assert text.startswith("id: 0\ndata: tick 0\n")
+        assert "\nevent: error\ndata: " in text  # an error, not a hang and not a silent end
+        assert wait_until(lambda: http.get(f"/jobs/{job['job_id']}").json()["status"] == "failed", timeout_s=60)
