@@ -178,6 +178,13 @@ class Api:
 class Batched:
     """Ray's batched streaming example: each caller gets its own tokens; a stream ends on its own."""
 
+    def hold(self, tag: str) -> str:
+        """Keep the replica busy (sync: it runs inline) until the test releases it, so requests queue up."""
+        client = _redis()
+        client.set(progress_key(tag), 1, ex=600)
+        client.blpop([release_key(tag)], 30)
+        return "released"
+
     @batch(max_batch_size=4, batch_wait_timeout_s=0.2)
     async def generate(self, counts: list[int]) -> AsyncGenerator[list[Any], None]:
         _redis().rpush(f"{KEY_PREFIX}batch-sizes", len(counts))

@@ -22,6 +22,7 @@ import redis
 import celery_serve as serve
 from celery_serve import DeploymentHandle, RemoteError, StreamUsageError
 from celery_serve._runtime.launcher import ProcessGroup
+from celery_serve._wire import keys as _keys
 from tests import stream_deployments as sd
 from tests.conftest import start_gateway, wait_until
 
@@ -297,11 +298,18 @@ def test_a_dropped_stream_someone_reattached_to_runs_on(apps: Apps, r: redis.Red
 
 
 def test_batched_async_generator_streams_each_caller_its_own_tokens(apps: Apps, r: redis.Redis) -> None:
-    handle = apps.handles["batched"].options(stream=True)
+    handle = apps.handles["batched"]
     r.delete(f"{sd.KEY_PREFIX}batch-sizes")
+    t = tag()
+    held = handle.hold.remote(t)  # the replica is busy: the three calls below queue up together
+    wait_until(lambda: r.get(sd.progress_key(t)), what="the replica to be held")
     counts = [2, 4, 3]
+    gens = [handle.options(stream=True).generate.remote(n) for n in counts]
+    wait_until(lambda: r.llen(_keys.queue("batched", "Batched")) == 3, what="the three calls to queue")
+    r.rpush(sd.release_key(t), 1)
+    assert held.result(timeout_s=30) == "released"
     with ThreadPoolExecutor(len(counts)) as pool:
-        streams = list(pool.map(lambda n: list(handle.generate.remote(n)), counts))
+        streams = list(pool.map(list, gens))
     assert streams == [[f"{n}:{s}" for s in range(n)] for n in counts]
     sizes = [int(x) for x in r.lrange(f"{sd.KEY_PREFIX}batch-sizes", 0, -1)]
     assert max(sizes) > 1  # they really ran as one batch
