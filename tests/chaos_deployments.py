@@ -1,7 +1,7 @@
 """Deployments for the fault-injection suite. Each execution is recorded (the replica's pid, pushed to
 `chaos:runs:<value>` on the test's Redis, straight, not through the proxy), so the ledger can count how many
 times every request ran. A value that starts with "poison" kills its replica (SIGKILL, like a segfault in a
-native library or the OOM killer)."""
+native library or the OOM killer), until the test sets `chaos:cured`."""
 
 from __future__ import annotations
 
@@ -34,11 +34,17 @@ def _record(value: Any) -> None:
 
 
 def _maybe_die(value: Any) -> None:
+    """Poison kills its replica, unless the test has cured it (the `chaos:cured` key: a fixed bug)."""
     if isinstance(value, str) and value.startswith("poison"):
-        os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            cured = _client is not None and _client.exists("chaos:cured")
+        except redis.RedisError:
+            cured = False
+        if not cured:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
-@serve.deployment(num_replicas=2, max_ongoing_requests=8, request_timeout_s=60)
+@serve.deployment(num_replicas=2, max_ongoing_requests=8, request_timeout_s=60, job_retention_s=300)
 class Echo:
     def __call__(self, value: Any, sleep_s: float = 0.0) -> dict[str, Any]:
         _record(value)

@@ -79,6 +79,19 @@ def test_a_poison_request_is_isolated_dead_lettered_and_its_batch_mates_succeed(
     with httpx.Client(base_url=stack.gateway_url) as http:
         metrics = http.get("/metrics").text
     assert 'serve_dead_letters{application="bat",deployment="Batched"} 1.0' in metrics
+    # once the cause is fixed, a replay runs it again under the same job id, and it succeeds
+    stack.redis.set("chaos:cured", 1)
+    replayed = subprocess.run(
+        cli_command("dlq", "replay", jobs[poison], "--redis-url", stack.direct_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert replayed.returncode == 0 and "replayed 1" in replayed.stdout, replayed
+    with stack.http() as http:
+        again = http.get(f"/jobs/{jobs[poison]}", params={"wait": 60}).json()
+    assert again["status"] == "succeeded" and again["result"] == {"echo": poison}, again
+    assert stack.redis.llen(_keys.dead_letters("bat", "Batched")) == 0
 
 
 def test_reset_connections_never_kill_a_replica_and_lose_nothing(echo_stack: Stack) -> None:
