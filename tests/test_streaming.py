@@ -481,6 +481,43 @@ def test_a_stream_whose_producer_is_gone_ends_with_an_error_not_a_hang(apps: App
     assert "stopped before its end: the job ended failed" in text
 
 
+def test_handle_stream_cancel_stops_the_generator(apps: Apps, r: redis.Redis) -> None:
+    t = tag()
+    gen = apps.handles["streams"].options(stream=True).endless.remote(t)
+    assert [next(gen), next(gen)] == ["tick 0\n", "tick 1\n"]
+    gen.cancel()
+    wait_until(lambda: r.get(sd.closed_key(t)), timeout_s=20, what="the generator to be closed")
+
+
+def test_flower_shows_a_stream_as_one_task(apps: Apps) -> None:
+    from celery_serve._runtime import serve as _serve
+
+    auth = ("flower", "s3cret")
+    url = _serve.start_flower(port=None, basic_auth=":".join(auth))
+    try:
+        handle = apps.handles["streams"].options(stream=True)
+        calls = [0]
+
+        def seen() -> list[dict[str, object]]:
+            assert list(handle.numbers.remote(3)) == [0, 1, 2]  # replicas send events once Flower asks
+            calls[0] += 1
+            tasks = httpx.get(f"{url}/api/tasks", params={"limit": "1000"}, auth=auth, timeout=20).json()
+            return [t for t in tasks.values() if t.get("name") == "streams.Streamer.numbers"]
+
+        tasks = wait_until(seen, timeout_s=90, interval_s=0.5, what="Flower to show the streams")
+        assert all(task["state"] in ("RECEIVED", "STARTED", "SUCCESS") for task in tasks)
+        done = wait_until(
+            lambda: [t for t in seen() if t["state"] == "SUCCESS"], timeout_s=30, what="a finished stream task"
+        )
+        assert done[0]["runtime"] is not None and done[0]["received"]
+        assert len(seen()) <= calls[0]  # one task per stream (3 chunks each), not one per chunk
+    finally:
+        session = _serve._session
+        if session is not None:
+            session.group.stop({"flower"})
+            session.flower_url = None
+
+
 def test_a_replica_killed_mid_stream_ends_the_stream_with_an_error(apps: Apps, r: redis.Redis) -> None:
     """Last in this module: it kills the Streamer replica (its worker starts another)."""
     import os
