@@ -24,7 +24,7 @@ from celery_serve import DeploymentHandle, RemoteError, StreamUsageError
 from celery_serve._runtime.launcher import ProcessGroup
 from celery_serve._wire import keys as _keys
 from tests import stream_deployments as sd
-from tests.conftest import start_gateway, wait_until
+from tests.conftest import _stop_workers_together, start_gateway, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -69,6 +69,7 @@ def apps(redis_url: str) -> Iterator[Apps]:
     assert session is not None and session.gateway_url is not None
     yield Apps(redis_url, session.gateway_url, handles)
     if owned:
+        _stop_workers_together()
         _serve.shutdown()
 
 
