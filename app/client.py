@@ -152,16 +152,20 @@ class _HttpTransport:
                     if response.status_code >= 400:
                         await response.aread()
                         _raise_for_response(response)
-                    async for line in response.aiter_lines():
-                        if not line:
-                            continue
-                        item = json.loads(line)
-                        if "end" in item:
-                            return
-                        if "error" in item:
-                            raise error_from_dict(item["error"], deployment)
-                        position, breaks = item["i"] + 1, 0
-                        yield _streams.decode_chunk(item["t"].encode(), _item_bytes(item))
+                    lines = response.aiter_lines()
+                    try:
+                        async for line in lines:
+                            if not line:
+                                continue
+                            item = json.loads(line)
+                            if "end" in item:
+                                return
+                            if "error" in item:
+                                raise error_from_dict(item["error"], deployment)
+                            position, breaks = item["i"] + 1, 0
+                            yield _streams.decode_chunk(item["t"].encode(), _item_bytes(item))
+                    finally:
+                        await lines.aclose()  # type: ignore[attr-defined]
             except httpx.TransportError as exc:
                 cause: BaseException = exc
             else:

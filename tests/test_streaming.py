@@ -367,6 +367,27 @@ def test_client_stream_over_http_and_over_redis(apps: Apps) -> None:
     assert asyncio.run(use_async()) == ["p", "q", "r"]
 
 
+def test_http_client_stream_resumes_by_itself_after_its_connection_is_reset(apps: Apps, r: redis.Redis) -> None:
+    from tests.tcp_proxy import TcpProxy
+
+    url = urlsplit(apps.gateway_url)
+    proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 80).start()
+    t = tag()
+    try:
+        with serve.Client(f"http://{proxy.address}", app="streams") as client:
+            got = []
+            for item in client.stream("Streamer.gated", t, 6, 3):
+                got.append(item["i"])
+                if len(got) == 3:  # the generator is held before item 3: break the connection now
+                    assert proxy.reset_all() >= 1
+                    r.rpush(sd.release_key(t), 1)
+        assert got == [0, 1, 2, 3, 4, 5]  # resumed at item 3: no gap, no repeat
+        assert r.get(sd.closed_key(t)) is None  # the generator ran to its end (it was not restarted)
+        assert int(r.get(sd.progress_key(t)) or 0) == 6
+    finally:
+        proxy.stop()
+
+
 def test_leaving_a_redis_client_stream_early_stops_the_generator(apps: Apps, r: redis.Redis) -> None:
     t = tag()
     with serve.Client(redis_url=apps.redis_url, app="streams") as client:
