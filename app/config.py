@@ -91,6 +91,10 @@ class DeploymentConfig(BaseModel):
     # before it ends `failed` and goes to the deployment's dead-letter list: a request that crashes its
     # replica cannot take the deployment down with it.
     max_deliveries: int = Field(default=3, ge=1, le=1000)
+    # Caps on one streamed response (None: SERVE_STREAM_MAX_CHUNKS / SERVE_STREAM_MAX_BYTES): a producer that
+    # passes one ends its stream with StreamLimitError.
+    stream_max_chunks: int | None = Field(default=None, ge=1, le=100_000_000)
+    stream_max_bytes: int | None = Field(default=None, ge=1, le=64 * 1024**3)
 
     @model_validator(mode="before")
     @classmethod

@@ -81,7 +81,8 @@ def deployment(_target: Callable[..., Any] | None = None, **options: Any) -> Any
     Options: name, num_replicas, route_prefix, max_queued_requests, max_ongoing_requests,
     request_timeout_s, num_cpus, num_gpus, max_batch_size, user_config, version, job_retention_s
     (how long async job results are kept), request_retention_s (the same for synchronous requests),
-    max_deliveries (how many replica deaths a request may cause before it is dead-lettered).
+    max_deliveries (how many replica deaths a request may cause before it is dead-lettered),
+    stream_max_chunks and stream_max_bytes (caps on one streamed response).
     """
     if _target is not None and not callable(_target):
         raise DeploymentConfigError(

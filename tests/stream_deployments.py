@@ -230,9 +230,13 @@ class Many:
         event.set()
 
 
-@deployment
+@deployment(stream_max_chunks=20, stream_max_bytes=4096)
 class NumberStreamer:
-    """Ray's `DeploymentResponseGenerator` example, as in its API reference."""
+    """Ray's `DeploymentResponseGenerator` example, as in its API reference (plus caps, and `big` to pass them)."""
+
+    def big(self, n: int, size: int) -> Generator[str, None, None]:
+        for _ in range(n):
+            yield "x" * size
 
     def generate_numbers(self, limit: int) -> Generator[int, None, None]:
         for i in range(limit):  # noqa: UP028 - Ray's example as it is written

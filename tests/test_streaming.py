@@ -205,13 +205,20 @@ def test_streaming_job_submitted_with_post_jobs_streams_the_same_way(apps: Apps)
         assert http.get(f"/jobs/{uuid.uuid4()}/stream").status_code == 404
 
 
-def test_the_stream_cap_ends_the_stream_with_a_clear_error(apps: Apps) -> None:
-    gen = apps.handles["streams"].options(stream=True).big.remote(3, 30 * 1024 * 1024)
+def test_the_stream_caps_end_the_stream_with_a_clear_error(apps: Apps) -> None:
+    capped = serve.get_deployment_handle("NumberStreamer", "caller").options(stream=True)
     items = []
-    with pytest.raises(serve.StreamLimitError, match="SERVE_STREAM_MAX_BYTES"):
-        for item in gen:
+    with pytest.raises(serve.StreamLimitError, match="cap of 4096 bytes .*stream_max_bytes"):
+        for item in capped.big.remote(5, 1500):
             items.append(item)
-    assert len(items) == 2  # 60 MiB fit under the 64 MiB cap; the third chunk does not
+    assert len(items) == 2  # 3,000 bytes fit under the 4,096-byte cap; the third chunk does not
+    with pytest.raises(serve.StreamLimitError, match="cap of 20 chunks .*stream_max_chunks"):
+        list(capped.big.remote(25, 1))
+    items = []
+    with pytest.raises(serve.StreamLimitError, match="SERVE_STREAM_MAX_BYTES"):  # the default cap, 64 MiB
+        for item in apps.handles["streams"].options(stream=True).big.remote(3, 30 * 1024 * 1024):
+            items.append(len(item))
+    assert items == [30 * 1024 * 1024] * 2
 
 
 # --- handles ---------------------------------------------------------------------------------------------

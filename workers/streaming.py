@@ -269,13 +269,13 @@ class StreamWriter:
         kind, data = _streams.encode_chunk(value)
         if self.chunks + 1 > self.limits.max_chunks:
             raise StreamLimitError(
-                f"the stream passed its cap of {self.limits.max_chunks} chunks (SERVE_STREAM_MAX_CHUNKS): "
-                "yield fewer, larger chunks or raise the cap"
+                f"the stream passed its cap of {self.limits.max_chunks} chunks (the deployment's "
+                "stream_max_chunks, or SERVE_STREAM_MAX_CHUNKS): yield fewer, larger chunks or raise the cap"
             )
         if self.bytes + len(data) > self.limits.max_bytes:
             raise StreamLimitError(
-                f"the stream passed its cap of {self.limits.max_bytes} bytes (SERVE_STREAM_MAX_BYTES): "
-                "stream less, or raise the cap"
+                f"the stream passed its cap of {self.limits.max_bytes} bytes (the deployment's "
+                "stream_max_bytes, or SERVE_STREAM_MAX_BYTES): stream less, or raise the cap"
             )
         self.chunks += 1
         self.bytes += len(data)
@@ -394,7 +394,12 @@ class StreamRunner:
 
     def __init__(self, server: Any) -> None:
         self.server = server  # the ReplicaServer (consumer); its task bookkeeping is reused as it is
-        self.limits = _streams.StreamLimits.from_env()
+        defaults = _streams.StreamLimits.from_env()
+        config = server.config
+        self.limits = _streams.StreamLimits(
+            int(config.get("stream_max_chunks") or defaults.max_chunks),
+            int(config.get("stream_max_bytes") or defaults.max_bytes),
+        )
         self.streams = 0
         self.chunks = 0
 
