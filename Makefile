@@ -50,6 +50,7 @@ soak: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/model_throughput.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/streaming.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

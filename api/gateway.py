@@ -35,6 +35,7 @@ from celery_serve.api.metrics import CONTENT_TYPE, GatewayMetrics
 from celery_serve.api.openapi import merge_openapi
 from celery_serve.api.proxy import ROUTED_SCOPE_KEY, Proxy
 from celery_serve.api.routes import RouteTable
+from celery_serve.api.streaming import StreamRelay, stream_router
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,10 @@ class Gateway:
         self.routes = RouteTable(self.transport.redis, on_data_loss=self.transport.lost_requests)
         self.proxy = Proxy(self.transport, self.routes, settings.max_body_bytes)
         self.jobs = JobStore(self.transport.redis)
+        self.streams = StreamRelay(self.transport, self.jobs)
+        self.proxy.streams = self.streams
         self.metrics = GatewayMetrics()
+        self.metrics.registry.register(self.streams.stats)
         self._own_openapi: dict[str, Any] | None = None
         self.control = self._control_app()
 
@@ -68,6 +72,7 @@ class Gateway:
             yield
         finally:
             refresher.cancel()
+            await self.streams.close()
             await self.jobs.close()
             await self.transport.close()
 
@@ -121,6 +126,7 @@ class Gateway:
         async def metrics() -> Response:
             return Response(await self.metrics.render(self.transport.redis), media_type=CONTENT_TYPE)
 
+        control.include_router(stream_router(self.streams))
         control.include_router(jobs_router(self.transport, self.routes, self.jobs, self.settings.max_body_bytes))
         return control
 

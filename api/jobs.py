@@ -71,7 +71,14 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
                     return _unknown_deployment(name, app)
                 args, kwargs = _call_arguments(body)
                 sub = await transport.submit(
-                    dep, rest or "__call__", args, kwargs, job=True, idempotency_key=key, expect_reply=False
+                    dep,
+                    rest or "__call__",
+                    args,
+                    kwargs,
+                    job=True,
+                    idempotency_key=key,
+                    expect_reply=False,
+                    stream="allow",  # a generator method streams: GET /jobs/{id}/stream follows it
                 )
             else:  # /jobs/-/<path>: the same HTTP request a synchronous call to /<path> takes
                 path = "/" + rest.strip("/")

@@ -15,7 +15,8 @@ import base64
 import json
 import logging
 import re
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import Receive, Scope, Send
 
@@ -23,6 +24,7 @@ from celery_serve._runtime.spec import AppSpec, DeploymentSpec
 from celery_serve._wire import results as _results
 from celery_serve._wire.connections import REDIS_FAULTS
 from celery_serve._wire.envelope import new_task_id
+from celery_serve._wire.streams import STREAMING
 from celery_serve._wire.transport import QueueTransport, Submitted, target_name
 from celery_serve.api.routes import RouteTable
 from celery_serve.exceptions import (
@@ -32,6 +34,9 @@ from celery_serve.exceptions import (
     ServeError,
     ServiceUnavailableError,
 )
+
+if TYPE_CHECKING:
+    from celery_serve.api.streaming import StreamRelay
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +124,7 @@ class Proxy:
         self.transport = transport
         self.routes = routes
         self.max_body_bytes = max_body_bytes
+        self.streams: StreamRelay | None = None  # set by the gateway: relays streamed responses
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -157,7 +163,9 @@ class Proxy:
         except PayloadTooLargeError as exc:
             await send_json(send, 413, error_payload(exc), [(b"connection", b"close")])
             return
-        await self.forward(send, dep, method, http_envelope(scope, body), spill_after_s=_spill_after(prefer))
+        await self.forward(
+            send, dep, method, http_envelope(scope, body), spill_after_s=_spill_after(prefer), receive=receive
+        )
 
     async def forward(
         self,
@@ -166,8 +174,10 @@ class Proxy:
         method: str,
         http: dict[str, Any],
         spill_after_s: float | None = None,
+        receive: Receive | None = None,
     ) -> None:
-        """Enqueue one HTTP request for a deployment and answer with its result."""
+        """Enqueue one HTTP request for a deployment and answer with its result (or relay its stream)."""
+        started = time.perf_counter()
         task_id = new_task_id()
         id_header = (REQUEST_ID_HEADER, task_id.encode())
         try:
@@ -188,6 +198,9 @@ class Proxy:
             return
         if record is None:
             await self._accepted(send, sub)
+            return
+        if record.get("status") == STREAMING and self.streams is not None and receive is not None:
+            await self.streams.live(send, receive, record, started)
             return
         await send_record(send, record, id_header, target_name(dep))
 

@@ -36,8 +36,10 @@ from celery_serve.exceptions import (
     ServeError,
     ServeStartupError,
     ServiceUnavailableError,
+    StreamLimitError,
+    StreamUsageError,
 )
-from celery_serve.handle import DeploymentHandle, DeploymentResponse
+from celery_serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from celery_serve.multiplex import get_multiplexed_model_id, multiplexed
 from celery_serve.pipeline import parallel, pipeline
 
@@ -55,6 +57,7 @@ __all__ = [
     "DeploymentHandle",
     "DeploymentNotFoundError",
     "DeploymentResponse",
+    "DeploymentResponseGenerator",
     "Job",
     "JobCancelledError",
     "Parallel",
@@ -67,6 +70,8 @@ __all__ = [
     "ServeError",
     "ServeStartupError",
     "ServiceUnavailableError",
+    "StreamLimitError",
+    "StreamUsageError",
     "batch",
     "delete",
     "deployment",

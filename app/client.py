@@ -16,12 +16,15 @@ Both transports use the same envelope, deadlines and job records, and raise the 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery_serve._runtime import context as _context
+from celery_serve._wire import streams as _streams
 from celery_serve._wire.jobs import TERMINAL, JobStore, check_job_id
 from celery_serve.exceptions import (
     BackpressureError,
@@ -29,6 +32,7 @@ from celery_serve.exceptions import (
     JobCancelledError,
     RequestTimeoutError,
     ServeError,
+    StreamUsageError,
     error_from_dict,
 )
 from celery_serve.handle import DeploymentHandle
@@ -126,6 +130,54 @@ class _HttpTransport:
         _raise_for_response(response)
         return dict(response.json())
 
+    async def stream(
+        self, app: str, deployment: str, method: str, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        """Submit the call as a job and follow its stream; a dropped connection resumes at the next chunk."""
+        import httpx
+
+        job_id = await self.submit(app, deployment, method, args, kwargs, None)
+        position, breaks = 0, 0
+        while True:
+            try:
+                async with self.http.stream(
+                    "GET", f"/jobs/{job_id}/stream", params={"from": position, "format": "items"}
+                ) as response:
+                    if response.status_code == 409:  # the job ended without streaming: say why
+                        await response.aread()
+                        _raise_for_job(await self.job(job_id))
+                        raise StreamUsageError(
+                            f"'{deployment}.{method}' returned a value, not a generator: use call() or submit()"
+                        )
+                    if response.status_code >= 400:
+                        await response.aread()
+                        _raise_for_response(response)
+                    lines = response.aiter_lines()
+                    try:
+                        async for line in lines:
+                            if not line:
+                                continue
+                            item = json.loads(line)
+                            if "end" in item:
+                                return
+                            if "error" in item:
+                                raise error_from_dict(item["error"], deployment)
+                            position, breaks = item["i"] + 1, 0
+                            yield _streams.decode_chunk(item["t"].encode(), _item_bytes(item))
+                    finally:
+                        await lines.aclose()  # type: ignore[attr-defined]
+            except httpx.TransportError as exc:
+                cause: BaseException = exc
+            else:
+                cause = ConnectionError("the response ended before the stream did")
+            breaks += 1
+            if breaks > _STREAM_RETRIES:
+                raise ServeError(
+                    f"the stream of job {job_id} broke {breaks} times in a row ({cause}); "
+                    f"GET /jobs/{job_id}/stream?from={position} resumes it"
+                ) from cause
+            await asyncio.sleep(0.1 * breaks)
+
     async def close(self) -> None:
         await self.http.aclose()
 
@@ -160,6 +212,30 @@ class _RedisTransport:
             target, method, list(args), kwargs, job=True, idempotency_key=key, expect_reply=False
         )
         return sub.task_id
+
+    async def stream(
+        self, app: str, deployment: str, method: str, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        """Call and follow the stream; leaving the iteration early stops the generator in the replica."""
+        from celery_serve.handle import _END, _open_stream
+
+        await self._start()
+        remote = await _open_stream(self.queue, app, deployment, method, args, kwargs)
+        finished = False
+        try:
+            while True:
+                item = await remote.next()
+                if item is _END:
+                    finished = True
+                    return
+                yield item
+        except Exception:
+            finished = True  # the stream itself ended with an error
+            raise
+        finally:
+            if not finished:
+                await remote.cancel()
+            remote.follower.close()
 
     async def job(self, job_id: str, wait_s: float = 0) -> dict[str, Any]:
         return await (self.jobs.wait(job_id, wait_s) if wait_s > 0 else self.jobs.get(job_id))
@@ -205,6 +281,15 @@ class AsyncClient:
 
     def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, check_job_id(job_id))
+
+    def stream(self, target: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        """Call a generator method and iterate its items as the replica yields them (`async for`).
+
+        Over HTTP the call is a job followed on `GET /jobs/{id}/stream`, resumed at the next chunk if the
+        connection drops; over Redis it is followed on the stream itself, and leaving the loop early stops
+        the generator. An error in the replica is raised after the items before it."""
+        app, deployment, method = _parse_target(target, self.app)
+        return self._transport.stream(app, deployment, method, args, kwargs)
 
     async def map(
         self, target: str, items: Iterable[Any], *, concurrency: int = 8, progress: bool | None = None
@@ -303,6 +388,21 @@ class Client:
     def job(self, job_id: str) -> Job:
         return Job(self, self._async.job(job_id))
 
+    def stream(self, target: str, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """Call a generator method and iterate its items as they come (see `AsyncClient.stream`)."""
+        items = self._async.stream(target, *args, **kwargs)
+        finished = False
+        try:
+            while True:
+                item = self._io.run_sync(_next_item(items))
+                if item is _DONE:
+                    finished = True
+                    return
+                yield item
+        finally:
+            if not finished:
+                self._io.run_sync(items.aclose())  # type: ignore[attr-defined]
+
     def map(
         self, target: str, items: Iterable[Any], *, concurrency: int = 8, progress: bool | None = None
     ) -> list[Any]:
@@ -343,6 +443,25 @@ class Job:
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
+
+
+_DONE = object()
+_STREAM_RETRIES = 3
+
+
+async def _next_item(items: AsyncIterator[Any]) -> Any:
+    try:
+        return await anext(items)
+    except StopAsyncIteration:
+        return _DONE
+
+
+def _item_bytes(item: dict[str, Any]) -> bytes:
+    if item["t"] == "j":
+        return json.dumps(item["v"]).encode()
+    if item["t"] == "s":
+        return str(item["v"]).encode("utf-8")
+    return base64.b64decode(item["v"])
 
 
 async def _make_async(url: str | None, redis_url: str | None, app: str, timeout_s: float) -> AsyncClient:

@@ -148,6 +148,10 @@ class DeploymentConfig(BaseModel):
     # before it ends `failed` and goes to the deployment's dead-letter list: a request that crashes its
     # replica cannot take the deployment down with it.
     max_deliveries: int = Field(default=3, ge=1, le=1000)
+    # Caps on one streamed response (None: SERVE_STREAM_MAX_CHUNKS / SERVE_STREAM_MAX_BYTES): a producer that
+    # passes one ends its stream with StreamLimitError.
+    stream_max_chunks: int | None = Field(default=None, ge=1, le=100_000_000)
+    stream_max_bytes: int | None = Field(default=None, ge=1, le=64 * 1024**3)
     # Ray Serve's lifecycle options, with Ray's defaults
     health_check_period_s: float = Field(default=10.0, gt=0, le=24 * 3600)
     health_check_timeout_s: float = Field(default=30.0, gt=0, le=24 * 3600)

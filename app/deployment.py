@@ -112,7 +112,8 @@ def deployment(_target: Callable[..., Any] | None = None, **options: Any) -> Any
     effect here, such as placement_group_bundles, are accepted with one warning saying why). Our own:
     num_cpus, num_gpus, memory, max_batch_size, request_timeout_s, allow_cpu_fallback, job_retention_s (how
     long async job results are kept), request_retention_s (the same for synchronous requests),
-    max_deliveries (how many replica deaths a request may cause before it is dead-lettered).
+    max_deliveries (how many replica deaths a request may cause before it is dead-lettered),
+    stream_max_chunks and stream_max_bytes (caps on one streamed response).
     """
     if _target is not None and not callable(_target):
         raise DeploymentConfigError(

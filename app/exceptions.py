@@ -76,10 +76,23 @@ class ApplicationConflictError(ServeError):
     http_status = 409
 
 
+class StreamUsageError(ServeError, TypeError):
+    """A stream where a value was expected, or the other way round: a generator method called without
+    `handle.options(stream=True)`, or a method that returns a value called with it."""
+
+    http_status = 500
+
+
 class ReplicaCrashError(ServeError):
     """The replica running the request died (or stalled past its liveness timeout) as many times as the
     deployment's `max_deliveries` allows: the request ends failed and is kept in the deployment's dead-letter
     list (`celery-serve dlq list`), so one request that crashes its replica cannot take the service down."""
+
+    http_status = 500
+
+
+class StreamLimitError(ServeError):
+    """A response stream passed its cap in chunks or bytes (`SERVE_STREAM_MAX_CHUNKS` / `_MAX_BYTES`)."""
 
     http_status = 500
 

@@ -121,6 +121,22 @@ def check_composition(base: str) -> None:
     assert (response.status_code, response.text) == (200, "Hello world!")
 
 
+def check_stream(base: str) -> None:
+    params = {"prompt": "the queue", "max_tokens": 40}
+    with httpx.stream("GET", f"{base}/", params=params, timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        request_id = response.headers["x-request-id"]
+        parts = [part for part in response.iter_raw() if part]
+    text = b"".join(parts).decode()
+    assert len(text) == 40 and len(parts) > 1  # one token per chunk, delivered as they came
+    assert httpx.get(f"{base}/", params=params, timeout=60).text == text  # fixed seed: the same text
+    resumed = httpx.get(f"{base}/jobs/{request_id}/stream", params={"from": 30}, timeout=60)
+    assert resumed.text == text[30:]
+    events = httpx.get(f"{base}/", params=params, headers={"Accept": "text/event-stream"}, timeout=60)
+    assert events.text.startswith(f"id: 0\ndata: {text[0]}\n\nid: 1\ndata: {text[1]}\n\n")
+    assert httpx.get(f"{base}/", params={"max_tokens": "many"}, timeout=60).status_code == 400
+
+
 def sigterm_the_cli(cli: CliProcess) -> None:
     cli.proc.send_signal(signal.SIGTERM)
 
@@ -148,8 +164,9 @@ def cli_processes() -> Iterator[list[CliProcess]]:
         ("examples.hello:app", check_hello, sigterm_the_cli),
         ("examples.counter:app", check_counter, ctrl_c_in_a_terminal),
         ("examples.composition:app", check_composition, sigint_the_cli),
+        ("examples.stream:app", check_stream, sigterm_the_cli),
     ],
-    ids=["hello-SIGTERM", "counter-Ctrl-C", "composition-SIGINT"],
+    ids=["hello-SIGTERM", "counter-Ctrl-C", "composition-SIGINT", "stream-SIGTERM"],
 )
 def test_example_runs_with_the_cli_and_stops_cleanly(
     cli_processes: list[CliProcess],

@@ -188,6 +188,10 @@ def run_batch(func: Callable[..., Any], batch: Sequence[Item[Any]], name: str = 
         results = func(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - the rule: every item gets the error
         return [Outcome(error=exc) for _ in batch]
+    if inspect.isasyncgen(results) or inspect.isgenerator(results):  # batched streaming: a stream per item
+        from celery_serve.workers.streaming import BatchStream
+
+        return [Outcome(value=stream) for stream in BatchStream(results, len(batch)).streams()]
     return distribute(batch, results, name)
 
 
@@ -200,6 +204,10 @@ async def run_batch_async(func: Callable[..., Any], batch: Sequence[Item[Any]], 
             results = await results
     except Exception as exc:  # noqa: BLE001 - the rule: every item gets the error
         return [Outcome(error=exc) for _ in batch]
+    if inspect.isasyncgen(results) or inspect.isgenerator(results):  # batched streaming: a stream per item
+        from celery_serve.workers.streaming import BatchStream
+
+        return [Outcome(value=stream) for stream in BatchStream(results, len(batch)).streams()]
     return distribute(batch, results, name)
 
 

@@ -32,6 +32,7 @@ from celery_serve._wire import results as _results
 from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, command_timeout
 from celery_serve._wire.envelope import SUSPECT_MARK, Envelope, build_message, parse_message
 from celery_serve.exceptions import BadRequestError
+from celery_serve.workers import streaming as _streaming
 from celery_serve.workers.affinity import AffinityTaker
 from celery_serve.workers.batching import ArrivalRate, Outcome, wait_budget
 from celery_serve.workers.events import TaskEvents
@@ -89,6 +90,7 @@ class ReplicaServer:
         # a multiplexed deployment takes its models' queues first (see celery_serve.workers.affinity)
         self._affinity = AffinityTaker(self.ops, replica) if replica.is_multiplexed else None
         self._taker = self._affinity.take if self._affinity is not None else self.ops.take
+        self.streams = _streaming.StreamRunner(self)
 
     async def run(self) -> None:
         await self.replica.start()
@@ -363,6 +365,10 @@ class ReplicaServer:
 
     async def _finish(self, token: Token, env: Envelope, outcome: Outcome) -> None:
         """Answer the caller, or, for a pipeline step that succeeded, hand the result to the next step."""
+        outcome = _streaming.check(env, outcome, self.replica.name)
+        if outcome.ok and _streaming.is_stream(outcome.value):  # answered when its stream ends
+            self.streams.start(token, env, outcome.value)
+            return
         self.events.finished(env, outcome)
         if outcome.ok and (env.chain or env.chord):
             try:

@@ -23,7 +23,8 @@ from celery_serve.exceptions import DeploymentNotFoundError, ServeError
 from celery_serve.handle import DeploymentHandle
 from celery_serve.multiplex import held_models, reset_multiplexed_model_id, set_multiplexed_model_id
 from celery_serve.workers.batching import Item, Outcome
-from celery_serve.workers.http import ServeRequest, body_of, build_scope, encode_result, run_asgi, to_jsonable
+from celery_serve.workers.http import ServeRequest, body_of, build_scope, encode_result, to_jsonable
+from celery_serve.workers.streaming import run_asgi as run_asgi_streaming
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class Replica:
     async def _call_http(self, env: Envelope) -> Any:
         http = env.http or {}
         if self.ingress is not None and env.method == "__call__":
-            return await run_asgi(self.ingress, build_scope(http, root_path=self.root_path), body_of(http))
+            return await run_asgi_streaming(self.ingress, build_scope(http, root_path=self.root_path), body_of(http))
         method = self.method(env.method)
         request = ServeRequest(build_scope(http), body_of(http))
         if method.is_async:

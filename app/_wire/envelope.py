@@ -52,6 +52,7 @@ class Envelope:
     http_reply: bool = False  # answer with an HTTP response (the pipeline was called over HTTP)
     chord: dict[str, Any] | None = None  # for one branch of a parallel step: {"key", "index", "size"}
     model_id: str = ""  # the multiplexed model the caller asked for (serve_multiplexed_model_id)
+    stream: str = ""  # "require": the caller iterates a stream; "allow": a stream or a value; "": a value
     deliveries: int = 0  # how many times a replica died holding this message (see `_wire.delivery`)
 
     @property
@@ -100,6 +101,7 @@ def build_message(
     http_reply: bool = False,
     queue: str | None = None,
     model_id: str = "",
+    stream: str | None = None,
 ) -> str:
     """Encode one request as the JSON string kombu's Redis transport keeps on the queue."""
     queue = queue or _keys.queue(app, deployment)
@@ -141,6 +143,8 @@ def build_message(
         headers["serve_http"] = http
     if model_id:
         headers[MODEL_ID_HEADER] = model_id
+    if stream:
+        headers["serve_stream"] = stream
     message = {
         "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",
@@ -193,6 +197,7 @@ def parse_message(raw: bytes | str) -> Envelope:
             http_reply=bool(headers.get("serve_http_reply") or headers.get("serve_http")),
             chord=headers.get("serve_chord"),
             model_id=str(headers.get(MODEL_ID_HEADER) or ""),
+            stream=str(headers.get("serve_stream") or ""),
             deliveries=int(headers.get("serve_deliveries") or 0),
         )
     except BadRequestError:

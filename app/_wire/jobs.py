@@ -84,6 +84,8 @@ def describe(job_id: str, fields: dict[bytes, bytes], record: dict[str, Any] | N
         "finished_at": _number(fields.get(b"finished_at")),
         "deadline": _number(fields.get(b"deadline")),
     }
+    if fields.get(b"stream"):  # a streamed response: its chunks are replayed from here
+        job["stream_url"] = f"/jobs/{job_id}/stream"
     if record is not None and status in TERMINAL:
         if record["status"] == _results.SUCCESS:
             job["result"] = result_value(record["result"])

@@ -26,6 +26,7 @@ from celery_serve._wire import scripts as _scripts
 from celery_serve._wire.affinity import AffinityRouter, model_id_from_http
 from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, async_client
 from celery_serve._wire.envelope import build_message, new_task_id, parallel_signature, signature
+from celery_serve._wire.streams import StreamHub
 from celery_serve.exceptions import (
     BackpressureError,
     DeploymentConfigError,
@@ -233,6 +234,7 @@ class QueueTransport:
         self.url = url
         self.redis = async_client(url)
         self.waiter = ResultWaiter(url)
+        self.streams = StreamHub(url)  # follows streamed responses (celery_serve._wire.streams)
         self._enqueue = self.redis.register_script(_scripts.ENQUEUE)
         self.affinity = AffinityRouter(self.redis)
         self._finish = self.redis.register_script(_scripts.FINISH)
@@ -245,6 +247,7 @@ class QueueTransport:
 
     async def close(self) -> None:
         await self.waiter.close()
+        await self.streams.close()
         await self.redis.aclose()
 
     async def app_spec(self, app: str, *, refresh: bool = False) -> AppSpec:
@@ -292,6 +295,7 @@ class QueueTransport:
         job: bool = False,
         idempotency_key: str | None = None,
         multiplexed_model_id: str = "",
+        stream: str | None = None,
     ) -> Submitted:
         """Put one request on its deployment's queue (for a pipeline, on its first step's queues).
 
@@ -316,6 +320,7 @@ class QueueTransport:
             "reply_to": reply,
             "http": http,
             "retention_s": retention,
+            "stream": stream,
         }
         if isinstance(target, AppSpec):
             messages = _pipeline_messages(target, job_id, common)

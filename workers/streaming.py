@@ -1,0 +1,492 @@
+"""Streaming in the replica: a generator's items go to the request's Redis Stream as the user code yields them.
+
+What streams: a sync or async generator (or any iterator) returned by a method, a Starlette
+`StreamingResponse`, and a FastAPI ingress route whose response body comes in several parts. The head
+(status and headers) goes out first, together with a `STREAMING` reply record that tells a waiting caller
+to follow the stream; then one entry per chunk; then an end or error entry (see `celery_serve._wire.streams`).
+
+A stream runs as its own task, registered like a running async request, so `DELETE /jobs/{id}` and the
+gateway's cancel-on-disconnect stop it: the generator is closed (its `finally` runs) and the stream ends
+with `JobCancelledError`. Sync generators are advanced on a worker thread, one item at a time, so a slow
+model step never holds the replica's event loop. Writes are pipelined (a chunk is written while the next
+is computed) with at most `_INFLIGHT` chunks waiting: a producer never runs far ahead of Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions
+from starlette.responses import StreamingResponse
+from starlette.types import ASGIApp, Message
+
+from celery_serve._wire import keys as _keys
+from celery_serve._wire import results as _results
+from celery_serve._wire import streams as _streams
+from celery_serve._wire.envelope import Envelope
+from celery_serve.exceptions import JobCancelledError, StreamLimitError, StreamUsageError
+from celery_serve.workers.batching import Outcome
+from celery_serve.workers.http import response_dict
+
+logger = logging.getLogger(__name__)
+
+_INFLIGHT = 32  # chunks produced but not yet in Redis, at most
+FIRST_CHUNK_WINDOW_S = 0.002  # how long the head waits for the first chunk to go out with it
+_DONE = object()
+REQUIRE = "require"  # the caller iterates the response (handle.options(stream=True), Client.stream)
+ALLOW = "allow"  # the caller takes a stream or a value (HTTP, POST /jobs)
+
+
+@dataclass
+class AsgiStream:
+    """An ASGI app (FastAPI ingress) that answered with a body in several parts and is still running."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    first: bytes
+    messages: asyncio.Queue[Message | BaseException]
+    task: asyncio.Task[None]
+    disconnect: asyncio.Event
+
+    async def body(self) -> AsyncIterator[bytes]:
+        if self.first:
+            yield self.first
+        while True:
+            message = await self.messages.get()
+            if isinstance(message, BaseException):
+                raise message
+            if message.get("body"):
+                yield message["body"]
+            if not message.get("more_body", False):
+                return
+
+    def stop(self) -> None:
+        self.disconnect.set()
+        self.task.cancel()
+
+
+async def run_asgi(app: ASGIApp, scope: dict[str, Any], body: bytes) -> dict[str, Any] | AsgiStream:
+    """Run one request through an ASGI app: the whole response, or an `AsgiStream` once it sends a body
+    part with more to come. The app sees the client as connected until the stream is stopped."""
+    messages: asyncio.Queue[Message | BaseException] = asyncio.Queue(maxsize=_INFLIGHT)
+    disconnect = asyncio.Event()
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        await messages.put(message)
+
+    async def call() -> None:
+        try:
+            await app(scope, receive, send)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the response
+            await messages.put(exc)
+            raise
+        finally:
+            await messages.put({"type": "http.response.body", "body": b"", "more_body": False, "final": True})
+
+    task = asyncio.create_task(call())
+    status, headers = 500, []
+    while True:
+        message = await messages.get()
+        if isinstance(message, BaseException):
+            with contextlib.suppress(BaseException):
+                await task
+            raise message
+        if message["type"] == "http.response.start":
+            status, headers = message["status"], list(message.get("headers", []))
+            continue
+        if message["type"] != "http.response.body":
+            continue
+        if message.get("more_body", False):
+            return AsgiStream(status, headers, message.get("body", b""), messages, task, disconnect)
+        with contextlib.suppress(BaseException):
+            await task
+        return response_dict(status, headers, message.get("body", b""))
+
+
+def is_stream(value: Any) -> bool:
+    return isinstance(value, (StreamingResponse, AsgiStream)) or inspect.isgenerator(value) or inspect.isasyncgen(value)
+
+
+def check(env: Envelope, outcome: Outcome, deployment: str) -> Outcome:
+    """The outcome a caller gets, given how it asked: a stream it did not ask for (or no stream when it
+    asked for one) becomes a `StreamUsageError` that says how to call the method."""
+    if not outcome.ok:
+        return outcome
+    streamed = is_stream(outcome.value)
+    where = f"'{deployment}.{env.method}'"
+    if env.stream == REQUIRE and not streamed:
+        return Outcome(
+            error=StreamUsageError(
+                f"{where} returned {type(outcome.value).__name__}, not a generator: call it without stream=True "
+                "(handle.options(stream=True) and Client.stream are for generator methods)"
+            )
+        )
+    if streamed and (env.chain or env.chord):
+        _close(outcome.value)
+        return Outcome(error=StreamUsageError(f"{where} returned a stream, but only the last step of a pipeline can"))
+    if streamed and not (env.stream or env.http_reply):
+        _close(outcome.value)
+        return Outcome(
+            error=StreamUsageError(
+                f"{where} returned a generator: call it with handle.options(stream=True).{env.method}.remote(...) "
+                "and iterate the DeploymentResponseGenerator (or Client.stream)"
+            )
+        )
+    return outcome
+
+
+def _close(value: Any) -> None:
+    if inspect.isgenerator(value):
+        value.close()
+    elif isinstance(value, AsgiStream):
+        value.stop()
+    elif inspect.isasyncgen(value):
+        task = asyncio.ensure_future(value.aclose())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+def _media_type(first: Any) -> str:
+    if isinstance(first, str):
+        return "text/plain; charset=utf-8"
+    if isinstance(first, (bytes, bytearray, memoryview)):
+        return "application/octet-stream"
+    return "application/x-ndjson"
+
+
+async def _sync_items(gen: Iterator[Any]) -> AsyncIterator[Any]:
+    """A sync iterator's items, each computed on a worker thread; closed on the way out."""
+    try:
+        while True:
+            item = await asyncio.to_thread(next, gen, _DONE)
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        close = getattr(gen, "close", None)
+        if close is not None:
+            try:
+                close()
+            except ValueError:  # still running on its thread (cancelled mid-step): it ends with that step
+                logger.debug("generator still running on its thread when its stream was stopped")
+
+
+def _items(value: Any) -> tuple[AsyncIterator[Any], dict[str, Any] | None]:
+    """The items to stream and, when the value fixes them, the status and headers (else decided from the
+    first item)."""
+    if isinstance(value, StreamingResponse):
+        head = {
+            "status_code": value.status_code,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in value.raw_headers],
+        }
+        return _charset_items(value.body_iterator, value.charset), head
+    if isinstance(value, AsgiStream):
+        head = {
+            "status_code": value.status,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in value.headers],
+        }
+        return value.body(), head
+    if inspect.isasyncgen(value):
+        return value, None
+    return _sync_items(value), None
+
+
+async def _charset_items(body: AsyncIterable[Any], charset: str) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in body:
+            yield bytes(chunk) if isinstance(chunk, (bytes, memoryview)) else chunk.encode(charset)
+    finally:
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
+class StreamWriter:
+    """Writes one request's stream: head, chunks (pipelined, bounded), then its end or error."""
+
+    def __init__(self, client: aioredis.Redis, env: Envelope, limits: _streams.StreamLimits) -> None:
+        self.redis = client
+        self.env = env
+        self.key = _streams.key(env.job_id)
+        self.limits = limits
+        self.ttl = int(env.retention_s + max((env.deadline or time.time()) - time.time(), 0) + 60)
+        self.chunks = 0
+        self.bytes = 0
+        self._pending: list[tuple[str, dict[str, bytes]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def head(self, head: dict[str, Any], first: Any = _DONE) -> bool:
+        """Open the stream and tell a waiting caller to follow it; False if this request already streamed
+        (a redelivery after a replica died mid-stream), whose stream cannot be restarted.
+
+        A `first` chunk already produced goes out in the same round trip, and rides in the reply record
+        too, so a caller writes it without a read of the stream (time to first chunk = one request's)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(self.key, {"k": _streams.HEAD, "d": orjson.dumps(head)}, id=_streams.HEAD_ID)
+        record: dict[str, Any] = {}
+        if first is not _DONE:
+            kind, data = self._admit(first)
+            pipe.xadd(self.key, {"k": _streams.CHUNK, "t": kind, "d": data}, id=_streams.chunk_id(0))
+            record["first"] = _streams.record_chunk(kind, data)
+        pipe.expire(self.key, self.ttl)
+        pipe.hset(_keys.job(self.env.job_id), "stream", 1)
+        reply = self.env.reply_to
+        if reply and reply.startswith(_keys.REPLY_PREFIX):
+            pipe.rpush(reply, _results._record(self.env.job_id, _streams.STREAMING, head, **record))
+            pipe.expire(reply, 3600)
+            if self.env.http_reply:  # the waiting HTTP client is the stream's first reader (see api.streaming)
+                pipe.incr(_streams.readers_key(self.env.job_id))
+                pipe.expire(_streams.readers_key(self.env.job_id), self.ttl)
+        done = await pipe.execute(raise_on_error=False)
+        if isinstance(done[0], redis.exceptions.ResponseError):
+            return False
+        if isinstance(done[0], Exception):
+            raise done[0]
+        return True
+
+    def _admit(self, value: Any) -> tuple[bytes, bytes]:
+        """Encode one chunk and count it against the caps (`StreamLimitError` past them)."""
+        kind, data = _streams.encode_chunk(value)
+        if self.chunks + 1 > self.limits.max_chunks:
+            raise StreamLimitError(
+                f"the stream passed its cap of {self.limits.max_chunks} chunks (the deployment's "
+                "stream_max_chunks, or SERVE_STREAM_MAX_CHUNKS): yield fewer, larger chunks or raise the cap"
+            )
+        if self.bytes + len(data) > self.limits.max_bytes:
+            raise StreamLimitError(
+                f"the stream passed its cap of {self.limits.max_bytes} bytes (the deployment's "
+                "stream_max_bytes, or SERVE_STREAM_MAX_BYTES): stream less, or raise the cap"
+            )
+        self.chunks += 1
+        self.bytes += len(data)
+        return kind, data
+
+    async def chunk(self, value: Any) -> None:
+        kind, data = self._admit(value)
+        self._pending.append((_streams.chunk_id(self.chunks - 1), {"k": _streams.CHUNK, "t": kind, "d": data}))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush())
+        if len(self._pending) >= _INFLIGHT:
+            self._room.clear()
+            await self._room.wait()
+            if self._flushing.done() and self._flushing.exception() is not None:
+                raise self._flushing.exception()  # type: ignore[misc]
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            self._room.set()
+            pipe = self.redis.pipeline(transaction=False)
+            for entry_id, fields in batch:
+                pipe.xadd(self.key, fields, id=entry_id, maxlen=self.limits.max_chunks + 2, approximate=False)  # type: ignore[arg-type]
+            await pipe.execute()
+        self._room.set()
+
+    async def drain(self) -> None:
+        if self._flushing is not None:
+            await self._flushing
+        if self._pending:
+            await self._flush()
+
+    async def end(self) -> None:
+        await self.drain()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(self.key, {"k": _streams.END, "n": self.chunks}, id=_streams.chunk_id(self.chunks))
+        pipe.expire(self.key, self.ttl)
+        await pipe.execute()
+
+    async def error(self, error: dict[str, Any], status: int, *, opened: bool = True) -> None:
+        with contextlib.suppress(Exception):
+            await self.drain()
+        entry = {"k": _streams.ERROR, "d": orjson.dumps(error), "s": status}
+        pipe = self.redis.pipeline(transaction=False)
+        # After the last chunk written; "*" when a previous attempt's stream is there (its length is unknown).
+        pipe.xadd(self.key, entry, id=_streams.chunk_id(self.chunks) if opened else "*")  # type: ignore[arg-type]
+        pipe.expire(self.key, self.ttl)
+        await pipe.execute()
+
+
+def failure_of(record: str) -> tuple[dict[str, Any], int]:
+    decoded = _results.decode(record)
+    return decoded.get("result") or {}, int(decoded.get("http_status") or 500)
+
+
+async def stream(writer: StreamWriter, value: Any, failure: Any) -> tuple[Outcome, bool]:
+    """Run one stream to its end; returns the request's outcome and whether the stream was opened (the
+    caller was told to follow it; if not, it still waits for the result record).
+
+    `failure(exc)` turns an exception into the replica's failure record (error dict and HTTP status)."""
+    items, head = _items(value)
+    opened = False
+    first_item: asyncio.Future[Any] | None = None
+    try:
+        if head is None:  # a plain generator: the first item decides the content type
+            first = await anext(items, _DONE)
+            head = {"status_code": 200, "headers": [["content-type", _media_type(first)]]}
+        else:  # status and headers are known: send them with the first item if it comes at once, else alone
+            first_item = asyncio.ensure_future(anext(items, _DONE))
+            await asyncio.wait([first_item], timeout=FIRST_CHUNK_WINDOW_S)
+            first = first_item.result() if first_item.done() else _DONE
+            if first_item.done():
+                first_item = None  # it goes with the head
+        if not await writer.head(head, first):
+            raise StreamUsageError("this request's stream was already started by a replica that died mid-stream")
+        opened = True
+        if first_item is not None:  # it came after the head was sent, or is still to come
+            first = await first_item
+            if first is not _DONE:
+                await writer.chunk(first)
+        async for item in items:
+            await writer.chunk(item)
+        await writer.end()
+        return Outcome(value={"stream": f"/jobs/{writer.env.job_id}/stream", "chunks": writer.chunks}), True
+    except asyncio.CancelledError:
+        if first_item is not None:
+            first_item.cancel()
+        error = JobCancelledError(
+            f"job {writer.env.job_id} was cancelled; its stream stopped after {writer.chunks} chunks"
+        )
+        await _end_with(writer, error.to_dict(), 409, opened, value, items)
+        return Outcome(error=error), opened
+    except Exception as exc:  # noqa: BLE001 - the stream ends with the error, the job fails with it
+        error_dict, status = failure(exc)
+        await _end_with(writer, error_dict, status, opened, value, items)
+        return Outcome(error=exc), opened
+
+
+async def _end_with(
+    writer: StreamWriter, error: dict[str, Any], status: int, opened: bool, value: Any, items: Any
+) -> None:
+    if isinstance(value, AsgiStream):
+        value.stop()
+    aclose = getattr(items, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(aclose(), timeout=5)
+    try:
+        await writer.error(error, status, opened=opened)
+    except redis.exceptions.RedisError as exc:
+        logger.error("could not end stream %s with its error: %s", writer.key, exc)
+
+
+class StreamRunner:
+    """Runs a replica's streams as tasks it can cancel, and answers each request once its stream ends."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server  # the ReplicaServer (consumer); its task bookkeeping is reused as it is
+        defaults = _streams.StreamLimits.from_env()
+        config = server.config
+        self.limits = _streams.StreamLimits(
+            int(config.get("stream_max_chunks") or defaults.max_chunks),
+            int(config.get("stream_max_bytes") or defaults.max_bytes),
+        )
+        self.streams = 0
+        self.chunks = 0
+
+    def start(self, token: Any, env: Envelope, value: Any) -> None:
+        server = self.server
+        task = asyncio.create_task(self._run(token, env, value), name=f"stream {env.job_id}")
+        server._ongoing.add(task)
+        server._running[env.job_id] = task
+        task.add_done_callback(server._finished)
+
+    async def _run(self, token: Any, env: Envelope, value: Any) -> None:
+        server = self.server
+        writer = StreamWriter(server.ops.redis, env, self.limits)
+        self.streams += 1
+        try:
+            outcome, opened = await stream(writer, value, lambda exc: failure_of(server.replica._failure(env, exc)))
+        finally:
+            server._running.pop(env.job_id, None)
+            self.chunks += writer.chunks
+        server.events.finished(env, outcome)
+        answered = replace(env, reply_to=None) if opened else env  # the caller already follows the stream
+        if isinstance(outcome.error, JobCancelledError):
+            record = _results.cancelled(env.job_id)
+        else:
+            record = await server.replica.record(answered, outcome)
+        server._answer(token, answered, record)
+
+
+class BatchStream:
+    """One `@batch` generator call shared by the callers of a batch, as in Ray's batched streaming: each
+    step yields a list with one item per caller; `StopIteration` in a caller's place ends that caller's
+    stream (the others go on). A caller who goes away is skipped; when all have, the generator is closed."""
+
+    def __init__(self, gen: Any, size: int) -> None:
+        self.gen = gen if inspect.isasyncgen(gen) else _sync_items(gen)
+        self.size = size
+        self.queues: list[asyncio.Queue[Any]] = [asyncio.Queue(maxsize=_INFLIGHT) for _ in range(size)]
+        self.listening = [True] * size
+        self.ended = [False] * size
+        self.task: asyncio.Task[None] | None = None
+
+    def streams(self) -> list[AsyncIterator[Any]]:
+        return [self._items(i) for i in range(self.size)]
+
+    async def _drive(self) -> None:
+        error: BaseException | None = None
+        try:
+            async for step in self.gen:
+                if not isinstance(step, (list, tuple)) or len(step) != self.size:
+                    got = f"{len(step)} items" if isinstance(step, (list, tuple)) else type(step).__name__
+                    raise StreamUsageError(
+                        f"a @batch generator must yield a list with one item per request ({self.size}), got {got}"
+                    )
+                for i, item in enumerate(step):
+                    if self.ended[i]:
+                        continue
+                    if item is StopIteration or isinstance(item, StopIteration):
+                        self.ended[i] = True
+                        await self.queues[i].put(_DONE)
+                    elif self.listening[i]:
+                        await self.queues[i].put(item)
+                if all(e or not listening for e, listening in zip(self.ended, self.listening, strict=True)):
+                    break
+        except Exception as exc:  # noqa: BLE001 - every caller still streaming gets the error
+            error = exc
+        finally:
+            for i in range(self.size):
+                if not self.ended[i] and self.listening[i]:
+                    self.ended[i] = True
+                    await self.queues[i].put(error if error is not None else _DONE)
+            with contextlib.suppress(BaseException):
+                await self.gen.aclose()  # type: ignore[attr-defined]
+
+    async def _items(self, i: int) -> AsyncIterator[Any]:
+        if self.task is None:
+            self.task = asyncio.create_task(self._drive(), name="batched stream")
+        try:
+            while True:
+                item = await self.queues[i].get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.listening[i] = False
+            while not self.queues[i].empty():
+                self.queues[i].get_nowait()
+            if not any(self.listening) and not self.task.done():
+                self.task.cancel()
