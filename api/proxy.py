@@ -20,14 +20,19 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from celery_serve._runtime.spec import AppSpec, DeploymentSpec
+from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
+from celery_serve._wire import strictjson
 from celery_serve._wire.connections import REDIS_FAULTS
 from celery_serve._wire.envelope import new_task_id
+from celery_serve._wire.jobs import client_request_id
 from celery_serve._wire.transport import QueueTransport, Submitted, target_name
 from celery_serve.api.routes import RouteTable
 from celery_serve.exceptions import (
     BackpressureError,
+    BadRequestError,
     PayloadTooLargeError,
+    RequestIdInUseError,
     RequestTimeoutError,
     ServeError,
     ServiceUnavailableError,
@@ -94,8 +99,27 @@ async def read_body(receive: Receive, content_length: bytes | None, limit: int) 
     return b"".join(chunks)
 
 
+def check_json_body(scope: Scope, body: bytes) -> None:
+    """Refuse a body that says it is JSON and is not strict JSON, before it is queued (`BadRequestError`)."""
+    if not body:
+        return
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            if media == b"application/json" or media.endswith(b"+json"):
+                try:
+                    strictjson.loads(body)
+                except strictjson.NotJSONError as exc:
+                    raise BadRequestError(f"request body is not valid JSON: {exc}") from None
+            return
+
+
 def http_envelope(scope: Scope, body: bytes, *, path: str | None = None, method: str | None = None) -> dict[str, Any]:
-    """The HTTP request as it travels in the task message (the replica rebuilds a Starlette Request)."""
+    """The HTTP request as it travels in the task message (the replica rebuilds a Starlette Request).
+
+    A body declared as JSON must be strict JSON (`BadRequestError` otherwise): bad input is answered at the door.
+    """
+    check_json_body(scope, body)
     client = scope.get("client")
     server = scope.get("server")
     return {
@@ -109,6 +133,23 @@ def http_envelope(scope: Scope, body: bytes, *, path: str | None = None, method:
         "client": list(client) if client else None,
         "server": list(server) if server else None,
     }
+
+
+async def claim_request_id(redis: Any, chosen: bytes | str | None) -> str:
+    """The request's job id: the caller's `X-Request-ID` when it sent a valid, unused one, else a new UUID.
+
+    A caller that chose its id knows it before any byte of the answer, so after a lost connection it can still
+    `GET /jobs/{id}`. An id that already names a job is refused (409): it would read someone else's result.
+    """
+    if chosen is None:
+        return new_task_id()
+    task_id = client_request_id(chosen)
+    if await redis.exists(_keys.job(task_id)):
+        raise RequestIdInUseError(
+            f"request id '{task_id}' already names a job; choose a new X-Request-ID "
+            f"(GET /jobs/{task_id} reads the existing one)"
+        )
+    return task_id
 
 
 class Proxy:
@@ -140,10 +181,12 @@ class Proxy:
             return
         _, dep = found
         method = "__call__"
-        content_length = prefer = None
+        content_length = prefer = chosen_id = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 content_length = value
+            elif name == REQUEST_ID_HEADER:
+                chosen_id = value
             elif name == _CALL_METHOD_HEADER:
                 method = value.decode("latin-1").strip()
             elif name == _PREFER_HEADER:
@@ -153,7 +196,16 @@ class Proxy:
         except PayloadTooLargeError as exc:
             await send_json(send, 413, error_payload(exc), [(b"connection", b"close")])
             return
-        await self.forward(send, dep, method, http_envelope(scope, body), spill_after_s=_spill_after(prefer))
+        try:
+            http = http_envelope(scope, body)
+            task_id = await claim_request_id(self.transport.redis, chosen_id)
+        except ServeError as exc:
+            await send_json(send, exc.http_status, error_payload(exc))
+            return
+        except REDIS_FAULTS as exc:
+            await send_unavailable(send, path, exc)
+            return
+        await self.forward(send, dep, method, http, spill_after_s=_spill_after(prefer), task_id=task_id)
 
     async def forward(
         self,
@@ -162,9 +214,10 @@ class Proxy:
         method: str,
         http: dict[str, Any],
         spill_after_s: float | None = None,
+        task_id: str | None = None,
     ) -> None:
         """Enqueue one HTTP request for a deployment and answer with its result."""
-        task_id = new_task_id()
+        task_id = task_id or new_task_id()
         id_header = (REQUEST_ID_HEADER, task_id.encode())
         try:
             sub = await self.transport.submit(dep, method, http=http, task_id=task_id)

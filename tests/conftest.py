@@ -87,7 +87,7 @@ class Served:
 def _test_applications() -> dict[str, tuple[Any, str]]:
     """Application name -> (application, route prefix). No test application is served at '/'."""
     import examples.composition
-    from tests import deployments
+    from tests import deployments, safety_deployments
 
     return {
         "probe": (deployments.probe_app, "/probe"),
@@ -97,6 +97,8 @@ def _test_applications() -> dict[str, tuple[Any, str]]:
         "busy": (deployments.busy_app, "/busy"),
         "deadline": (deployments.deadline_app, "/deadline"),
         "load": (deployments.load_app, "/load"),
+        "strict": (safety_deployments.echo_app, "/strict"),
+        "strict_api": (safety_deployments.ingress_app, "/strict-api"),
     }
 
 

@@ -143,7 +143,7 @@ class ResultWaiter:
                 await asyncio.sleep(0.5)
 
     def _resolve(self, raw: Any) -> None:
-        record = orjson.loads(raw)
+        record = _results.decode(raw)  # wide integers exact
         fut = self._futures.pop(record.get("task_id"), None)
         if fut is not None and not fut.done():
             fut.set_result(record)
