@@ -12,8 +12,8 @@ import base64
 import json
 import logging
 import os
-import time
 import re
+import time
 import uuid
 from typing import Any
 

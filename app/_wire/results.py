@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery_serve._wire import strictjson
-
 from celery_serve.exceptions import ServeError, error_from_dict
 
 SUCCESS = "SUCCESS"

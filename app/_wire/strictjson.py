@@ -94,8 +94,8 @@ def _wide_dumps(value: Any) -> bytes:
     try:
         return json.dumps(value, separators=(",", ":"), allow_nan=False, default=default).encode()
     except ValueError:  # a NaN beside the wide integer
-        where = find_non_finite(value)
-        raise NotJSONError(f"{where[1] if where else 'a value'} at {where[0] if where else '$'} has no JSON form")
+        path, what = find_non_finite(value) or ("$", "a value")
+        raise NotJSONError(f"{what} at {path} has no JSON form (return a finite number or None)") from None
 
 
 def _describe(exc: orjson.JSONDecodeError) -> str:
