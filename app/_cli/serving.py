@@ -33,6 +33,7 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from celery_serve._runtime import embedded_redis
     from celery_serve._runtime import serve as _serve
     from celery_serve._runtime.launcher import check_port_free
     from celery_serve.exceptions import ServeStartupError
@@ -68,8 +69,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"celery-serve: application '{args.name}' from {args.target}", flush=True)
         route = "" if spec_prefix == "/" else spec_prefix
         print(f"  HTTP      {session.gateway_url}{route}/  (docs: {session.gateway_url}/docs)", flush=True)
-        embedded = "" if (args.redis_url or os.environ.get("REDIS_URL")) else "  (embedded)"
-        print(f"  Redis     {redacted(session.redis_url)}{embedded}", flush=True)
+        if session.embedded is not None:
+            print(f"  Redis     embedded: {session.embedded.describe()}", flush=True)
+            for advisory in embedded_redis.known_vulnerabilities(session.embedded.binary.version):
+                print(f"  WARNING   redis-server {session.embedded.binary.version_text} predates the fix of "
+                      f"{advisory}; install a patched redis-server or set SERVE_REDIS_SERVER", flush=True)
+        else:
+            print(f"  Redis     {redacted(session.redis_url)}", flush=True)
         print(f"  workers   {', '.join(sorted(session.workers.get(args.name, [])))}", flush=True)
         if flower:
             print(f"  Flower    {flower}/", flush=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery_serve._runtime import context as _context
-from celery_serve._runtime import state
+from celery_serve._runtime import embedded_redis, state
 from celery_serve._runtime.launcher import (
     ManagedProcess,
     ProcessGroup,
@@ -27,15 +27,14 @@ from celery_serve._runtime.launcher import (
     flower_command,
     free_port,
     gateway_command,
+    redis_env,
     scaler_command,
-    start_embedded_redis,
-    wait_for_redis,
     worker_command,
 )
 from celery_serve._runtime.spec import AppSpec, build_spec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import scripts as _scripts
-from celery_serve._wire.connections import REDIS_WAIT_S, check_url, sync_client
+from celery_serve._wire.connections import REDIS_WAIT_S, check_url, sync_client, wait_for_redis
 from celery_serve.application import Application
 from celery_serve.config import start_replicas
 from celery_serve.exceptions import ApplicationConflictError, ServeError, ServeStartupError
@@ -65,6 +64,7 @@ class _Session:
     scaler_died_at: float = float("-inf")  # when it was last started again after exiting
     flower_url: str | None = None
     beat: _OwnerBeat | None = None
+    embedded: embedded_redis.EmbeddedRedis | None = None  # the Redis this session started, if it did
 
     @property
     def owner(self) -> dict[str, Any]:
@@ -196,6 +196,7 @@ def run(
     with _lock:
         if _session is None:
             url = redis_url or os.environ.get("REDIS_URL")
+            embedded = None
             if url:
                 check_url(url)
             check_port_free(host, port, "the gateway", "port=")
@@ -203,8 +204,9 @@ def run(
             if url:
                 wait_for_redis(url, REDIS_WAIT_S)
             else:
-                url = start_embedded_redis(group)
-            _session = _Session(url, group, kind=_kind)
+                embedded = embedded_redis.start(group, port=_embedded_port())
+                url = embedded.url
+            _session = _Session(url, group, kind=_kind, embedded=embedded)
             _session.beat = _OwnerBeat(url, _session.id)
             _session.beat.beat()
             _session.beat.start()
@@ -216,11 +218,11 @@ def run(
         deploy_spec(session.redis_url, spec, replace=replace)
         if session.gateway_url is None:
             check_port_free(host, port, "the gateway", "port=")
-            session.group.start("gateway", gateway_command(session.redis_url, host, port))
+            session.group.start("gateway", gateway_command(host, port), env=redis_env(session.redis_url))
             session.gateway_url = f"http://{host}:{port}"
         if not session.scaler and os.environ.get("SERVE_SCALER", "1") != "0":
             # one per session; more against the same Redis stand by (see celery_serve.workers.scaler)
-            session.group.start("scaler", scaler_command(session.redis_url))
+            session.group.start("scaler", scaler_command(), env=redis_env(session.redis_url))
             session.scaler = True
         old = session.workers.pop(spec.name, set())
         if old:
@@ -228,7 +230,8 @@ def run(
         names = set()
         for dep in spec.deployments:
             proc_name = f"worker {spec.name}.{dep}"
-            session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep, placements.get(dep)))
+            command = worker_command(spec.name, dep, placements.get(dep))
+            session.group.start(proc_name, command, env=redis_env(session.redis_url))
             names.add(proc_name)
         session.workers[spec.name] = names
         state.save(session.record())
@@ -243,6 +246,17 @@ def run(
     if blocking:
         _block_until_interrupted()
     return handle
+
+
+def _embedded_port() -> int | None:
+    """`SERVE_REDIS_PORT`: give the embedded Redis a TCP port on loopback too (default: its unix socket only)."""
+    value = os.environ.get("SERVE_REDIS_PORT")
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ServeError(f"SERVE_REDIS_PORT must be a port number, got {value!r}") from None
 
 
 def plan_gpus(spec: AppSpec, devices: list[str] | None = None) -> dict[str, list[list[str]]]:
@@ -347,8 +361,6 @@ def start_flower(port: int | None = 5555, address: str = "127.0.0.1", basic_auth
     `basic_auth` is `user:password` (several separated by commas), default `$FLOWER_BASIC_AUTH`; it binds to
     loopback unless told otherwise. `ServeStartupError` if it exits or does not answer in time (it is then
     stopped, and serving goes on without it)."""
-    from celery_serve._runtime.launcher import child_env
-
     with _lock:
         if _session is None:
             raise ServeError("start_flower() needs a running application: call run() first")
@@ -356,8 +368,8 @@ def start_flower(port: int | None = 5555, address: str = "127.0.0.1", basic_auth
             return _session.flower_url
         session = _session
         port = port or free_port(address if address not in ("", "0.0.0.0") else "127.0.0.1")
-        env = child_env({"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else None)
-        managed = session.group.start("flower", flower_command(session.redis_url, port, address), env=env)
+        env = redis_env(session.redis_url, {"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else None)
+        managed = session.group.start("flower", flower_command(port, address), env=env)
         url = f"http://{address if address not in ('', '0.0.0.0') else '127.0.0.1'}:{port}"
     if not _answers_http(url, managed, FLOWER_START_S):
         with _lock:
@@ -407,7 +419,7 @@ def essential_dead(session: _Session) -> list[ManagedProcess]:
             logger.warning("the scaler exited with code %s; starting it again", proc.proc.returncode)
             session.group.processes.remove(proc)
             session.scaler_died_at = time.monotonic()
-            session.group.start("scaler", scaler_command(session.redis_url))
+            session.group.start("scaler", scaler_command(), env=redis_env(session.redis_url))
         else:
             dead.append(proc)
     return dead
