@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from celery_serve._runtime import embedded_redis
     from celery_serve._runtime import serve as _serve
     from celery_serve._runtime.launcher import check_port_free
-    from celery_serve.exceptions import ServeStartupError
+    from celery_serve.exceptions import ServeError
 
     os.environ.setdefault("SERVE_LOG_LEVEL", args.log_level)
     application = import_application(args.target)
@@ -62,8 +62,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         flower = None
         if not args.no_flower:
             try:
-                flower = _serve.start_flower(args.flower_port, args.flower_address, args.flower_basic_auth)
-            except ServeStartupError as exc:
+                flower = _serve.start_flower(
+                    args.flower_port, args.flower_address, args.flower_basic_auth, auth=not args.flower_no_auth
+                )
+            except ServeError as exc:
                 print(f"celery-serve: {exc}", file=sys.stderr, flush=True)
         spec_prefix = args.route_prefix or "/"
         print(f"celery-serve: application '{args.name}' from {args.target}", flush=True)
@@ -77,8 +79,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             print(f"  Redis     {redacted(session.redis_url)}", flush=True)
         print(f"  workers   {', '.join(sorted(session.workers.get(args.name, [])))}", flush=True)
-        if flower:
-            print(f"  Flower    {flower}/", flush=True)
+        credentials = session.flower_credentials
+        if flower and credentials is not None:
+            if credentials.basic_auth is None:
+                print(f"  Flower    {flower}/  (NO authentication: --flower-no-auth)", flush=True)
+            elif credentials.source == "given":
+                print(f"  Flower    {flower}/  (user {credentials.user}, the password you gave)", flush=True)
+            else:
+                print(f"  Flower    {flower}/  (user {credentials.user}, password in {credentials.source})", flush=True)
         print(f"  metrics   {session.gateway_url}/metrics  (celery-serve status for a table)", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         while True:
@@ -141,7 +149,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--flower-basic-auth",
         default=env_default("FLOWER_BASIC_AUTH"),
         metavar="USER:PASSWORD",
-        help="credentials for Flower ($FLOWER_BASIC_AUTH)",
+        help="credentials for Flower ($FLOWER_BASIC_AUTH; default: generated once, kept in .serve/flower-credentials)",
+    )
+    run.add_argument(
+        "--flower-no-auth", action="store_true", help="serve Flower without authentication (it shows every request)"
     )
     _add_replace(run)
     add_redis_url(run)

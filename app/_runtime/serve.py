@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery_serve._runtime import context as _context
-from celery_serve._runtime import embedded_redis, state
+from celery_serve._runtime import embedded_redis, flower_auth, state
 from celery_serve._runtime.launcher import (
     ManagedProcess,
     ProcessGroup,
@@ -65,6 +65,7 @@ class _Session:
     flower_url: str | None = None
     beat: _OwnerBeat | None = None
     embedded: embedded_redis.EmbeddedRedis | None = None  # the Redis this session started, if it did
+    flower_credentials: flower_auth.FlowerAuth | None = None
 
     @property
     def owner(self) -> dict[str, Any]:
@@ -355,12 +356,18 @@ def worker_registered(client: Any, app: str, deployment: str) -> bool:
 FLOWER_START_S = 30.0  # Flower imports Celery and Tornado, then asks the workers for their state
 
 
-def start_flower(port: int | None = 5555, address: str = "127.0.0.1", basic_auth: str | None = None) -> str:
+def start_flower(
+    port: int | None = 5555, address: str = "127.0.0.1", basic_auth: str | None = None, *, auth: bool = True
+) -> str:
     """Start Flower for this session's Redis (once) and wait until it answers; returns its URL.
 
-    `basic_auth` is `user:password` (several separated by commas), default `$FLOWER_BASIC_AUTH`; it binds to
-    loopback unless told otherwise. `ServeStartupError` if it exits or does not answer in time (it is then
-    stopped, and serving goes on without it)."""
+    Flower requires authentication: `basic_auth` (`user:password`, several separated by commas), else
+    `$FLOWER_BASIC_AUTH`, else credentials generated once and kept in `.serve/flower-credentials` (0600);
+    `auth=False` turns it off. It binds to loopback unless told otherwise, and the session's replicas send
+    task events from the moment it starts, so it shows the requests of its first seconds too.
+    `ServeStartupError` if it exits or does not answer in time (it is then stopped, and serving goes on
+    without it)."""
+    credentials = flower_auth.resolve(basic_auth, auth=auth)
     with _lock:
         if _session is None:
             raise ServeError("start_flower() needs a running application: call run() first")
@@ -368,7 +375,11 @@ def start_flower(port: int | None = 5555, address: str = "127.0.0.1", basic_auth
             return _session.flower_url
         session = _session
         port = port or free_port(address if address not in ("", "0.0.0.0") else "127.0.0.1")
-        env = redis_env(session.redis_url, {"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else None)
+        env = redis_env(session.redis_url, {"FLOWER_BASIC_AUTH": credentials.basic_auth or ""})
+        if not credentials.basic_auth:
+            env.pop("FLOWER_BASIC_AUTH")
+            logger.warning("Flower runs WITHOUT authentication on %s:%s (asked for)", address, port)
+        _ask_for_task_events(session.redis_url)
         managed = session.group.start("flower", flower_command(port, address), env=env)
         url = f"http://{address if address not in ('', '0.0.0.0') else '127.0.0.1'}:{port}"
     if not _answers_http(url, managed, FLOWER_START_S):
@@ -380,8 +391,18 @@ def start_flower(port: int | None = 5555, address: str = "127.0.0.1", basic_auth
         )
     with _lock:
         session.flower_url = url
+        session.flower_credentials = credentials
         state.save(session.record())
     return url
+
+
+def _ask_for_task_events(redis_url: str) -> None:
+    """Replicas send task events only while a monitor asks (see `celery_serve.workers.events`); Flower asks
+    only once it has started and polled the workers. Asking now, for it, means the requests of its first
+    seconds reach it too (its own `enable_events` keeps the flag alive from then on)."""
+    from celery_serve.workers.worker import TASK_EVENTS_TTL_S
+
+    sync_client(redis_url).set(_keys.TASK_EVENTS, 1, ex=TASK_EVENTS_TTL_S)
 
 
 def _answers_http(url: str, managed: ManagedProcess, timeout_s: float) -> bool:
