@@ -38,7 +38,9 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     env["SERVE_STATE_DIR"] = str(project / "runs")
     env["SERVE_LOG_LEVEL"] = "INFO"  # the most a log says by default and more: none of it may hold a secret
     port, flower_port = free_port(), free_port()
-    run = CliProcess.start("run", "svc:app", "--port", str(port), "--flower-port", str(flower_port), env=env, cwd=project)
+    run = CliProcess.start(
+        "run", "svc:app", "--port", str(port), "--flower-port", str(flower_port), env=env, cwd=project
+    )
     try:
         run.wait_for_line(READY_LINE, STARTUP_S)
         record = json.loads((project / ".serve" / "run.json").read_text())
