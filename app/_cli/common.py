@@ -128,11 +128,15 @@ def source_of(target: str) -> str:
 
 
 def require_redis(args: argparse.Namespace) -> str:
-    """The Redis named by --redis-url or $REDIS_URL, checked for its form."""
+    """The Redis named by --redis-url or $REDIS_URL, checked for its form and answering with our credentials.
+
+    Fail closed: a command that cannot reach Redis, or that Redis refuses, ends within seconds with one line
+    (`ServeError`) instead of starting and logging warnings forever."""
     url = getattr(args, "redis_url", None) or os.environ.get("REDIS_URL")
     if not url:
         raise ServeError("this command needs a Redis: pass --redis-url or set REDIS_URL")
-    return check_url(str(url))
+    wait_for_redis(check_url(str(url)))
+    return str(url)
 
 
 def find_run(args: argparse.Namespace) -> RunRecord | None:
