@@ -50,7 +50,7 @@ class Gateway:
         self.settings = settings
         self.transport = QueueTransport(settings.redis_url)
         self.routes = RouteTable(self.transport.redis, on_data_loss=self.transport.lost_requests)
-        self.proxy = Proxy(self.transport, self.routes, settings.max_body_bytes)
+        self.proxy = Proxy(self.transport, self.routes, settings.max_body_bytes, settings.body_timeout_s)
         self.jobs = JobStore(self.transport.redis)
         self.metrics = GatewayMetrics()
         self._own_openapi: dict[str, Any] | None = None
@@ -116,7 +116,11 @@ class Gateway:
         async def metrics() -> Response:
             return Response(await self.metrics.render(self.transport.redis), media_type=CONTENT_TYPE)
 
-        control.include_router(jobs_router(self.transport, self.routes, self.jobs, self.settings.max_body_bytes))
+        control.include_router(
+            jobs_router(
+                self.transport, self.routes, self.jobs, self.settings.max_body_bytes, self.settings.body_timeout_s
+            )
+        )
         return control
 
     async def _openapi(self, control: FastAPI) -> dict[str, Any]:

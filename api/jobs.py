@@ -40,7 +40,9 @@ def _error(exc: ServeError) -> JSONResponse:
     )
 
 
-def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, max_body_bytes: int) -> APIRouter:
+def jobs_router(
+    transport: QueueTransport, routes: RouteTable, jobs: JobStore, max_body_bytes: int, body_timeout_s: float = 30.0
+) -> APIRouter:
     router = APIRouter(prefix="/jobs", tags=["jobs"])
 
     def find_deployment(name: str, app: str | None) -> DeploymentSpec | AppSpec | None:
@@ -59,7 +61,10 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
     ) -> Any:
         try:
             body = await read_body(
-                request.receive, request.headers.get("content-length", "").encode() or None, max_body_bytes
+                request.receive,
+                request.headers.get("content-length", "").encode() or None,
+                max_body_bytes,
+                body_timeout_s,
             )
             name, _, rest = target.strip("/").partition("/")
             key = request.headers.get("idempotency-key")

@@ -11,6 +11,7 @@ into a `202` with the job's address.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -72,8 +73,10 @@ def accepted_payload(job_id: str) -> tuple[dict[str, Any], list[tuple[bytes, byt
     ]
 
 
-async def read_body(receive: Receive, content_length: bytes | None, limit: int) -> bytes:
-    """Read the request body, refusing it as soon as it is known to pass `limit` bytes."""
+async def read_body(receive: Receive, content_length: bytes | None, limit: int, timeout_s: float = 30.0) -> bytes:
+    """Read the request body, refusing it as soon as it is known to pass `limit` bytes (413), or when it has not
+    all arrived `timeout_s` after the headers (408: a body trickled a byte at a time holds nothing for long).
+    A client that disconnects before the end raises `ClientDisconnectedError`: a partial body is never queued."""
     if content_length is not None:
         try:
             declared = int(content_length)
@@ -85,18 +88,38 @@ async def read_body(receive: Receive, content_length: bytes | None, limit: int) 
             )
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body passed the limit of {limit} bytes (SERVE_MAX_BODY_BYTES)")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnectedError("the client disconnected before its request body ended")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(
+                        f"request body passed the limit of {limit} bytes (SERVE_MAX_BODY_BYTES)"
+                    )
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise BodyTimeoutError(
+            f"the request body did not arrive within {timeout_s:g} s (SERVE_BODY_TIMEOUT_S); {size} bytes came"
+        ) from None
     return b"".join(chunks)
+
+
+class ClientDisconnectedError(ServeError):
+    """The client went away while its request was being read: nothing is queued and nothing can be answered."""
+
+    http_status = 499
+
+
+class BodyTimeoutError(ServeError):
+    """The request body did not arrive in time (408)."""
+
+    http_status = 408
 
 
 def check_json_body(scope: Scope, body: bytes) -> None:
@@ -153,10 +176,13 @@ async def claim_request_id(redis: Any, chosen: bytes | str | None) -> str:
 
 
 class Proxy:
-    def __init__(self, transport: QueueTransport, routes: RouteTable, max_body_bytes: int) -> None:
+    def __init__(
+        self, transport: QueueTransport, routes: RouteTable, max_body_bytes: int, body_timeout_s: float = 30.0
+    ) -> None:
         self.transport = transport
         self.routes = routes
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -192,9 +218,11 @@ class Proxy:
             elif name == _PREFER_HEADER:
                 prefer = value.decode("latin-1")
         try:
-            body = await read_body(receive, content_length, self.max_body_bytes)
-        except PayloadTooLargeError as exc:
-            await send_json(send, 413, error_payload(exc), [(b"connection", b"close")])
+            body = await read_body(receive, content_length, self.max_body_bytes, self.body_timeout_s)
+        except ClientDisconnectedError:
+            return
+        except (PayloadTooLargeError, BodyTimeoutError) as exc:
+            await send_json(send, exc.http_status, error_payload(exc), [(b"connection", b"close")])
             return
         try:
             http = http_envelope(scope, body)
