@@ -68,9 +68,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             if len(self.connections) > limits.max_connections:
                 self._reject(503, f"the gateway holds its limit of {limits.max_connections} connections")
             elif self._peer is not None and per_client[self._peer] > limits.max_connections_per_client:
-                self._reject(
-                    503, f"this client holds its limit of {limits.max_connections_per_client} connections"
-                )
+                self._reject(503, f"this client holds its limit of {limits.max_connections_per_client} connections")
             else:
                 self._arm_header_deadline()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from celery_serve.api import middlewares
 from celery_serve.api.gateway import create_gateway
 from celery_serve.api.limits import ConnectionLimits, guarded_protocol
 from celery_serve.config import ServeSettings
@@ -11,8 +12,9 @@ from celery_serve.config import ServeSettings
 
 def serve(settings: ServeSettings) -> None:
     gateway = create_gateway(settings)
+    app = middlewares.wrap(gateway, middlewares.load(settings.http_middlewares, settings.cors_allow_origins))
     config = uvicorn.Config(
-        gateway,
+        app,
         host=settings.host,
         port=settings.port,
         loop="auto",  # uvloop when installed

@@ -201,5 +201,8 @@ class ServeSettings(BaseSettings):
     max_headers: int = Field(default=100, ge=8)
     max_connections: int = Field(default=2048, ge=1)
     max_connections_per_client: int = Field(default=256, ge=1)
+    # Starlette middlewares around the gateway (celery_serve.api.middlewares): module:attribute or JSON.
+    http_middlewares: str | None = None
+    cors_allow_origins: str | None = None  # comma-separated origins: CORS answered at the gateway
     result_ttl_s: int = Field(default=24 * 3600, ge=1)
     log_level: str = "WARNING"

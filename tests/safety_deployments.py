@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel
+from starlette.middleware import Middleware
 from starlette.requests import Request
 
 from celery_serve import deployment, ingress
@@ -53,3 +54,26 @@ class StrictIngress:
 
 echo_app = StrictEcho.bind()
 ingress_app = StrictIngress.bind()
+
+
+class StampMiddleware:
+    """A pure ASGI middleware for the gateway tests: stamps every HTTP response with `x-stamp: <value>`."""
+
+    def __init__(self, app: Any, value: str = "yes") -> None:
+        self.app = app
+        self.value = value.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def stamped(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-stamp", self.value)]}
+            await send(message)
+
+        await self.app(scope, receive, stamped)
+
+
+GATEWAY_MIDDLEWARES = [Middleware(StampMiddleware, value="by-path")]

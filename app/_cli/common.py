@@ -127,6 +127,22 @@ def source_of(target: str) -> str:
     return target if ":" in target else f"{target}:app"
 
 
+def add_http_options(parser: argparse.ArgumentParser) -> None:
+    """The gateway's middlewares (Ray's http_options): CORS origins, or a list of Starlette middlewares."""
+    parser.add_argument(
+        "--cors-allow-origins",
+        default=None,
+        metavar="ORIGINS",
+        help="answer CORS at the gateway for these comma-separated origins ($SERVE_CORS_ALLOW_ORIGINS)",
+    )
+    parser.add_argument(
+        "--http-middlewares",
+        default=None,
+        metavar="MODULE:ATTR",
+        help="a list of starlette.middleware.Middleware to wrap the gateway in ($SERVE_HTTP_MIDDLEWARES)",
+    )
+
+
 def require_redis(args: argparse.Namespace) -> str:
     """The Redis named by --redis-url or $REDIS_URL, checked for its form and answering with our credentials.
 

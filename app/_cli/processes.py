@@ -8,6 +8,7 @@ import json
 from celery_serve._cli.common import (
     HelpFormatter,
     add_access_log,
+    add_http_options,
     add_log_level,
     add_name,
     add_redis_url,
@@ -25,6 +26,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from celery_serve.config import ServeSettings
 
     settings = ServeSettings(host=args.host, port=args.port, log_level=args.log_level)
+    settings.http_middlewares = args.http_middlewares or settings.http_middlewares
+    settings.cors_allow_origins = args.cors_allow_origins or settings.cors_allow_origins
     settings.redis_url = require_redis(args)
     serve(settings)
     return 0
@@ -87,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     gateway.add_argument(
         "--port", type=int, default=int(env_default("SERVE_PORT", "8000") or 8000), help="port ($SERVE_PORT)"
     )
+    add_http_options(gateway)
     add_redis_url(gateway)
     add_log_level(gateway)
     add_access_log(gateway)

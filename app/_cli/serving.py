@@ -12,6 +12,7 @@ from types import FrameType
 from celery_serve._cli.common import (
     HelpFormatter,
     add_access_log,
+    add_http_options,
     add_log_level,
     add_name,
     add_redis_url,
@@ -39,6 +40,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from celery_serve.exceptions import ServeError
 
     os.environ.setdefault("SERVE_LOG_LEVEL", args.log_level)
+    if args.cors_allow_origins:  # the gateway reads them from its environment
+        os.environ["SERVE_CORS_ALLOW_ORIGINS"] = args.cors_allow_origins
+    if args.http_middlewares:
+        os.environ["SERVE_HTTP_MIDDLEWARES"] = args.http_middlewares
     application = import_application(args.target)
     # Both ports are checked before anything starts, so a taken one costs no start-up and leaves nothing behind.
     check_port_free(args.host, args.port, "the gateway", "--port ")
@@ -155,6 +160,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--flower-no-auth", action="store_true", help="serve Flower without authentication (it shows every request)"
     )
     _add_replace(run)
+    add_http_options(run)
     add_redis_url(run)
     add_log_level(run)
     add_access_log(run)

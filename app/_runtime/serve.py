@@ -35,6 +35,7 @@ from celery_serve._runtime.spec import AppSpec, build_spec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import scripts as _scripts
 from celery_serve._wire.connections import REDIS_WAIT_S, check_url, sync_client, wait_for_redis
+from celery_serve.api import middlewares as _middlewares
 from celery_serve.application import Application
 from celery_serve.config import start_replicas
 from celery_serve.exceptions import ApplicationConflictError, ServeError, ServeStartupError
@@ -175,6 +176,7 @@ def run(
     blocking: bool = False,
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
     replace: bool = False,
+    http_options: dict[str, Any] | None = None,
     _source: str | None = None,
     _kind: str = "python",
 ) -> DeploymentHandle:
@@ -186,6 +188,9 @@ def run(
     application of the same name that another live run serves on the same Redis is refused
     (`ApplicationConflictError`) unless `replace=True`. An autoscaled deployment is ready with its
     `initial_replicas` (or `min_replicas`, which may be 0).
+
+    `http_options={"middlewares": [Middleware(CORSMiddleware, allow_origins=[...]), ...]}` wraps the gateway
+    in Starlette middlewares, as in Ray Serve (they apply when this call starts the gateway).
     """
     if os.environ.get("CELERY_SERVE_REPLICA"):
         raise ServeError(
@@ -194,6 +199,7 @@ def run(
         )
     global _session
     spec = build_spec(target, name, route_prefix, source=_source)
+    middlewares = _middlewares.from_http_options(http_options)
     with _lock:
         if _session is None:
             url = redis_url or os.environ.get("REDIS_URL")
@@ -219,8 +225,14 @@ def run(
         deploy_spec(session.redis_url, spec, replace=replace)
         if session.gateway_url is None:
             check_port_free(host, port, "the gateway", "port=")
-            session.group.start("gateway", gateway_command(host, port), env=redis_env(session.redis_url))
+            extra = {"SERVE_HTTP_MIDDLEWARES": middlewares} if middlewares else None
+            session.group.start("gateway", gateway_command(host, port), env=redis_env(session.redis_url, extra))
             session.gateway_url = f"http://{host}:{port}"
+        elif middlewares:
+            raise ServeError(
+                "http_options apply when the gateway starts, and this process's gateway is already running: pass "
+                "them to the first run() (or call shutdown() first)"
+            )
         if not session.scaler and os.environ.get("SERVE_SCALER", "1") != "0":
             # one per session; more against the same Redis stand by (see celery_serve.workers.scaler)
             session.group.start("scaler", scaler_command(), env=redis_env(session.redis_url))
