@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check typecheck bench install clean
+.PHONY: run test check typecheck bench chaos soak install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ typecheck: $(STAMP)
 check: $(STAMP) typecheck
 	$(BIN)/ruff check app workers api tests examples benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The whole fault-injection suite (about 10 minutes): every fault of tests/test_chaos.py, and the CI subset.
+chaos: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "chaos or not chaos" tests/test_chaos.py tests/test_faults.py
+
+# Ten minutes at about 70% of capacity, a replica killed every 30 s and one Redis restart (see BENCHMARKS.md).
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py --minutes 10
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overhead.py

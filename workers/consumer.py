@@ -431,8 +431,8 @@ class ReplicaServer:
             await asyncio.sleep(RECONCILE_EVERY_S)
             try:
                 await self.reconcile()
-            except REDIS_FAULTS as exc:
-                logger.debug("could not reconcile held messages: %r", exc)
+            except Exception as exc:  # noqa: BLE001 - it must keep running: it is what recovers lost takes
+                logger.warning("could not reconcile held messages: %r", exc)
 
     async def reconcile(self, now: float | None = None) -> int:
         """Hand back messages Redis says this replica holds that it never heard of (a take whose reply was

@@ -23,9 +23,10 @@ __all__ = ["REDIS_FAULTS", "async_client", "check_url", "command_timeout", "reda
 BLOCK_S = 2.0  # how long a blocking pop waits before it loops (to notice shutdown)
 DEFAULT_TIMEOUT_S = 2.0  # how long one command may take before Redis counts as unresponsive
 # What a Redis command can raise when the connection, not the command, failed: redis-py's errors, socket errors,
-# and uvloop's RuntimeError for a write on a transport the peer reset. Callers that must survive any connection
+# uvloop's RuntimeError for a write on a transport the peer reset. Callers that must survive any connection
 # fault (a replica's loop, the gateway's submit) catch these; a ServeError is not among them.
-REDIS_FAULTS: tuple[type[Exception], ...] = (redis.exceptions.RedisError, OSError, RuntimeError)
+# KeyError: redis-py's asyncio client on a connection dropped mid-reply.
+REDIS_FAULTS: tuple[type[Exception], ...] = (redis.exceptions.RedisError, OSError, RuntimeError, KeyError)
 REDIS_WAIT_S = 3.0  # how long a command-line tool waits for Redis to answer before it says it cannot
 # Connections one pooled client may open (`SERVE_REDIS_MAX_CONNECTIONS`). A command holds one only for its
 # round trip (~0.2 ms), so 32 carry well over 50,000 commands/s; more wait for a free one instead of failing.

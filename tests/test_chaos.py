@@ -1,0 +1,174 @@
+"""The whole fault-injection suite (`make chaos`; excluded from the default run by the `chaos` marker).
+
+Every test runs steady load through a real stack (tests/chaos.py), injects one fault, heals it, and checks the
+ledger: every accepted request ended exactly once in a terminal state with the right result (or failed with a
+reason that says what happened), nothing lost, nothing stuck; executions are counted.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.chaos import Ledger, Report, Stack
+from tests.conftest import start_gateway, wait_until
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(400)]
+
+
+@pytest.fixture
+def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    options = getattr(request, "param", {})
+    built = Stack(tmp_path, {"chaos": "tests.chaos_deployments:echo_app"}, **options).start()
+    try:
+        yield built
+    finally:
+        built.stop()
+
+
+def _all_served(report: Report) -> None:
+    assert report.accepted > 30, report
+    assert not report.lost and not report.stuck and not report.wrong, report
+    assert report.succeeded == report.accepted, report
+
+
+def test_replicas_killed_every_few_seconds(stack: Stack) -> None:
+    ledger = Ledger(stack)
+    ledger.load("Echo", threads=3, sleep_s=0.05)
+    for _ in range(6):
+        time.sleep(3)
+        pids = stack.replica_pids("chaos", "Echo")
+        if pids:
+            os.kill(random.choice(pids), signal.SIGKILL)
+    time.sleep(2)
+    ledger.finish()
+    report = ledger.check(grace_s=90)
+    _all_served(report)
+
+
+def test_a_whole_worker_killed_and_started_again(stack: Stack) -> None:
+    ledger = Ledger(stack)
+    ledger.load("Echo", threads=3, interval_s=0.1, sleep_s=0.02)  # ~30 requests/s, a third of capacity
+    time.sleep(3)
+    worker = stack.workers["chaos.Echo"].proc
+    for process in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]:
+        process.kill()  # the machine died: nobody hands anything back
+    worker.wait()
+    time.sleep(2)
+    stack.start_worker("chaos", "Echo")  # a new worker's replicas reap the dead ones and serve what they held
+    time.sleep(5)
+    ledger.finish()
+    report = ledger.check(grace_s=120)
+    _all_served(report)
+
+
+def test_the_gateway_killed_and_started_again(stack: Stack) -> None:
+    ledger = Ledger(stack)
+    ledger.load("Echo", threads=2, interval_s=0.1, sleep_s=0.2)
+    time.sleep(2)
+    gateway = next(p for p in stack.group.processes if p.name == "gateway")
+    gateway.proc.kill()
+    gateway.proc.wait()
+    stack.group.processes.remove(gateway)
+    stack.gateway_url = start_gateway(stack.group, stack.url, stack.child_env)
+    time.sleep(2)
+    ledger.finish()
+    report = ledger.check(grace_s=60)
+    _all_served(report)
+
+
+@pytest.mark.parametrize("stack", [{"appendonly": True}], indirect=True)
+def test_redis_restarted_with_persistence_under_load(stack: Stack) -> None:
+    ledger = Ledger(stack)
+    ledger.load("Echo", threads=3)
+    time.sleep(3)
+    stack.restart_redis(down_s=1.0)
+    time.sleep(4)
+    ledger.finish()
+    report = ledger.check(grace_s=90)
+    _all_served(report)
+
+
+def test_redis_paused_under_load(stack: Stack) -> None:
+    ledger = Ledger(stack)
+    ledger.load("Echo", threads=3)
+    time.sleep(2)
+    stack.pause_redis(5)
+    time.sleep(8)
+    ledger.finish()
+    report = ledger.check(grace_s=60)
+    assert report.refused > 0, report  # answered 503 while paused, never left hanging
+    _all_served(report)
+
+
+def test_redis_out_of_memory_then_relieved(stack: Stack) -> None:
+    ledger = Ledger(stack)
+    ledger.load("Echo", threads=3)
+    time.sleep(2)
+    used = int(stack.redis.info("memory")["used_memory"])
+    stack.redis.config_set("maxmemory-policy", "noeviction")
+    stack.redis.config_set("maxmemory", used)  # full: every write is refused (OOM)
+    time.sleep(4)
+    stack.redis.config_set("maxmemory", 0)
+    time.sleep(3)
+    ledger.finish()
+    report = ledger.check(grace_s=90)
+    assert report.refused > 0, report
+    _all_served(report)
+
+
+def test_a_partition_of_twenty_seconds_then_healed(stack: Stack) -> None:
+    """Every process talks to Redis through the proxy: black-holing it is the worker and gateway host cut off.
+    Requests accepted before the cut end once it heals (run, or expired past their deadline); none is stuck."""
+    assert stack.tcp is not None
+    ledger = Ledger(stack)
+    ledger.load("Echo", threads=3)
+    time.sleep(3)
+    stack.tcp.black_hole()
+    time.sleep(20)
+    stack.tcp.heal()
+    time.sleep(5)
+    ledger.finish()
+    report = ledger.check(grace_s=120)
+    assert not report.lost and not report.stuck and not report.wrong, report
+    assert report.succeeded + report.ended["expired"] == report.accepted, report
+
+
+def test_connections_flapping(stack: Stack) -> None:
+    assert stack.tcp is not None
+    pids = stack.replica_pids("chaos", "Echo")
+    ledger = Ledger(stack)
+    ledger.load("Echo", threads=3)
+    until = time.monotonic() + 10
+    while time.monotonic() < until:
+        stack.tcp.reset_all()
+        time.sleep(0.3)
+    time.sleep(2)
+    ledger.finish()
+    report = ledger.check(grace_s=90)
+    _all_served(report)
+    assert stack.replica_pids("chaos", "Echo") == pids
+
+
+def test_scaler_killed(tmp_path: Path) -> None:
+    built = Stack(tmp_path, {"chaos": "tests.chaos_deployments:echo_app"}, scaler=True).start()
+    try:
+        ledger = Ledger(built)
+        ledger.load("Echo", threads=2)
+        time.sleep(2)
+        scaler = next(p for p in built.group.processes if p.name == "scaler")
+        scaler.proc.kill()
+        time.sleep(3)
+        ledger.finish()
+        report = ledger.check(grace_s=60)
+        _all_served(report)
+        wait_until(lambda: len(built.heartbeating("chaos", "Echo")) == 2, 10, what="replicas unaffected")
+    finally:
+        built.stop()
