@@ -183,7 +183,7 @@ def redis_env(redis_url: str, extra: dict[str, str] | None = None) -> dict[str, 
     The URL may hold a password, so it never goes on a command line (any local user reads argv through
     /proc/<pid>/cmdline); a process's environment is readable only by its owner and root.
     """
-    return child_env({"REDIS_URL": redis_url, **(extra or {})})
+    return child_env({**(extra or {}), "REDIS_URL": redis_url})
 
 
 def gateway_command(host: str, port: int) -> list[str]:
