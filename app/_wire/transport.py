@@ -144,7 +144,7 @@ class ResultWaiter:
 
     def _resolve(self, raw: Any) -> None:
         record = _results.decode(raw)  # wide integers exact
-        fut = self._futures.pop(record.get("task_id"), None)
+        fut = self._futures.pop(record.get("task_id") or "", None)
         if fut is not None and not fut.done():
             fut.set_result(record)
 
