@@ -136,7 +136,7 @@ def test_the_embedded_redis_listens_only_on_its_private_socket(secured: dict) ->
         assert client.ping()
     banner = secured["run"].output
     binary = embedded_redis.find_binary()
-    assert f"Redis     embedded: redis-server {binary.version_text} ({binary.path}) on unix socket" in banner
+    assert f"Redis     redis-server {binary.version_text} ({binary.path}) on unix socket" in banner
 
 
 def test_a_tcp_port_and_the_vulnerability_warning_when_asked(tmp_path: Path) -> None:

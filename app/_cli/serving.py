@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         route = "" if spec_prefix == "/" else spec_prefix
         print(f"  HTTP      {session.gateway_url}{route}/  (docs: {session.gateway_url}/docs)", flush=True)
         if session.embedded is not None:
-            print(f"  Redis     embedded: {session.embedded.describe()}", flush=True)
+            print(f"  Redis     {session.embedded.describe()}  (embedded)", flush=True)
             for advisory in embedded_redis.known_vulnerabilities(session.embedded.binary.version):
                 print(f"  WARNING   redis-server {session.embedded.binary.version_text} predates the fix of "
                       f"{advisory}; install a patched redis-server or set SERVE_REDIS_SERVER", flush=True)
