@@ -9,8 +9,9 @@ any request reaches the app:
   to the end of its headers; a connection that misses it gets `408` and is closed;
 - header size (`SERVE_MAX_HEADER_BYTES`, 16 KiB for the request line and all headers) and number
   (`SERVE_MAX_HEADERS`, 100): `431`, then the connection is closed;
-- open connections: at most `SERVE_MAX_CONNECTIONS` (2048) in all and `SERVE_MAX_CONNECTIONS_PER_CLIENT`
-  (256) from one address; one more gets `503` at once and is closed.
+- open connections: at most `SERVE_MAX_CONNECTIONS` (10,000) in all and `SERVE_MAX_CONNECTIONS_PER_CLIENT`
+  (2048) from one address; one more gets `503` at once and is closed. (Idle sockets cost little once the
+  header deadline closes those that send nothing.)
 
 The body's deadline (`SERVE_BODY_TIMEOUT_S`) is kept where the body is read (`celery_serve.api.proxy.read_body`).
 """
@@ -34,8 +35,8 @@ class ConnectionLimits:
     header_timeout_s: float = 10.0
     max_header_bytes: int = 16 * 1024
     max_headers: int = 100
-    max_connections: int = 2048
-    max_connections_per_client: int = 256
+    max_connections: int = 10_000
+    max_connections_per_client: int = 2048
 
 
 class _Rejected(Exception):

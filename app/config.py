@@ -199,8 +199,8 @@ class ServeSettings(BaseSettings):
     body_timeout_s: float = Field(default=30.0, gt=0)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     max_headers: int = Field(default=100, ge=8)
-    max_connections: int = Field(default=2048, ge=1)
-    max_connections_per_client: int = Field(default=256, ge=1)
+    max_connections: int = Field(default=10_000, ge=1)
+    max_connections_per_client: int = Field(default=2048, ge=1)
     # Starlette middlewares around the gateway (celery_serve.api.middlewares): module:attribute or JSON.
     http_middlewares: str | None = None
     cors_allow_origins: str | None = None  # comma-separated origins: CORS answered at the gateway

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from celery_serve.exceptions import ServeStartupError
@@ -117,12 +118,16 @@ def known_vulnerabilities(version: tuple[int, int, int]) -> list[str]:
     return found
 
 
-def start(group: object, port: int | None = None, data_dir: str | None = None) -> EmbeddedRedis:
+class _Starter(Protocol):
+    """What `start` needs of a `celery_serve._runtime.launcher.ProcessGroup` (named so: no import cycle)."""
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> Any: ...
+
+
+def start(group: _Starter, port: int | None = None, data_dir: str | None = None) -> EmbeddedRedis:
     """Start a private redis-server in `group` (a `ProcessGroup`) and return it once it answers PING."""
-    from celery_serve._runtime.launcher import ProcessGroup
     from celery_serve._wire.connections import wait_for_redis
 
-    assert isinstance(group, ProcessGroup)
     binary = find_binary()
     directory = Path(data_dir or tempfile.mkdtemp(prefix="celery-serve-redis-"))  # mkdtemp makes it 0700
     directory.mkdir(parents=True, exist_ok=True)
