@@ -113,7 +113,7 @@ def main() -> None:
                 with ledger.lock:
                     due = list(ledger.accepted)[checked : max(checked, len(ledger.accepted) - int(rate * 90))]
                 if due:
-                    ledger.check(grace_s=5, ids=due, report=report)
+                    ledger.check(grace_s=30, ids=due, report=report)
                     checked += len(due)
 
         threads = [threading.Thread(target=offer, args=(rate / 4,), daemon=True) for _ in range(4)]

@@ -240,6 +240,22 @@ class Ledger:
             self.refused += 1
         return None
 
+    @staticmethod
+    def _read(http: httpx.Client, job_id: str, deadline: float) -> httpx.Response | None:
+        """GET the job, waiting for it to end until `deadline`; a 503 or a dropped connection (Redis is the
+        fault under test) is retried until then, never counted as the job's state."""
+        while True:
+            wait = max(0.0, min(30.0, deadline - time.monotonic()))
+            try:
+                response = http.get(f"/jobs/{job_id}", params={"wait": wait})
+                if response.status_code != 503:
+                    return response
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.5)
+
     def load(self, deployment: str, threads: int = 3, interval_s: float = 0.02, **kwargs: Any) -> None:
         """Submit jobs from `threads` threads until `finish()`."""
 
@@ -259,6 +275,12 @@ class Ledger:
         for thread in self.threads:
             thread.join(30)
 
+    def _locate(self, job_id: str) -> list[str] | str:
+        try:
+            return self.stack.locate(job_id)
+        except redis.RedisError as exc:
+            return repr(exc)
+
     def check(self, grace_s: float = 60.0, ids: list[str] | None = None, report: Report | None = None) -> Report:
         """Read accepted jobs back (all, or `ids`), waiting up to `grace_s` for the last ones to end; adds to
         `report` when given (a long run checks as it goes, before records pass their retention)."""
@@ -270,8 +292,10 @@ class Ledger:
         deadline = time.monotonic() + grace_s
         with self.stack.http(timeout=grace_s + 10) as http:
             for job_id, value in chosen.items():
-                wait = max(0.0, min(30.0, deadline - time.monotonic()))
-                response = http.get(f"/jobs/{job_id}", params={"wait": wait})
+                response = self._read(http, job_id, deadline)
+                if response is None:
+                    report.stuck.append((job_id, "unreadable"))
+                    continue
                 if response.status_code == 404:
                     report.lost.append(job_id)
                     report.where.setdefault("lost", response.json())
@@ -280,7 +304,7 @@ class Ledger:
                 status = job.get("status")
                 if status not in TERMINAL:
                     report.stuck.append((job_id, status))
-                    report.where.setdefault("stuck", {**job, "message_in": self.stack.locate(job_id)})
+                    report.where.setdefault("stuck", {**job, "message_in": self._locate(job_id)})
                     continue
                 report.ended[status] += 1
                 if status == "succeeded":
