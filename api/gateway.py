@@ -51,7 +51,7 @@ class Gateway:
         self.settings = settings
         self.transport = QueueTransport(settings.redis_url)
         self.routes = RouteTable(self.transport.redis, on_data_loss=self.transport.lost_requests)
-        self.proxy = Proxy(self.transport, self.routes, settings.max_body_bytes)
+        self.proxy = Proxy(self.transport, self.routes, settings.max_body_bytes, settings.body_timeout_s)
         self.jobs = JobStore(self.transport.redis)
         self.streams = StreamRelay(self.transport, self.jobs)
         self.proxy.streams = self.streams
@@ -127,7 +127,11 @@ class Gateway:
             return Response(await self.metrics.render(self.transport.redis), media_type=CONTENT_TYPE)
 
         control.include_router(stream_router(self.streams))
-        control.include_router(jobs_router(self.transport, self.routes, self.jobs, self.settings.max_body_bytes))
+        control.include_router(
+            jobs_router(
+                self.transport, self.routes, self.jobs, self.settings.max_body_bytes, self.settings.body_timeout_s
+            )
+        )
         return control
 
     async def _openapi(self, control: FastAPI) -> dict[str, Any]:

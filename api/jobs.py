@@ -14,17 +14,17 @@ deployment (or a pipeline application) answers 404 with the deployments there ar
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from celery_serve._runtime.spec import AppSpec, DeploymentSpec
+from celery_serve._wire import strictjson
 from celery_serve._wire.connections import REDIS_FAULTS
 from celery_serve._wire.jobs import TERMINAL, JobStore
 from celery_serve._wire.transport import QueueTransport
-from celery_serve.api.proxy import accepted_payload, http_envelope, read_body
+from celery_serve.api.proxy import accepted_payload, claim_request_id, http_envelope, read_body
 from celery_serve.api.routes import RouteTable
 from celery_serve.exceptions import BackpressureError, BadRequestError, DeploymentNotFoundError, ServeError
 
@@ -40,7 +40,9 @@ def _error(exc: ServeError) -> JSONResponse:
     )
 
 
-def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, max_body_bytes: int) -> APIRouter:
+def jobs_router(
+    transport: QueueTransport, routes: RouteTable, jobs: JobStore, max_body_bytes: int, body_timeout_s: float = 30.0
+) -> APIRouter:
     router = APIRouter(prefix="/jobs", tags=["jobs"])
 
     def find_deployment(name: str, app: str | None) -> DeploymentSpec | AppSpec | None:
@@ -59,10 +61,14 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
     ) -> Any:
         try:
             body = await read_body(
-                request.receive, request.headers.get("content-length", "").encode() or None, max_body_bytes
+                request.receive,
+                request.headers.get("content-length", "").encode() or None,
+                max_body_bytes,
+                body_timeout_s,
             )
             name, _, rest = target.strip("/").partition("/")
             key = request.headers.get("idempotency-key")
+            task_id = await claim_request_id(transport.redis, request.headers.get("x-request-id"))
             if name != ROUTE_JOBS:  # a deployment by name: a call with arguments, as through a handle
                 dep = find_deployment(name, app)
                 if dep is None and await routes.refresh_on_miss():  # deployed a moment ago?
@@ -79,6 +85,7 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
                     idempotency_key=key,
                     expect_reply=False,
                     stream="allow",  # a generator method streams: GET /jobs/{id}/stream follows it
+                    task_id=task_id,
                 )
             else:  # /jobs/-/<path>: the same HTTP request a synchronous call to /<path> takes
                 path = "/" + rest.strip("/")
@@ -89,7 +96,9 @@ def jobs_router(transport: QueueTransport, routes: RouteTable, jobs: JobStore, m
                 verb = request.headers.get(_METHOD_OVERRIDE, "POST").upper()
                 http = http_envelope(request.scope, body, path=path, method=verb)
                 method = request.headers.get("x-serve-call-method", "__call__")
-                sub = await transport.submit(dep, method, http=http, job=True, idempotency_key=key, expect_reply=False)
+                sub = await transport.submit(
+                    dep, method, http=http, job=True, idempotency_key=key, expect_reply=False, task_id=task_id
+                )
         except ServeError as exc:
             return _error(exc)
         except REDIS_FAULTS as exc:
@@ -153,8 +162,8 @@ def _call_arguments(body: bytes) -> tuple[list[Any], dict[str, Any]]:
     if not body.strip():
         return [], {}
     try:
-        data = json.loads(body)
-    except ValueError as exc:
+        data = strictjson.loads(body)
+    except strictjson.NotJSONError as exc:
         raise BadRequestError(f"job body is not valid JSON: {exc}") from None
     if isinstance(data, dict) and set(data) <= {"args", "kwargs"} and data:
         args, kwargs = data.get("args", []), data.get("kwargs", {})

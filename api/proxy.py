@@ -11,6 +11,7 @@ into a `202` with the job's address.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -21,15 +22,20 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import Receive, Scope, Send
 
 from celery_serve._runtime.spec import AppSpec, DeploymentSpec
+from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
+from celery_serve._wire import strictjson
 from celery_serve._wire.connections import REDIS_FAULTS
 from celery_serve._wire.envelope import new_task_id
+from celery_serve._wire.jobs import client_request_id
 from celery_serve._wire.streams import STREAMING
 from celery_serve._wire.transport import QueueTransport, Submitted, target_name
 from celery_serve.api.routes import RouteTable
 from celery_serve.exceptions import (
     BackpressureError,
+    BadRequestError,
     PayloadTooLargeError,
+    RequestIdInUseError,
     RequestTimeoutError,
     ServeError,
     ServiceUnavailableError,
@@ -72,8 +78,10 @@ def accepted_payload(job_id: str) -> tuple[dict[str, Any], list[tuple[bytes, byt
     ]
 
 
-async def read_body(receive: Receive, content_length: bytes | None, limit: int) -> bytes:
-    """Read the request body, refusing it as soon as it is known to pass `limit` bytes."""
+async def read_body(receive: Receive, content_length: bytes | None, limit: int, timeout_s: float = 30.0) -> bytes:
+    """Read the request body, refusing it as soon as it is known to pass `limit` bytes (413), or when it has not
+    all arrived `timeout_s` after the headers (408: a body trickled a byte at a time holds nothing for long).
+    A client that disconnects before the end raises `ClientDisconnectedError`: a partial body is never queued."""
     if content_length is not None:
         try:
             declared = int(content_length)
@@ -85,22 +93,59 @@ async def read_body(receive: Receive, content_length: bytes | None, limit: int) 
             )
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body passed the limit of {limit} bytes (SERVE_MAX_BODY_BYTES)")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnectedError("the client disconnected before its request body ended")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(f"request body passed the limit of {limit} bytes (SERVE_MAX_BODY_BYTES)")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise BodyTimeoutError(
+            f"the request body did not arrive within {timeout_s:g} s (SERVE_BODY_TIMEOUT_S); {size} bytes came"
+        ) from None
     return b"".join(chunks)
 
 
+class ClientDisconnectedError(ServeError):
+    """The client went away while its request was being read: nothing is queued and nothing can be answered."""
+
+    http_status = 499
+
+
+class BodyTimeoutError(ServeError):
+    """The request body did not arrive in time (408)."""
+
+    http_status = 408
+
+
+def check_json_body(scope: Scope, body: bytes) -> None:
+    """Refuse a body that says it is JSON and is not strict JSON, before it is queued (`BadRequestError`)."""
+    if not body:
+        return
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            if media == b"application/json" or media.endswith(b"+json"):
+                try:
+                    strictjson.loads(body)
+                except strictjson.NotJSONError as exc:
+                    raise BadRequestError(f"request body is not valid JSON: {exc}") from None
+            return
+
+
 def http_envelope(scope: Scope, body: bytes, *, path: str | None = None, method: str | None = None) -> dict[str, Any]:
-    """The HTTP request as it travels in the task message (the replica rebuilds a Starlette Request)."""
+    """The HTTP request as it travels in the task message (the replica rebuilds a Starlette Request).
+
+    A body declared as JSON must be strict JSON (`BadRequestError` otherwise): bad input is answered at the door.
+    """
+    check_json_body(scope, body)
     client = scope.get("client")
     server = scope.get("server")
     return {
@@ -119,12 +164,32 @@ def http_envelope(scope: Scope, body: bytes, *, path: str | None = None, method:
 ROUTED_SCOPE_KEY = "celery_serve.routed"
 
 
+async def claim_request_id(redis: Any, chosen: bytes | str | None) -> str:
+    """The request's job id: the caller's `X-Request-ID` when it sent a valid, unused one, else a new UUID.
+
+    A caller that chose its id knows it before any byte of the answer, so after a lost connection it can still
+    `GET /jobs/{id}`. An id that already names a job is refused (409): it would read someone else's result.
+    """
+    if chosen is None:
+        return new_task_id()
+    task_id = client_request_id(chosen)
+    if await redis.exists(_keys.job(task_id)):
+        raise RequestIdInUseError(
+            f"request id '{task_id}' already names a job; choose a new X-Request-ID "
+            f"(GET /jobs/{task_id} reads the existing one)"
+        )
+    return task_id
+
+
 class Proxy:
-    def __init__(self, transport: QueueTransport, routes: RouteTable, max_body_bytes: int) -> None:
+    def __init__(
+        self, transport: QueueTransport, routes: RouteTable, max_body_bytes: int, body_timeout_s: float = 30.0
+    ) -> None:
         self.transport = transport
         self.routes = routes
         self.max_body_bytes = max_body_bytes
         self.streams: StreamRelay | None = None  # set by the gateway: relays streamed responses
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -150,21 +215,34 @@ class Proxy:
         scope[ROUTED_SCOPE_KEY] = found  # which application the split picked, for the metrics
         _, dep = found
         method = "__call__"
-        content_length = prefer = None
+        content_length = prefer = chosen_id = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 content_length = value
+            elif name == REQUEST_ID_HEADER:
+                chosen_id = value
             elif name == _CALL_METHOD_HEADER:
                 method = value.decode("latin-1").strip()
             elif name == _PREFER_HEADER:
                 prefer = value.decode("latin-1")
         try:
-            body = await read_body(receive, content_length, self.max_body_bytes)
-        except PayloadTooLargeError as exc:
-            await send_json(send, 413, error_payload(exc), [(b"connection", b"close")])
+            body = await read_body(receive, content_length, self.max_body_bytes, self.body_timeout_s)
+        except ClientDisconnectedError:
+            return
+        except (PayloadTooLargeError, BodyTimeoutError) as exc:
+            await send_json(send, exc.http_status, error_payload(exc), [(b"connection", b"close")])
+            return
+        try:
+            http = http_envelope(scope, body)
+            task_id = await claim_request_id(self.transport.redis, chosen_id)
+        except ServeError as exc:
+            await send_json(send, exc.http_status, error_payload(exc))
+            return
+        except REDIS_FAULTS as exc:
+            await send_unavailable(send, path, exc)
             return
         await self.forward(
-            send, dep, method, http_envelope(scope, body), spill_after_s=_spill_after(prefer), receive=receive
+            send, dep, method, http, spill_after_s=_spill_after(prefer), receive=receive, task_id=task_id
         )
 
     async def forward(
@@ -175,10 +253,11 @@ class Proxy:
         http: dict[str, Any],
         spill_after_s: float | None = None,
         receive: Receive | None = None,
+        task_id: str | None = None,
     ) -> None:
         """Enqueue one HTTP request for a deployment and answer with its result (or relay its stream)."""
         started = time.perf_counter()
-        task_id = new_task_id()
+        task_id = task_id or new_task_id()
         id_header = (REQUEST_ID_HEADER, task_id.encode())
         try:
             sub = await self.transport.submit(dep, method, http=http, task_id=task_id)

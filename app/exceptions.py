@@ -69,6 +69,12 @@ class JobCancelledError(ServeError):
     http_status = 409
 
 
+class RequestIdInUseError(ServeError):
+    """A client-chosen `X-Request-ID` already names a job (ids are never reused: they would read another result)."""
+
+    http_status = 409
+
+
 class ApplicationConflictError(ServeError):
     """Another live `celery-serve run` (or `serve.run()`) serves an application of this name on this Redis;
     stop it, choose another name, or replace it explicitly (`--replace`, `run(..., replace=True)`)."""
@@ -93,6 +99,12 @@ class ReplicaCrashError(ServeError):
 
 class StreamLimitError(ServeError):
     """A response stream passed its cap in chunks or bytes (`SERVE_STREAM_MAX_CHUNKS` / `_MAX_BYTES`)."""
+
+    http_status = 500
+
+
+class ResultNotJSONError(ServeError):
+    """A deployment returned a value with no JSON form (NaN, an infinity): its caller gets a 500 naming it."""
 
     http_status = 500
 

@@ -69,13 +69,15 @@ class Stack:
             spec = build_spec(import_application(target), name, f"/{name}")
             _serve.deploy_spec(self.direct_url, spec)
             self.specs[name] = spec
-        self.child_env = child_env({"CHAOS_REDIS_URL": self.direct_url, "SERVE_LOG_LEVEL": "WARNING", **self.env})
+        self.child_env = child_env(
+            {"CHAOS_REDIS_URL": self.direct_url, "REDIS_URL": self.url, "SERVE_LOG_LEVEL": "WARNING", **self.env}
+        )
         self.workers: dict[str, Any] = {}
         for name, spec in self.specs.items():
             for dep in spec.deployments:
                 self.start_worker(name, dep)
         if self.scaler:
-            self.group.start("scaler", scaler_command(self.url), env=self.child_env)
+            self.group.start("scaler", scaler_command(), env=self.child_env)
         self.gateway_url = start_gateway(self.group, self.url, self.child_env)
         for name, spec in self.specs.items():
             for dep, dspec in spec.deployments.items():
@@ -116,7 +118,7 @@ class Stack:
 
     def start_worker(self, app: str, dep: str) -> None:
         self.workers[f"{app}.{dep}"] = self.group.start(
-            f"worker {app}.{dep}", worker_command(self.url, app, dep), env=self.child_env
+            f"worker {app}.{dep}", worker_command(app, dep), env=self.child_env
         )
 
     def replica_pids(self, app: str, dep: str) -> list[int]:

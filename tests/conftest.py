@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from celery_serve import DeploymentHandle
-from celery_serve._runtime.launcher import ProcessGroup, child_env, free_port, gateway_command, start_embedded_redis
+from celery_serve._runtime.launcher import ProcessGroup, free_port, gateway_command, redis_env, start_embedded_redis
 
 T = TypeVar("T")
 
@@ -42,7 +42,7 @@ def wait_until(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: 
 def start_gateway(group: ProcessGroup, redis_url: str, env: dict[str, str] | None = None) -> str:
     """Start a gateway process (`python -m celery_serve gateway`) of its own; returns its URL once it answers."""
     port = free_port()
-    group.start("gateway", gateway_command(redis_url, "127.0.0.1", port), env=child_env(env))
+    group.start("gateway", gateway_command("127.0.0.1", port), env=redis_env(redis_url, env))
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -87,7 +87,7 @@ class Served:
 def _test_applications() -> dict[str, tuple[Any, str]]:
     """Application name -> (application, route prefix). No test application is served at '/'."""
     import examples.composition
-    from tests import deployments
+    from tests import deployments, safety_deployments
 
     return {
         "probe": (deployments.probe_app, "/probe"),
@@ -97,6 +97,8 @@ def _test_applications() -> dict[str, tuple[Any, str]]:
         "busy": (deployments.busy_app, "/busy"),
         "deadline": (deployments.deadline_app, "/deadline"),
         "load": (deployments.load_app, "/load"),
+        "strict": (safety_deployments.echo_app, "/strict"),
+        "strict_api": (safety_deployments.ingress_app, "/strict-api"),
     }
 
 

@@ -203,7 +203,7 @@ def test_cancel_after_the_end_is_409_and_unknown_or_malformed_ids_are_404_and_40
     ):
         assert response.status_code == 404
         assert response.json()["error"] == "DeploymentNotFoundError" and unknown in response.json()["message"]
-    for response in (http.get("/jobs/not-a-job-id"), http.delete("/jobs/not-a-job-id")):
+    for response in (http.get("/jobs/not!a:job-id"), http.delete("/jobs/-not-a-job-id")):  # see X-Request-ID rules
         assert response.status_code == 400
         assert "not a job id" in response.json()["message"]
 

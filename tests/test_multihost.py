@@ -70,6 +70,8 @@ def test_requests_are_served_across_hosts(network: Network, tmp_path: Path) -> N
         "",
         "--dir",
         str(tmp_path),
+        "--protected-mode",  # a passwordless Redis on a non-loopback address (7.x refuses those clients otherwise)
+        "no",
     ]
     redis_host.start("redis", redis_cmd)
     wait_until(lambda: _pings(url), 30, what="Redis on its host")

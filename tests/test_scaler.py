@@ -22,7 +22,7 @@ import redis
 
 from celery_serve import DeploymentHandle, run
 from celery_serve._runtime import serve as _serve
-from celery_serve._runtime.launcher import scaler_command
+from celery_serve._runtime.launcher import redis_env, scaler_command
 from celery_serve.status import DeploymentStatus, read_snapshot
 from celery_serve.workers.celery_app import make_celery
 from tests import scaling_deployments as sd
@@ -175,7 +175,7 @@ def test_a_killed_scaler_leaves_serving_alone_and_a_new_one_converges(
         assert restart.status().replicas == 1  # no scaler: the pool stays as it was, and serving goes on
         watcher = Watcher(restart)
         watcher.start()
-        session.group.start("scaler", scaler_command(served.redis_url))
+        session.group.start("scaler", scaler_command(), env=redis_env(served.redis_url))
         wait_until(lambda: restart.status().replicas == 3, timeout_s=60, what="the new scaler to grow the pool")
         stop.set()
         for loader in loaders:
@@ -224,6 +224,6 @@ def test_run_restarts_a_dead_scaler_and_serves_on_without_flower(redis_url: str)
         assert session.flower_url is None and "flower" not in [p.name for p in group.processes]
         scaler = next(p for p in group.processes if p.name == "scaler")
         assert scaler.proc.poll() is None  # started again
-        assert scaler.proc.args == scaler_command(redis_url)
+        assert scaler.proc.args == scaler_command()
     finally:
         group.stop()

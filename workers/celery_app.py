@@ -25,6 +25,8 @@ def kombu_url(url: str) -> tuple[str, dict[str, Any]]:
     Sentinels' own password, if any) in the transport options."""
     target = parse_redis_url(url)
     if target.kind == "single":
+        if url.startswith("unix://"):  # kombu and Celery name a unix socket redis+socket://
+            return "redis+socket://" + url[len("unix://") :], {}
         return url, {}
     auth = ""
     if target.password is not None:

@@ -12,12 +12,12 @@ import base64
 from typing import Any
 from urllib.parse import parse_qsl
 
-import orjson
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message
 
+from celery_serve._wire import strictjson
 from celery_serve.exceptions import BadRequestError
 
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -44,8 +44,8 @@ class ServeRequest(Request):
     def json_sync(self) -> Any:
         if not hasattr(self, "_json"):
             try:
-                self._json = orjson.loads(self._body)
-            except (ValueError, UnicodeDecodeError) as exc:
+                self._json = strictjson.loads(self._body)
+            except strictjson.NotJSONError as exc:
                 raise BadRequestError(f"request body is not valid JSON: {exc}") from None
         return self._json
 
@@ -143,13 +143,15 @@ async def run_asgi(app: ASGIApp, scope: dict[str, Any], body: bytes) -> dict[str
 
 
 def _json_bytes(value: Any) -> bytes:
+    """JSON for a returned value; `strictjson.NotJSONError` for NaN or an infinity (never a silent null)."""
     try:
-        return orjson.dumps(value, option=_ORJSON)
+        return strictjson.dumps(value)
+    except strictjson.NotJSONError:
+        raise
     except (TypeError, ValueError):
-        return orjson.dumps(to_jsonable(value), option=_ORJSON)
+        return strictjson.dumps(to_jsonable(value))
 
 
-_ORJSON = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY  # int keys as JSON does; numpy arrays as lists
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _JSON = [(b"content-type", b"application/json")]
 _BINARY = [(b"content-type", b"application/octet-stream")]
@@ -168,11 +170,13 @@ async def encode_result(value: Any, scope: dict[str, Any]) -> dict[str, Any]:
 
 def to_jsonable(value: Any) -> Any:
     """A handle call's return value as plain JSON data (pydantic models, dataclasses, datetimes...)."""
-    if value is None or isinstance(value, (str, int, float, bool)):
+    if value is None or isinstance(value, (str, int, bool)):
         return value
     try:
-        orjson.dumps(value, option=_ORJSON)
+        strictjson.dumps(value)
         return value
+    except strictjson.NotJSONError:
+        raise
     except (TypeError, ValueError):
         if type(value).__module__.partition(".")[0] in ("torch", "numpy") and hasattr(value, "tolist"):
             return value.tolist()  # a tensor (e.g. one row of a batch's output) as nested lists or a number

@@ -95,8 +95,6 @@ class ReplicaPool(BasePool):
             conf.serve_app,
             "--deployment",
             conf.serve_deployment,
-            "--redis-url",
-            conf.serve_redis_url,
             "--replica-id",
             replica_id,
         ]
@@ -108,6 +106,7 @@ class ReplicaPool(BasePool):
         env.update(replica_env(slot.devices, conf.serve_cpu_fallback))
         env.update(conf.serve_replica_env)
         env["SERVE_WORKER_HOSTNAME"] = conf.get("serve_worker_hostname") or ""
+        env["REDIS_URL"] = conf.serve_redis_url  # in the environment, never in argv: it may hold a password
         slot.proc = spawn(self._command(slot.replica_id), env=env, start_new_session=True)
         slot.started_at = time.monotonic()
         logger.info("started replica pid %d of %s", slot.proc.pid, self.app.conf.serve_deployment)

@@ -17,9 +17,10 @@ from typing import Any
 
 from celery_serve._runtime.spec import AppSpec, is_multiplexed, resolve_deployment
 from celery_serve._wire import results as _results
+from celery_serve._wire import strictjson
 from celery_serve._wire.envelope import Envelope
 from celery_serve.batch import BatchConfig, batch_config, batcher_of
-from celery_serve.exceptions import DeploymentNotFoundError, ServeError
+from celery_serve.exceptions import DeploymentNotFoundError, ResultNotJSONError, ServeError
 from celery_serve.handle import DeploymentHandle
 from celery_serve.multiplex import held_models, reset_multiplexed_model_id, set_multiplexed_model_id
 from celery_serve.workers.batching import Item, Outcome
@@ -271,8 +272,13 @@ class Replica:
                 value = await encode_result(value, build_scope(env.http or _PLAIN_HTTP))
             try:
                 return _results.success(env.job_id, value)
+            except strictjson.NotJSONError:
+                raise
             except (TypeError, ValueError):
                 return _results.success(env.job_id, to_jsonable(value))
+        except strictjson.NotJSONError as exc:
+            message = f"deployment '{self.name}' returned a result that is not valid JSON: {exc}"
+            return self._failure(env, ResultNotJSONError(message))
         except Exception as exc:  # noqa: BLE001 - an unencodable result fails only its request
             return self._failure(env, exc)
 

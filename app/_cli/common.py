@@ -127,12 +127,32 @@ def source_of(target: str) -> str:
     return target if ":" in target else f"{target}:app"
 
 
+def add_http_options(parser: argparse.ArgumentParser) -> None:
+    """The gateway's middlewares (Ray's http_options): CORS origins, or a list of Starlette middlewares."""
+    parser.add_argument(
+        "--cors-allow-origins",
+        default=None,
+        metavar="ORIGINS",
+        help="answer CORS at the gateway for these comma-separated origins ($SERVE_CORS_ALLOW_ORIGINS)",
+    )
+    parser.add_argument(
+        "--http-middlewares",
+        default=None,
+        metavar="MODULE:ATTR",
+        help="a list of starlette.middleware.Middleware to wrap the gateway in ($SERVE_HTTP_MIDDLEWARES)",
+    )
+
+
 def require_redis(args: argparse.Namespace) -> str:
-    """The Redis named by --redis-url or $REDIS_URL, checked for its form."""
+    """The Redis named by --redis-url or $REDIS_URL, checked for its form and answering with our credentials.
+
+    Fail closed: a command that cannot reach Redis, or that Redis refuses, ends within seconds with one line
+    (`ServeError`) instead of starting and logging warnings forever."""
     url = getattr(args, "redis_url", None) or os.environ.get("REDIS_URL")
     if not url:
         raise ServeError("this command needs a Redis: pass --redis-url or set REDIS_URL")
-    return check_url(str(url))
+    wait_for_redis(check_url(str(url)))
+    return str(url)
 
 
 def find_run(args: argparse.Namespace) -> RunRecord | None:

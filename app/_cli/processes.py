@@ -8,6 +8,7 @@ import json
 from celery_serve._cli.common import (
     HelpFormatter,
     add_access_log,
+    add_http_options,
     add_log_level,
     add_name,
     add_redis_url,
@@ -25,6 +26,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from celery_serve.api.main import serve
 
     settings = ServeSettings(host=args.host, port=args.port, log_level=args.log_level)
+    settings.http_middlewares = args.http_middlewares or settings.http_middlewares
+    settings.cors_allow_origins = args.cors_allow_origins or settings.cors_allow_origins
     settings.redis_url = require_redis(args)
     serve(settings)
     return 0
@@ -74,9 +77,22 @@ def cmd_scaler(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    from celery_serve._runtime import flower_auth
     from celery_serve.workers.flower import run_flower
 
-    return run_flower(require_redis(args), args.port, args.address, args.log_level)
+    url = require_redis(args)
+    credentials = flower_auth.resolve(auth=not args.no_auth)  # $FLOWER_BASIC_AUTH, else generated once
+    if credentials.basic_auth is None:
+        os.environ.pop("FLOWER_BASIC_AUTH", None)
+        print("celery-serve: Flower runs WITHOUT authentication (--no-auth)", file=sys.stderr, flush=True)
+    else:
+        os.environ["FLOWER_BASIC_AUTH"] = credentials.basic_auth  # Flower reads its options from FLOWER_*
+        if credentials.source != "given":
+            print(f"celery-serve: Flower user {credentials.user}, password in {credentials.source}", file=sys.stderr)
+    return run_flower(url, args.port, args.address, args.log_level)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,6 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     gateway.add_argument(
         "--port", type=int, default=int(env_default("SERVE_PORT", "8000") or 8000), help="port ($SERVE_PORT)"
     )
+    add_http_options(gateway)
     add_redis_url(gateway)
     add_log_level(gateway)
     add_access_log(gateway)
@@ -120,8 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     flower = sub.add_parser(
         "flower",
         help="run Flower, Celery's monitor, against an existing Redis",
-        description="Flower shows every deployment's workers and every request as a task. Its credentials come "
-        "from $FLOWER_BASIC_AUTH (user:password); set them before binding beyond loopback.",
+        description="Flower shows every deployment's workers and every request as a task, so it asks for "
+        "credentials: $FLOWER_BASIC_AUTH (user:password), else a password generated once and kept in "
+        ".serve/flower-credentials (0600). --no-auth turns that off.",
         formatter_class=HelpFormatter,
     )
     flower.add_argument(
@@ -129,6 +147,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     flower.add_argument(
         "--address", default=env_default("FLOWER_ADDRESS", "127.0.0.1"), help="bind address ($FLOWER_ADDRESS)"
+    )
+    flower.add_argument(
+        "--no-auth", action="store_true", help="serve Flower without authentication (it shows every request)"
     )
     add_redis_url(flower)
     add_log_level(flower)

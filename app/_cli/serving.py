@@ -12,6 +12,7 @@ from types import FrameType
 from celery_serve._cli.common import (
     HelpFormatter,
     add_access_log,
+    add_http_options,
     add_log_level,
     add_name,
     add_redis_url,
@@ -33,11 +34,16 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from celery_serve._runtime import embedded_redis
     from celery_serve._runtime import serve as _serve
     from celery_serve._runtime.launcher import check_port_free
-    from celery_serve.exceptions import ServeStartupError
+    from celery_serve.exceptions import ServeError
 
     os.environ.setdefault("SERVE_LOG_LEVEL", args.log_level)
+    if args.cors_allow_origins:  # the gateway reads them from its environment
+        os.environ["SERVE_CORS_ALLOW_ORIGINS"] = args.cors_allow_origins
+    if args.http_middlewares:
+        os.environ["SERVE_HTTP_MIDDLEWARES"] = args.http_middlewares
     config_file = is_config_file(args.target)
     application = None if config_file else import_application(args.target)
     # Both ports are checked before anything starts, so a taken one costs no start-up and leaves nothing behind.
@@ -77,20 +83,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         flower = None
         if not args.no_flower:
             try:
-                flower = _serve.start_flower(args.flower_port, args.flower_address, args.flower_basic_auth)
-            except ServeStartupError as exc:
+                flower = _serve.start_flower(
+                    args.flower_port, args.flower_address, args.flower_basic_auth, auth=not args.flower_no_auth
+                )
+            except ServeError as exc:
                 print(f"celery-serve: {exc}", file=sys.stderr, flush=True)
         for name in names:
             spec_prefix = session.specs[name].route_prefix
             print(f"celery-serve: application '{name}' from {args.target}", flush=True)
             route = "" if spec_prefix == "/" else spec_prefix
             print(f"  HTTP      {session.gateway_url}{route}/  (docs: {session.gateway_url}/docs)", flush=True)
-        embedded = "" if (args.redis_url or os.environ.get("REDIS_URL")) else "  (embedded)"
-        print(f"  Redis     {redacted(session.redis_url)}{embedded}", flush=True)
+        if session.embedded is not None:
+            print(f"  Redis     {session.embedded.describe()}  (embedded)", flush=True)
+            for advisory in embedded_redis.known_vulnerabilities(session.embedded.binary.version):
+                print(
+                    f"  WARNING   redis-server {session.embedded.binary.version_text} predates the fix of "
+                    f"{advisory}; install a patched redis-server or set SERVE_REDIS_SERVER",
+                    flush=True,
+                )
+        else:
+            print(f"  Redis     {redacted(session.redis_url)}", flush=True)
         workers = sorted(w for name in names for w in session.workers.get(name, []))
         print(f"  workers   {', '.join(workers)}", flush=True)
-        if flower:
-            print(f"  Flower    {flower}/", flush=True)
+        credentials = session.flower_credentials
+        if flower and credentials is not None:
+            if credentials.basic_auth is None:
+                print(f"  Flower    {flower}/  (NO authentication: --flower-no-auth)", flush=True)
+            elif credentials.source == "given":
+                print(f"  Flower    {flower}/  (user {credentials.user}, the password you gave)", flush=True)
+            else:
+                print(f"  Flower    {flower}/  (user {credentials.user}, password in {credentials.source})", flush=True)
         print(f"  metrics   {session.gateway_url}/metrics  (celery-serve status for a table)", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         while True:
@@ -167,9 +189,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--flower-basic-auth",
         default=env_default("FLOWER_BASIC_AUTH"),
         metavar="USER:PASSWORD",
-        help="credentials for Flower ($FLOWER_BASIC_AUTH)",
+        help="credentials for Flower ($FLOWER_BASIC_AUTH; default: generated once, kept in .serve/flower-credentials)",
+    )
+    run.add_argument(
+        "--flower-no-auth", action="store_true", help="serve Flower without authentication (it shows every request)"
     )
     _add_replace(run)
+    add_http_options(run)
     add_redis_url(run)
     add_log_level(run)
     add_access_log(run)

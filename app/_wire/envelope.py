@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from celery_serve._wire import keys as _keys
+from celery_serve._wire import strictjson
 from celery_serve._wire.affinity import MODEL_ID_HEADER
 from celery_serve.exceptions import BadRequestError
 
@@ -108,7 +109,7 @@ def build_message(
     kwargs = kwargs or {}
     embed = _EMBED if not chain else {**_EMBED, "chain": chain}
     try:
-        body = orjson.dumps([list(args), kwargs, embed], option=orjson.OPT_NON_STR_KEYS)
+        body = strictjson.dumps([list(args), kwargs, embed])  # wide integers kept, NaN refused
     except (TypeError, ValueError) as exc:
         raise BadRequestError(
             f"arguments for {deployment}.{method} must be JSON-serializable (celery-serve sends JSON only): {exc}"
@@ -177,7 +178,7 @@ def parse_message(raw: bytes | str) -> Envelope:
         body = message["body"]
         if props.get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        args, kwargs, embed = orjson.loads(body)
+        args, kwargs, embed = strictjson.loads(body)
         headers = message["headers"]
         task_name = headers["task"]
         expires = headers.get("expires")

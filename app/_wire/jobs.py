@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from typing import Any
@@ -30,11 +31,29 @@ logger = logging.getLogger(__name__)
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 
 
+# A client may choose its request's id (X-Request-ID): a UUID, or 1-128 letters, digits, '.', '_', '-' that
+# start with a letter or digit (so never '-', the route-jobs marker, and nothing that could split a key or a path).
+_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def check_job_id(job_id: str) -> str:
+    """A job id as stored: UUIDs in their canonical form, client-chosen ids as they are."""
     try:
         return str(uuid.UUID(job_id))
     except (ValueError, AttributeError, TypeError):
-        raise BadRequestError(f"'{job_id}' is not a job id: job ids are UUIDs like 3f0c5a8e-...") from None
+        pass
+    if isinstance(job_id, str) and _CLIENT_ID.fullmatch(job_id):
+        return job_id
+    raise BadRequestError(
+        f"'{job_id[:64] if isinstance(job_id, str) else job_id}' is not a job id: job ids are UUIDs, or 1-128 "
+        "letters, digits, '.', '_' and '-' starting with a letter or digit"
+    )
+
+
+def client_request_id(value: bytes | str) -> str:
+    """The job id a client asked for in `X-Request-ID`; `BadRequestError` saying what is allowed otherwise."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    return check_job_id(text.strip())
 
 
 def _text(value: bytes | None) -> str | None:

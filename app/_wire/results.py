@@ -10,8 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
+from celery_serve._wire import strictjson
 from celery_serve.exceptions import ServeError, error_from_dict
 
 SUCCESS = "SUCCESS"
@@ -29,7 +28,7 @@ def _record(task_id: str, status: str, result: Any, **extra: Any) -> str:
         "task_id": task_id,
         **extra,
     }
-    return orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY).decode()
+    return strictjson.dumps(record).decode()  # NaN refused (NotJSONError), wide integers exact
 
 
 def success(task_id: str, value: Any) -> str:
@@ -74,7 +73,7 @@ def cancelled(task_id: str) -> str:
 
 
 def decode(raw: bytes | str) -> dict[str, Any]:
-    return orjson.loads(raw)  # type: ignore[no-any-return]
+    return strictjson.loads(raw)
 
 
 def unwrap(record: dict[str, Any], deployment: str = "") -> Any:

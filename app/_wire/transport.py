@@ -145,8 +145,8 @@ class ResultWaiter:
                 await asyncio.sleep(0.5)
 
     def _resolve(self, raw: Any) -> None:
-        record = orjson.loads(raw)
-        fut = self._futures.pop(record.get("task_id"), None)
+        record = _results.decode(raw)  # wide integers exact
+        fut = self._futures.pop(record.get("task_id") or "", None)
         if fut is not None and not fut.done():
             fut.set_result(record)
 
