@@ -78,6 +78,12 @@ class Streamer:
     def numbers(self, n: int) -> Generator[int, None, None]:
         yield from range(n)
 
+    def scores(self, n: int) -> Generator[float, None, None]:
+        """n finite scores, then NaN: a chunk with no JSON form."""
+        for i in range(n):
+            yield i / 2
+        yield float("nan")
+
     async def words(self, text: str) -> AsyncGenerator[str, None]:
         for word in text.split():
             await asyncio.sleep(0)

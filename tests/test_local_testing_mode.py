@@ -173,3 +173,36 @@ def test_a_local_handle_refuses_to_travel() -> None:
     handle = serve.run(app, name="travel", _local_testing_mode=True)
     with pytest.raises(serve.DeploymentConfigError, match="cannot leave its process"):
         pickle.dumps(handle)
+
+
+@serve.deployment
+class Tokens:
+    def count(self, n: int):
+        yield from range(n)
+
+    async def words(self, text: str):
+        for word in text.split():
+            await asyncio.sleep(0)
+            yield word
+
+    def plain(self) -> int:
+        return 1
+
+    def which_model(self) -> str:
+        return serve.get_multiplexed_model_id()
+
+
+def test_streams_and_model_ids_work_locally_as_they_do_distributed() -> None:
+    handle = serve.run(Tokens.bind(), name="tokens", _local_testing_mode=True)
+    assert list(handle.options(stream=True).count.remote(4)) == [0, 1, 2, 3]
+
+    async def collect() -> list[str]:
+        return [w async for w in handle.options(stream=True).words.remote("a b c")]
+
+    assert asyncio.run(collect()) == ["a", "b", "c"]
+    with pytest.raises(serve.StreamUsageError, match=r"options\(stream=True\)"):
+        handle.count.remote(2).result()
+    with pytest.raises(serve.StreamUsageError, match="not a generator"):
+        list(handle.options(stream=True).plain.remote())
+    assert handle.options(multiplexed_model_id="m7").which_model.remote().result() == "m7"
+    assert handle.which_model.remote().result() == ""

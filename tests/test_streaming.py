@@ -221,6 +221,19 @@ def test_the_stream_caps_end_the_stream_with_a_clear_error(apps: Apps) -> None:
     assert items == [30 * 1024 * 1024] * 2
 
 
+def test_a_chunk_with_no_json_form_ends_the_stream_with_an_error_never_null(apps: Apps) -> None:
+    got = []
+    with pytest.raises(serve.ResultNotJSONError, match=r"chunk 2 of the stream .*NaN"):
+        for item in apps.handles["streams"].options(stream=True).scores.remote(2):
+            got.append(item)
+    assert got == [0.0, 0.5]
+    with apps.http() as http:
+        job = http.post("/jobs/Streamer/scores", params={"app": "streams"}, json={"args": [1]}).json()
+        wrapped = http.get(f"/jobs/{job['job_id']}/stream", headers={"Accept": "text/event-stream"})
+        assert wrapped.text.startswith("id: 0\ndata: 0.0\n\nevent: error\n")
+        assert "ResultNotJSONError" in wrapped.text and "null" not in wrapped.text
+
+
 # --- handles ---------------------------------------------------------------------------------------------
 
 

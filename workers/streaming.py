@@ -32,8 +32,9 @@ from starlette.types import ASGIApp, Message
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
 from celery_serve._wire import streams as _streams
+from celery_serve._wire import strictjson
 from celery_serve._wire.envelope import Envelope
-from celery_serve.exceptions import JobCancelledError, StreamLimitError, StreamUsageError
+from celery_serve.exceptions import JobCancelledError, ResultNotJSONError, StreamLimitError, StreamUsageError
 from celery_serve.workers.batching import Outcome
 from celery_serve.workers.http import response_dict
 
@@ -132,25 +133,34 @@ def check(env: Envelope, outcome: Outcome, deployment: str) -> Outcome:
         return outcome
     streamed = is_stream(outcome.value)
     where = f"'{deployment}.{env.method}'"
-    if env.stream == REQUIRE and not streamed:
-        return Outcome(
-            error=StreamUsageError(
-                f"{where} returned {type(outcome.value).__name__}, not a generator: call it without stream=True "
-                "(handle.options(stream=True) and Client.stream are for generator methods)"
-            )
-        )
     if streamed and (env.chain or env.chord):
         _close(outcome.value)
         return Outcome(error=StreamUsageError(f"{where} returned a stream, but only the last step of a pipeline can"))
-    if streamed and not (env.stream or env.http_reply):
-        _close(outcome.value)
-        return Outcome(
-            error=StreamUsageError(
-                f"{where} returned a generator: call it with handle.options(stream=True).{env.method}.remote(...) "
-                "and iterate the DeploymentResponseGenerator (or Client.stream)"
-            )
-        )
+    may = bool(env.stream or env.http_reply)  # "allow" (HTTP, POST /jobs) takes a stream or a value
+    error = usage_error(where, env.method, outcome.value, asked=env.stream == REQUIRE, may=may)
+    if error is not None:
+        if streamed:
+            _close(outcome.value)
+        return Outcome(error=error)
     return outcome
+
+
+def usage_error(where: str, method: str, value: Any, *, asked: bool, may: bool = False) -> StreamUsageError | None:
+    """The error for a caller that asked for a stream and got a value, or got a stream it did not ask for
+    (and may not take: `may`, an HTTP caller); None when the call fits the method. Shared with local
+    testing mode, so both say the same."""
+    streamed = is_stream(value)
+    if asked and not streamed:
+        return StreamUsageError(
+            f"{where} returned {type(value).__name__}, not a generator: call it without stream=True "
+            "(handle.options(stream=True) and Client.stream are for generator methods)"
+        )
+    if streamed and not asked and not may:
+        return StreamUsageError(
+            f"{where} returned a generator: call it with handle.options(stream=True).{method}.remote(...) "
+            "and iterate the DeploymentResponseGenerator (or Client.stream)"
+        )
+    return None
 
 
 def _close(value: Any) -> None:
@@ -266,7 +276,10 @@ class StreamWriter:
 
     def _admit(self, value: Any) -> tuple[bytes, bytes]:
         """Encode one chunk and count it against the caps (`StreamLimitError` past them)."""
-        kind, data = _streams.encode_chunk(value)
+        try:
+            kind, data = _streams.encode_chunk(value)
+        except strictjson.NotJSONError as exc:
+            raise ResultNotJSONError(f"chunk {self.chunks} of the stream is not valid JSON: {exc}") from None
         if self.chunks + 1 > self.limits.max_chunks:
             raise StreamLimitError(
                 f"the stream passed its cap of {self.limits.max_chunks} chunks (the deployment's "

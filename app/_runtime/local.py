@@ -5,8 +5,9 @@ No Redis, no workers, no gateway: each deployment is constructed once here (chil
 deployment arrives as a handle), and handles call it on one background event loop, with the same semantics
 as the distributed handles: `.remote()` returns a `DeploymentResponse` that can be awaited or `.result()`-ed,
 responses passed as arguments are awaited first, `handle.method.remote()` and `.options(method_name=...)`
-call other methods. Async methods run on the loop; sync methods run in threads, at most
-`max_ongoing_requests` of a deployment's requests at once (as on a replica). HTTP is not served.
+call other methods, `.options(multiplexed_model_id=...)` names a model and `.options(stream=True)` iterates a
+generator method. Async methods run on the loop; sync methods (and sync generators' steps) run in threads, at
+most `max_ongoing_requests` of a deployment's requests at once (as on a replica). HTTP is not served.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import asyncio
 import inspect
 import logging
 import threading
+import uuid
 from typing import Any
 
 from celery_serve._runtime.context import BackgroundLoop
 from celery_serve.application import Application, Pipeline, flatten, name_of, replace_applications
 from celery_serve.exceptions import DeploymentConfigError, DeploymentNotFoundError
-from celery_serve.handle import DeploymentHandle, DeploymentResponse, _resolve
+from celery_serve.handle import _END, DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator, _resolve
 from celery_serve.multiplex import set_multiplexed_model_id
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,12 @@ class _LocalReplica:
             raise DeploymentNotFoundError(f"deployment '{self.name}' has no method '{name}'")
         return call
 
-    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], model_id: str = "") -> Any:
+    async def call(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], model_id: str = "", stream: bool = False
+    ) -> Any:
+        """Run one call; with `stream` the opened `_LocalStream` (the generator runs as it is iterated)."""
+        from celery_serve.workers.streaming import usage_error
+
         set_multiplexed_model_id(model_id)  # this task's own context: seen by this request only
         args = tuple([await _resolve(a) for a in args])
         kwargs = {k: await _resolve(v) for k, v in kwargs.items()}
@@ -59,28 +66,72 @@ class _LocalReplica:
         if self._limit is None:
             self._limit = asyncio.Semaphore(self.max_ongoing)
         async with self._limit:
-            if inspect.iscoroutinefunction(func):
-                return await func(*args, **kwargs)
-            value = await asyncio.to_thread(func, *args, **kwargs)  # copies the context: the model id too
+            if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+                value = func(*args, **kwargs)
+            else:
+                value = await asyncio.to_thread(func, *args, **kwargs)  # copies the context: the model id too
             if inspect.isawaitable(value):
                 value = await value
-            return value
+        error = usage_error(f"'{self.name}.{method}'", method, value, asked=stream)
+        if error is not None:
+            if inspect.isgenerator(value):
+                value.close()
+            elif inspect.isasyncgen(value):
+                await value.aclose()
+            raise error
+        return _LocalStream(value) if stream else value
+
+
+class _LocalStream:
+    """A generator method's stream in local testing mode: what `DeploymentResponseGenerator` iterates."""
+
+    def __init__(self, generator: Any) -> None:
+        self.job_id = str(uuid.uuid4())
+        self.generator = generator
+
+    async def next(self) -> Any:
+        if inspect.isasyncgen(self.generator):
+            try:
+                return await self.generator.__anext__()
+            except StopAsyncIteration:
+                return _END
+        return await asyncio.to_thread(next, self.generator, _END)  # a sync step may block: not on the loop
+
+    async def cancel(self) -> None:
+        if inspect.isasyncgen(self.generator):
+            await self.generator.aclose()
+        else:
+            self.generator.close()
 
 
 class LocalDeploymentHandle(DeploymentHandle):
     """A handle to a deployment running in this process (local testing mode)."""
 
-    def options(self, *, method_name: str | None = None, **_ignored: Any) -> LocalDeploymentHandle:
-        return LocalDeploymentHandle(self.deployment_name, self.app_name, method_name=method_name or self.method_name)
+    def options(
+        self,
+        *,
+        method_name: str | None = None,
+        multiplexed_model_id: str | None = None,
+        stream: bool | None = None,
+    ) -> LocalDeploymentHandle:
+        return LocalDeploymentHandle(
+            self.deployment_name,
+            self.app_name,
+            method_name=method_name or self.method_name,
+            multiplexed_model_id=self.multiplexed_model_id if multiplexed_model_id is None else multiplexed_model_id,
+            stream=self.stream if stream is None else stream,
+        )
 
-    def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse:
+    def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse | DeploymentResponseGenerator:
         replica = _apps.get(self.app_name, {}).get(self.deployment_name)
         loop = _loop
         if replica is None or loop is None:
             raise DeploymentNotFoundError(
                 f"application '{self.app_name}' is not running in local testing mode (was serve.shutdown() called?)"
             )
-        future = loop.run(replica.call(self.method_name, args, kwargs, self.multiplexed_model_id))
+        future = loop.run(replica.call(self.method_name, args, kwargs, self.multiplexed_model_id, self.stream))
+        if self.stream:
+            return DeploymentResponseGenerator(loop, future, self.deployment_name)
         return DeploymentResponse(future, self.deployment_name)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -37,6 +37,7 @@ import redis.exceptions
 
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
+from celery_serve._wire import strictjson
 from celery_serve._wire.connections import async_client
 from celery_serve.exceptions import DeploymentConfigError
 
@@ -109,17 +110,17 @@ class StreamLimits:
 
 
 def encode_chunk(value: Any) -> tuple[bytes, bytes]:
-    """(type, data) of one yielded item: bytes stay bytes, str is UTF-8 text, anything else JSON."""
+    """(type, data) of one yielded item: bytes stay bytes, str is UTF-8 text, anything else strict JSON."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return BYTES, bytes(value)
     if isinstance(value, str):
         return TEXT, value.encode("utf-8")
-    try:
-        return JSON, orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+    try:  # strict: a NaN or an infinity raises strictjson.NotJSONError instead of streaming `null`
+        return JSON, strictjson.dumps(value)
     except TypeError:
         from fastapi.encoders import jsonable_encoder
 
-        return JSON, orjson.dumps(jsonable_encoder(value), option=orjson.OPT_NON_STR_KEYS)
+        return JSON, strictjson.dumps(jsonable_encoder(value))
 
 
 def record_chunk(kind: bytes, data: bytes) -> dict[str, str]:
