@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--kill-every", type=float, default=30.0, help="seconds between replica kills")
     args = parser.parse_args()
     os.environ.setdefault("SERVE_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("SERVE_ACCESS_LOG", "0")  # 50,000 access lines would only fill the terminal
+    # a SIGTERM (timeout, kill) unwinds through `finally`, so the stack it started stops with it
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     tmp = Path(tempfile.mkdtemp(prefix="celery-serve-soak-"))
     stack = Stack(tmp, {"chaos": "tests.chaos_deployments:echo_app"}, appendonly=True).start()
     try:
