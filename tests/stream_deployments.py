@@ -184,8 +184,9 @@ class Api:
 class Batched:
     """Ray's batched streaming example: each caller gets its own tokens; a stream ends on its own."""
 
-    def hold(self, tag: str) -> str:
-        """Keep the replica busy (sync: it runs inline) until the test releases it, so requests queue up."""
+    async def hold(self, tag: str) -> str:
+        """Keep the replica busy until the test releases it, so requests queue up: async and blocking on purpose
+        (a sync method would run in a thread, and the replica would go on taking requests)."""
         client = _redis()
         client.set(progress_key(tag), 1, ex=600)
         client.blpop([release_key(tag)], 30)

@@ -15,7 +15,8 @@ from celery_serve._wire.envelope import build_message, parse_message
 from celery_serve.api.streaming import Framing, grace_from_env
 from celery_serve.exceptions import DeploymentConfigError
 from celery_serve.workers.batching import Outcome
-from celery_serve.workers.streaming import BatchStream, check
+from celery_serve.workers.generators import BatchStream
+from celery_serve.workers.streaming import check
 
 
 def event(index: int, value: Any) -> _streams.Event:

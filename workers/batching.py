@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from celery_serve.exceptions import ServeError
+from celery_serve.workers.generators import BatchStream
 
 K = TypeVar("K")
 
@@ -189,8 +190,6 @@ def run_batch(func: Callable[..., Any], batch: Sequence[Item[Any]], name: str = 
     except Exception as exc:  # noqa: BLE001 - the rule: every item gets the error
         return [Outcome(error=exc) for _ in batch]
     if inspect.isasyncgen(results) or inspect.isgenerator(results):  # batched streaming: a stream per item
-        from celery_serve.workers.streaming import BatchStream
-
         return [Outcome(value=stream) for stream in BatchStream(results, len(batch)).streams()]
     return distribute(batch, results, name)
 
@@ -205,8 +204,6 @@ async def run_batch_async(func: Callable[..., Any], batch: Sequence[Item[Any]], 
     except Exception as exc:  # noqa: BLE001 - the rule: every item gets the error
         return [Outcome(error=exc) for _ in batch]
     if inspect.isasyncgen(results) or inspect.isgenerator(results):  # batched streaming: a stream per item
-        from celery_serve.workers.streaming import BatchStream
-
         return [Outcome(value=stream) for stream in BatchStream(results, len(batch)).streams()]
     return distribute(batch, results, name)
 

@@ -9,7 +9,7 @@ A stream runs as its own task, registered like a running async request, so `DELE
 gateway's cancel-on-disconnect stop it: the generator is closed (its `finally` runs) and the stream ends
 with `JobCancelledError`. Sync generators are advanced on a worker thread, one item at a time, so a slow
 model step never holds the replica's event loop. Writes are pipelined (a chunk is written while the next
-is computed) with at most `_INFLIGHT` chunks waiting: a producer never runs far ahead of Redis.
+is computed) with at most `INFLIGHT` chunks waiting: a producer never runs far ahead of Redis.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,11 +36,11 @@ from celery_serve._wire import strictjson
 from celery_serve._wire.envelope import Envelope
 from celery_serve.exceptions import JobCancelledError, ResultNotJSONError, StreamLimitError, StreamUsageError
 from celery_serve.workers.batching import Outcome
+from celery_serve.workers.generators import INFLIGHT, sync_items
 from celery_serve.workers.http import response_dict
 
 logger = logging.getLogger(__name__)
 
-_INFLIGHT = 32  # chunks produced but not yet in Redis, at most
 FIRST_CHUNK_WINDOW_S = 0.002  # how long the head waits for the first chunk to go out with it
 _DONE = object()
 REQUIRE = "require"  # the caller iterates the response (handle.options(stream=True), Client.stream)
@@ -78,7 +78,7 @@ class AsgiStream:
 async def run_asgi(app: ASGIApp, scope: dict[str, Any], body: bytes) -> dict[str, Any] | AsgiStream:
     """Run one request through an ASGI app: the whole response, or an `AsgiStream` once it sends a body
     part with more to come. The app sees the client as connected until the stream is stopped."""
-    messages: asyncio.Queue[Message | BaseException] = asyncio.Queue(maxsize=_INFLIGHT)
+    messages: asyncio.Queue[Message | BaseException] = asyncio.Queue(maxsize=INFLIGHT)
     disconnect = asyncio.Event()
     sent = False
 
@@ -181,23 +181,6 @@ def _media_type(first: Any) -> str:
     return "application/x-ndjson"
 
 
-async def _sync_items(gen: Iterator[Any]) -> AsyncIterator[Any]:
-    """A sync iterator's items, each computed on a worker thread; closed on the way out."""
-    try:
-        while True:
-            item = await asyncio.to_thread(next, gen, _DONE)
-            if item is _DONE:
-                return
-            yield item
-    finally:
-        close = getattr(gen, "close", None)
-        if close is not None:
-            try:
-                close()
-            except ValueError:  # still running on its thread (cancelled mid-step): it ends with that step
-                logger.debug("generator still running on its thread when its stream was stopped")
-
-
 def _items(value: Any) -> tuple[AsyncIterator[Any], dict[str, Any] | None]:
     """The items to stream and, when the value fixes them, the status and headers (else decided from the
     first item)."""
@@ -215,7 +198,7 @@ def _items(value: Any) -> tuple[AsyncIterator[Any], dict[str, Any] | None]:
         return value.body(), head
     if inspect.isasyncgen(value):
         return value, None
-    return _sync_items(value), None
+    return sync_items(value), None
 
 
 async def _charset_items(body: AsyncIterable[Any], charset: str) -> AsyncIterator[bytes]:
@@ -299,7 +282,7 @@ class StreamWriter:
         self._pending.append((_streams.chunk_id(self.chunks - 1), {"k": _streams.CHUNK, "t": kind, "d": data}))
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush())
-        if len(self._pending) >= _INFLIGHT:
+        if len(self._pending) >= INFLIGHT:
             self._room.clear()
             await self._room.wait()
             if self._flushing.done() and self._flushing.exception() is not None:
@@ -439,67 +422,3 @@ class StreamRunner:
         else:
             record = await server.replica.record(answered, outcome)
         server._answer(token, answered, record)
-
-
-class BatchStream:
-    """One `@batch` generator call shared by the callers of a batch, as in Ray's batched streaming: each
-    step yields a list with one item per caller; `StopIteration` in a caller's place ends that caller's
-    stream (the others go on). A caller who goes away is skipped; when all have, the generator is closed."""
-
-    def __init__(self, gen: Any, size: int) -> None:
-        self.gen = gen if inspect.isasyncgen(gen) else _sync_items(gen)
-        self.size = size
-        self.queues: list[asyncio.Queue[Any]] = [asyncio.Queue(maxsize=_INFLIGHT) for _ in range(size)]
-        self.listening = [True] * size
-        self.ended = [False] * size
-        self.task: asyncio.Task[None] | None = None
-
-    def streams(self) -> list[AsyncIterator[Any]]:
-        return [self._items(i) for i in range(self.size)]
-
-    async def _drive(self) -> None:
-        error: BaseException | None = None
-        try:
-            async for step in self.gen:
-                if not isinstance(step, (list, tuple)) or len(step) != self.size:
-                    got = f"{len(step)} items" if isinstance(step, (list, tuple)) else type(step).__name__
-                    raise StreamUsageError(
-                        f"a @batch generator must yield a list with one item per request ({self.size}), got {got}"
-                    )
-                for i, item in enumerate(step):
-                    if self.ended[i]:
-                        continue
-                    if item is StopIteration or isinstance(item, StopIteration):
-                        self.ended[i] = True
-                        await self.queues[i].put(_DONE)
-                    elif self.listening[i]:
-                        await self.queues[i].put(item)
-                if all(e or not listening for e, listening in zip(self.ended, self.listening, strict=True)):
-                    break
-        except Exception as exc:  # noqa: BLE001 - every caller still streaming gets the error
-            error = exc
-        finally:
-            for i in range(self.size):
-                if not self.ended[i] and self.listening[i]:
-                    self.ended[i] = True
-                    await self.queues[i].put(error if error is not None else _DONE)
-            with contextlib.suppress(BaseException):
-                await self.gen.aclose()  # type: ignore[attr-defined]
-
-    async def _items(self, i: int) -> AsyncIterator[Any]:
-        if self.task is None:
-            self.task = asyncio.create_task(self._drive(), name="batched stream")
-        try:
-            while True:
-                item = await self.queues[i].get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.listening[i] = False
-            while not self.queues[i].empty():
-                self.queues[i].get_nowait()
-            if not any(self.listening) and not self.task.done():
-                self.task.cancel()
