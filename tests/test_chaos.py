@@ -14,9 +14,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
+from celery_serve._runtime.launcher import flower_command, free_port
 from tests.chaos import Ledger, Report, Stack
 from tests.conftest import start_gateway, wait_until
 
@@ -165,6 +167,39 @@ def test_scaler_killed(tmp_path: Path) -> None:
         time.sleep(2)
         scaler = next(p for p in built.group.processes if p.name == "scaler")
         scaler.proc.kill()
+        time.sleep(3)
+        ledger.finish()
+        report = ledger.check(grace_s=60)
+        _all_served(report)
+        wait_until(lambda: len(built.heartbeating("chaos", "Echo")) == 2, 10, what="replicas unaffected")
+    finally:
+        built.stop()
+
+
+def test_flower_stopped_then_killed(tmp_path: Path) -> None:
+    """Flower is a monitor: stopped (its event subscription backs up) or killed, serving goes on untouched."""
+    built = Stack(tmp_path, {"chaos": "tests.chaos_deployments:echo_app"}).start()
+    try:
+        port = free_port()
+        env = {**built.child_env, "FLOWER_BASIC_AUTH": "chaos:chaos-password"}
+        flower = built.group.start("flower", flower_command(port), env=env)
+
+        def answers() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthcheck", timeout=2).status_code < 500
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answers, 90, interval_s=0.5, what="Flower to answer")
+        ledger = Ledger(built)
+        ledger.load("Echo", threads=3)
+        time.sleep(3)
+        os.kill(flower.proc.pid, signal.SIGSTOP)
+        time.sleep(6)
+        os.kill(flower.proc.pid, signal.SIGCONT)
+        time.sleep(2)
+        flower.proc.kill()
+        flower.proc.wait()
         time.sleep(3)
         ledger.finish()
         report = ledger.check(grace_s=60)
