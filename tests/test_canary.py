@@ -30,8 +30,12 @@ def versions(served: Served) -> Iterator[dict[str, Any]]:
     from tests import canary_deployments as ex
 
     try:
-        with served_apps(served, {"canary-v1": (ex.v1, "/canary"), "canary-v2": (ex.v2, "/canary")}) as handles:
-            yield handles
+        # one after the other: the first on the prefix is the incumbent, which a parallel start leaves to chance
+        with (
+            served_apps(served, {"canary-v1": (ex.v1, "/canary")}) as v1,
+            served_apps(served, {"canary-v2": (ex.v2, "/canary")}) as v2,
+        ):
+            yield {**v1, **v2}
     finally:
         serve.set_traffic("/canary", None)
 
