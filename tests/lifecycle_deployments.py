@@ -83,6 +83,18 @@ class Hangs:
 hang_app = Hangs.bind("hang")
 
 
+@deployment(health_check_period_s=1, health_check_timeout_s=2)
+class Freezes:
+    """A replica whose whole process a test freezes (SIGSTOP): its own health checks freeze with it."""
+
+    def __call__(self, sleep: float = 0.0) -> int:
+        time.sleep(sleep)
+        return os.getpid()
+
+
+freeze_app = Freezes.bind()
+
+
 # --- a constructor that keeps failing ----------------------------------------------------------------
 
 

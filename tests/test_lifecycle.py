@@ -5,6 +5,7 @@ rolling updates under load, graceful shutdown, `serve.status()`, `serve.delete()
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 import celery_serve as serve
@@ -113,6 +115,31 @@ def test_a_hanging_health_check_counts_as_failed(
     assert "did not return within health_check_timeout_s=0.3" in status.deployments["Hangs"].message
     wait_until(lambda: handle.remote().result(timeout_s=30) != first, timeout_s=30, what="a replacement replica")
     wait_until(lambda: app_status(name).status == ApplicationStatus.RUNNING, timeout_s=30, what="RUNNING again")
+
+
+def test_a_frozen_replica_process_is_killed_and_replaced_by_its_pool(
+    service: Served, deploy: Callable[..., str]
+) -> None:
+    """SIGSTOP freezes the health checker with the replica: the pool, seeing no heartbeat for longer than a
+    health check may take, kills it and starts another; the request it held is answered by the replacement."""
+    name = deploy(ld.freeze_app, "freeze")
+    handle = serve.get_app_handle(name)
+    frozen = handle.remote().result(timeout_s=30)
+    held = handle.remote(2.0)  # running on the replica when it freezes
+    time.sleep(0.5)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        status = wait_until(
+            lambda: (s := app_status(name)).status == ApplicationStatus.UNHEALTHY and s, timeout_s=40, what="UNHEALTHY"
+        )
+        assert "sent no heartbeat" in status.deployments["Freezes"].message
+        assert held.result(timeout_s=60) != frozen  # handed back, served by the replacement
+        wait_until(lambda: not psutil.pid_exists(frozen) or psutil.Process(frozen).status() == "zombie", 30)
+        wait_until(lambda: app_status(name).status == ApplicationStatus.RUNNING, timeout_s=40, what="RUNNING again")
+        assert handle.remote().result(timeout_s=30) != frozen
+    finally:
+        if psutil.pid_exists(frozen):
+            os.kill(frozen, signal.SIGCONT)
 
 
 def test_a_constructor_that_keeps_failing_ends_in_deploy_failed_with_its_error(service: Served, tmp_path: Any) -> None:

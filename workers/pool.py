@@ -28,6 +28,7 @@ from celery_serve._wire import keys as _keys
 from celery_serve._wire import lifecycle
 from celery_serve._wire.connections import REDIS_FAULTS, sync_client
 from celery_serve._wire.delivery import DeploymentKeys, HandBack, epoch
+from celery_serve.workers.freeze_watch import FreezeWatch, silence_limit_s
 from celery_serve.workers.gpus import plan_placement, replica_env
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class _Slot:
     failures: int = 0
     restart_at: float = 0.0
     given_up: bool = False  # the deployment is DEPLOY_FAILED: not restarted until it is deployed again
+    frozen: bool = False  # killed for a frozen process (see freeze_watch): replaced at once, not backed off
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -84,6 +86,7 @@ class ReplicaPool(BasePool):
         self._identity = self.app.conf.get("serve_identity")
         self._rollout: Any = None
         self._last_seen: tuple[Any, Any] = (None, None)  # (spec, being deleted) as last read from Redis
+        self._freezes = FreezeWatch(self._redis, conf.serve_app, conf.serve_deployment)
 
     def _command(self, replica_id: str) -> list[str]:
         conf = self.app.conf
@@ -220,9 +223,22 @@ class ReplicaPool(BasePool):
                 for slot in self._slots:
                     self._check(slot)
                 self._retiring = [p for p in self._retiring if p.poll() is None]
+                self._replace_frozen()
             if time.monotonic() - self._registered_at >= REGISTER_EVERY_S:
                 self._register()
             self._follow_spec()  # every tick: a rollout or a delete starts within half a second
+
+    def _replace_frozen(self) -> None:
+        """Kill replicas whose process froze (no heartbeat for a health check's period and timeout); `_check`
+        then restarts them at once and hands back what they held."""
+        conf = self.app.conf
+        live = {s.replica_id: s for s in self._slots if s.proc is not None and s.proc.poll() is None}
+        limit = silence_limit_s(conf.get("serve_health_check_period_s"), conf.get("serve_health_check_timeout_s"))
+        for replica_id, silent in self._freezes.frozen(live, limit):
+            slot = live[replica_id]
+            assert slot.proc is not None
+            slot.frozen = True
+            self._freezes.replace(replica_id, slot.proc.pid, silent)
 
     def _follow_spec(self) -> None:
         """Follow the application's spec: roll the replicas over to a new version (new code or an option
@@ -290,7 +306,9 @@ class ReplicaPool(BasePool):
                 slot.given_up = True
                 self._hand_back(slot.replica_id, code)
                 return
-            healthy_run = now - slot.started_at > 60 or code == lifecycle.EXIT_UNHEALTHY  # replaced at once
+            # replaced at once: a long run, a replica that failed its health checks, or one killed as frozen
+            healthy_run = now - slot.started_at > 60 or code == lifecycle.EXIT_UNHEALTHY or slot.frozen
+            slot.frozen = False
             slot.failures = 0 if healthy_run else slot.failures + 1
             delay = min(_MAX_BACKOFF_S, 0.5 * 2 ** max(slot.failures - 1, 0)) if slot.failures else 0.0
             logger.warning(
@@ -315,6 +333,8 @@ class ReplicaPool(BasePool):
         identity = dep.identity
         self._deployed_at = spec.deployed_at
         self.app.conf.serve_graceful_shutdown_timeout_s = dep.config.get("graceful_shutdown_timeout_s")
+        self.app.conf.serve_health_check_period_s = dep.config.get("health_check_period_s")
+        self.app.conf.serve_health_check_timeout_s = dep.config.get("health_check_timeout_s")
         if dep.config.get("autoscaling_config") is None:  # a fixed count: follow it (the scaler does the rest)
             wanted, have = int(dep.config["num_replicas"]), len(self._slots)
             if wanted > have:

@@ -113,6 +113,8 @@ def run_worker(
     celery.conf.serve_identity = spec.deployments[deployment].identity
     celery.conf.serve_worker_options = spec.deployments[deployment].worker_options()
     celery.conf.serve_graceful_shutdown_timeout_s = config.get("graceful_shutdown_timeout_s")
+    celery.conf.serve_health_check_period_s = config.get("health_check_period_s")
+    celery.conf.serve_health_check_timeout_s = config.get("health_check_timeout_s")
     celery.conf.serve_machine, celery.conf.serve_machine_cpus, celery.conf.serve_machine_gpus = machine_capacity(
         devices
     )
