@@ -95,6 +95,22 @@ class Freezes:
 freeze_app = Freezes.bind()
 
 
+@deployment
+class Updatable:
+    """Deployed good, then updated to a version whose constructor raises: the update must roll back."""
+
+    def __init__(self, broken: bool) -> None:
+        if broken:
+            raise RuntimeError("the new model does not load")
+
+    def __call__(self) -> dict[str, Any]:
+        return {"version": "good", "pid": os.getpid()}
+
+
+good_app = Updatable.bind(False)
+broken_update_app = Updatable.bind(True)
+
+
 # --- a constructor that keeps failing ----------------------------------------------------------------
 
 

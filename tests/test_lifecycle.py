@@ -142,6 +142,37 @@ def test_a_frozen_replica_process_is_killed_and_replaced_by_its_pool(
             os.kill(frozen, signal.SIGCONT)
 
 
+def test_a_failed_update_is_rolled_back_and_the_old_version_serves_throughout(
+    service: Served, deploy: Callable[..., str]
+) -> None:
+    name = deploy(ld.good_app, "rollback")
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with service.http() as http:
+            while not stop.is_set():
+                response = http.get(f"/{name}")
+                if response.status_code != 200 or response.json()["version"] != "good":
+                    failures.append(response.text)
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        with pytest.raises(serve.ServeStartupError, match="the new model does not load.*rolled back"):
+            serve.run(ld.broken_update_app, name=name, route_prefix=f"/{name}", startup_timeout_s=150)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert failures == []
+    wait_until(lambda: app_status(name).status == ApplicationStatus.RUNNING, timeout_s=60, what="RUNNING")
+    with service.http() as http:
+        assert http.get(f"/{name}").json()["version"] == "good"
+
+
 def test_a_constructor_that_keeps_failing_ends_in_deploy_failed_with_its_error(service: Served, tmp_path: Any) -> None:
     name = f"failing-{uuid.uuid4().hex[:4]}"
     env = {**os.environ, "REDIS_URL": service.redis_url, "SERVE_LOG_LEVEL": "CRITICAL"}

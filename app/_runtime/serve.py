@@ -265,11 +265,17 @@ def run_spec(
     kind: str,
     middlewares: str | None = None,
 ) -> DeploymentHandle:
-    """Deploy a built spec in this process's session (see `run`) and wait until it serves."""
+    """Deploy a built spec in this process's session (see `run`) and wait until it serves.
+
+    An update that does not come up (a constructor that raises, replicas that never serve) is rolled back, as
+    Ray keeps the old version of a failed update: the previous spec is restored, its workers keep serving, and
+    `ServeStartupError` says so. A first deployment that does not come up is removed."""
     with _lock:
         check_per_node_limits(spec)
         session = _ensure_session(redis_url, host, port, kind)
         placements = plan_gpus(spec)
+        previous = session.specs.get(spec.name)
+        previous_workers = set(session.workers.get(spec.name, set()))
         spec.owner = session.owner
         deploy_spec(session.redis_url, spec, replace=replace)
         _start_services(session, host, port, middlewares)
@@ -279,7 +285,12 @@ def run_spec(
         state.save(session.record())
     try:
         wait_until_ready(session, spec, startup_timeout_s, rolling)
-    except ServeStartupError:
+    except ServeStartupError as exc:
+        if previous is not None:
+            _roll_back(session, previous, previous_workers, names - previous_workers)
+            raise ServeStartupError(
+                f"{exc}; the update was rolled back: the previous version of '{spec.name}' keeps serving"
+            ) from None
         with _lock:
             session.group.stop(session.workers.pop(spec.name, set()) | retired)
             session.specs.pop(spec.name, None)
@@ -289,6 +300,19 @@ def run_spec(
         # the new version serves: the old workers' replicas finish (or hand back) what they hold and stop
         session.group.stop(retired, worker_grace_s(spec))
     return DeploymentHandle(spec.ingress, spec.name)
+
+
+def _roll_back(session: _Session, previous: AppSpec, workers: set[str], started: set[str]) -> None:
+    """Restore the spec that served before a failed update: the workers started for the update stop, the
+    previous ones (never stopped) keep serving, and pools that began rolling their replicas over roll back."""
+    logger.warning("the update of '%s' did not come up: rolling back to the previous version", previous.name)
+    with _lock:
+        session.group.stop(started)
+        session.workers[previous.name] = workers
+        session.specs[previous.name] = previous
+        previous.owner = session.owner
+        deploy_spec(session.redis_url, previous, replace=True)
+        state.save(session.record())
 
 
 def _ensure_session(redis_url: str | None, host: str, port: int, kind: str) -> _Session:
