@@ -98,3 +98,25 @@ def test_build_writes_a_file_that_deploys_the_code_as_it_is(tmp_path: Path) -> N
         text=True,
     ).stdout
     assert [a["name"] for a in yaml.safe_load(two)["applications"]] == ["app1", "app2"]
+
+
+MIDDLEWARES = """\
+  cors_allow_origins: [https://app.example]
+  middlewares:
+  - cls: tests.safety_deployments:StampMiddleware
+    kwargs: {value: from-file}
+"""
+
+
+def test_gateway_middlewares_in_the_file_are_checked_and_reach_the_gateway(tmp_path: Path) -> None:
+    from celery_serve.api import middlewares
+
+    config = ConfigFile(write(tmp_path, GOOD.replace("  port: 8123\n", "  port: 8123\n" + MIDDLEWARES, 1)))
+    spec = config.config.http_options.middleware_spec()
+    assert spec is not None
+    loaded = middlewares.load(spec)  # what the gateway does with SERVE_HTTP_MIDDLEWARES
+    assert [m.cls.__name__ for m in loaded] == ["CORSMiddleware", "StampMiddleware"]
+    assert loaded[0].kwargs["allow_origins"] == ["https://app.example"] and loaded[1].kwargs == {"value": "from-file"}
+    broken = MIDDLEWARES.replace("tests.safety_deployments:StampMiddleware", "tests.no_such_module:Stamp")
+    with pytest.raises(DeploymentConfigError, match=r"serve\.yaml:.*cannot import 'tests.no_such_module:Stamp'"):
+        ConfigFile(write(tmp_path, GOOD.replace("  port: 8123\n", "  port: 8123\n" + broken, 1)))

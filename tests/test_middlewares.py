@@ -25,8 +25,26 @@ def _jobs(served: Served) -> int:
         return sum(1 for _ in client.scan_iter("serve:job:*", count=1000))
 
 
+FROM_FILE = f"""\
+http_options:
+  cors_allow_origins: [{ORIGIN}]
+  middlewares:
+  - cls: tests.safety_deployments:StampMiddleware
+    kwargs: {{value: from-file}}
+applications:
+- name: strict
+  import_path: tests.lifecycle_deployments:echo_app
+"""
+
+
 @pytest.fixture(scope="module")
-def gateways(served: Served) -> Iterator[dict[str, str]]:
+def gateways(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    from celery_serve._runtime.config_file import ConfigFile
+
+    path = tmp_path_factory.mktemp("config") / "serve.yaml"
+    path.write_text(FROM_FILE)
+    from_file = ConfigFile(path).config.http_options.middleware_spec()  # what `celery-serve run FILE` passes on
+    assert from_file is not None
     group = ProcessGroup()
     in_code = middlewares.from_http_options(
         {"middlewares": [Middleware(CORSMiddleware, allow_origins=[ORIGIN], allow_methods=["*"], allow_headers=["*"]),
@@ -40,12 +58,13 @@ def gateways(served: Served) -> Iterator[dict[str, str]]:
             "by_path": start_gateway(
                 group, served.redis_url, {"SERVE_HTTP_MIDDLEWARES": "tests.safety_deployments:GATEWAY_MIDDLEWARES"}
             ),
+            "from_file": start_gateway(group, served.redis_url, {"SERVE_HTTP_MIDDLEWARES": from_file}),
         }
     finally:
         group.stop()
 
 
-@pytest.mark.parametrize("which", ["cors", "in_code"])
+@pytest.mark.parametrize("which", ["cors", "in_code", "from_file"])
 def test_a_cors_preflight_is_answered_at_the_gateway_without_a_job(
     served: Served, gateways: dict[str, str], which: str
 ) -> None:
@@ -68,7 +87,10 @@ def test_a_cors_preflight_is_answered_at_the_gateway_without_a_job(
     assert actual.status_code == 200 and actual.headers["access-control-allow-origin"] == ORIGIN
 
 
-@pytest.mark.parametrize(("which", "stamp"), [("in_code", "in-code"), ("by_path", "by-path")])
+STAMPS = [("in_code", "in-code"), ("by_path", "by-path"), ("from_file", "from-file")]
+
+
+@pytest.mark.parametrize(("which", "stamp"), STAMPS)
 def test_starlette_middlewares_wrap_every_gateway_response(gateways: dict[str, str], which: str, stamp: str) -> None:
     for path in ("/strict", "/-/healthz", "/jobs/unknown-job"):
         response = httpx.request("POST" if path == "/strict" else "GET", gateways[which] + path, json={}, timeout=30)

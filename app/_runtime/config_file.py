@@ -1,6 +1,6 @@
 """Config files in Ray Serve's schema (`serve build` / `serve deploy` / `serve config`).
 
-    http_options: {host: 127.0.0.1, port: 8000}
+    http_options: {host: 127.0.0.1, port: 8000}   # also cors_allow_origins: [...], middlewares: [{cls, kwargs}]
     applications:
     - name: default
       route_prefix: /
@@ -18,12 +18,13 @@ option of the wrong type, is refused with `file:line` of what is wrong.
 from __future__ import annotations
 
 import inspect
+import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from celery_serve._runtime.spec import AppSpec, build_spec
 from celery_serve.application import Application, Pipeline
@@ -41,6 +42,16 @@ _ACCEPTED_WITHOUT_EFFECT = {
 OVERRIDABLE = sorted(set(DeploymentConfig.model_fields) - {"name"})
 
 
+class MiddlewareEntry(BaseModel):
+    """One gateway middleware: a Starlette middleware class by import path, and its (JSON) arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cls: str  # module:Class, e.g. starlette.middleware.gzip:GZipMiddleware
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class HTTPOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -49,6 +60,27 @@ class HTTPOptions(BaseModel):
     root_path: str = ""
     request_timeout_s: float | None = None
     keep_alive_timeout_s: float | None = None
+    # the gateway's middlewares (celery_serve.api.middlewares), outermost first; CORS is the short way to one
+    cors_allow_origins: list[str] | None = None
+    middlewares: list[MiddlewareEntry] | None = None
+
+    @model_validator(mode="after")
+    def _importable(self) -> HTTPOptions:
+        """Each middleware class must import here, as the gateway will import it: checked with the file."""
+        spec = self.middleware_spec()
+        if spec:
+            from celery_serve.api import middlewares
+
+            middlewares.load(spec)  # DeploymentConfigError (a ValueError) names what does not import
+        return self
+
+    def middleware_spec(self) -> str | None:
+        """The middlewares as the gateway reads them (`SERVE_HTTP_MIDDLEWARES` JSON); None when there are none."""
+        entries = [entry.model_dump() for entry in self.middlewares or []]
+        if self.cors_allow_origins:
+            cors = {"allow_origins": self.cors_allow_origins, "allow_methods": ["*"], "allow_headers": ["*"]}
+            entries.insert(0, {"cls": "starlette.middleware.cors:CORSMiddleware", "args": [], "kwargs": cors})
+        return json.dumps(entries) if entries else None
 
 
 class DeploymentOverride(BaseModel):

@@ -239,10 +239,20 @@ def run_config(
     config = ConfigFile(path)
     specs = config.specs(import_target or _import_path)
     http = config.config.http_options
-    return {
-        spec.name: run_spec(spec, host or http.host, port or http.port, redis_url, startup_timeout_s, replace, _kind)
-        for spec in specs
-    }
+    middlewares = http.middleware_spec()  # they wrap the gateway this call starts (the first spec's run)
+    handles = {}
+    for index, spec in enumerate(specs):
+        handles[spec.name] = run_spec(
+            spec,
+            host or http.host,
+            port or http.port,
+            redis_url,
+            startup_timeout_s,
+            replace,
+            _kind,
+            middlewares=middlewares if index == 0 else None,
+        )
+    return handles
 
 
 def _import_path(path: str) -> Any:
