@@ -124,3 +124,17 @@ def test_rejected_bodies_never_become_jobs(served: Served) -> None:
         for body in BAD_BODIES.values():
             http.post("/strict", content=body, headers={"content-type": "application/json"})
     assert _queued_jobs(served) == before
+
+
+def test_a_body_without_content_type_never_reaches_an_ingress_as_loose_json(served: Served) -> None:
+    """FastAPI (>= 0.132, strict_content_type) reads a body as JSON only when it says it is JSON, and the
+    gateway checks every body that does: NaN cannot reach a FastAPI model by leaving the header out."""
+    with served.http() as http:
+        loose = http.post("/strict-api/item", content=b'{"name": "a", "count": NaN}')
+        assert loose.status_code == 422, loose.text  # FastAPI's own validation: the body is not parsed as JSON
+        declared = http.post(
+            "/strict-api/item", content=b'{"name": "a", "count": NaN}', headers={"content-type": "application/json"}
+        )
+        assert declared.status_code == 400 and "not valid JSON" in declared.json()["message"]
+        good = http.post("/strict-api/item", json={"name": "a", "count": 2})
+        assert good.status_code == 200 and good.json() == {"name": "a", "count": 2}
