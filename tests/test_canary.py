@@ -90,9 +90,13 @@ def test_weights_change_under_load_with_no_failed_request(versions: dict[str, An
                     ),
                     what="the gateway to follow the new weights",
                 )
-            time.sleep(0.3)  # requests sent before the change have come back
-            start = time.monotonic()
-            time.sleep(2.0)
+            start = time.monotonic()  # only requests sent from now on count for this phase
+            wait_until(
+                lambda s=start: sum(1 for t, _, _ in list(log) if t >= s) >= 200,
+                timeout_s=60,
+                interval_s=0.05,
+                what="200 requests under the new weights",
+            )
             phases.append((start, time.monotonic(), share))
     finally:
         stop.set()
