@@ -26,6 +26,16 @@ from celery_serve.exceptions import DeploymentConfigError
 HTTP_OPTIONS = frozenset({"middlewares"})
 
 
+def cors_options(origins: list[str]) -> dict[str, Any]:
+    """CORSMiddleware's arguments for the short way to CORS: these origins, every method and header."""
+    return {"allow_origins": origins, "allow_methods": ["*"], "allow_headers": ["*"]}
+
+
+def cors_entry(origins: list[str]) -> dict[str, Any]:
+    """The same CORS middleware as a JSON entry of `SERVE_HTTP_MIDDLEWARES` (see `encode`)."""
+    return {"cls": _path_of(CORSMiddleware), "args": [], "kwargs": cors_options(origins)}
+
+
 def _path_of(cls: Any) -> str:
     path = f"{cls.__module__}:{cls.__qualname__}"
     if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
@@ -85,7 +95,7 @@ def load(spec: str | None, cors_allow_origins: str | None = None) -> list[Middle
     middlewares: list[Middleware] = []
     if cors_allow_origins:
         origins = [o.strip() for o in cors_allow_origins.split(",") if o.strip()]
-        middlewares.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]))
+        middlewares.append(Middleware(CORSMiddleware, **cors_options(origins)))
     if not spec:
         return middlewares
     if spec.lstrip().startswith("["):

@@ -176,34 +176,30 @@ def test_scaler_killed(tmp_path: Path) -> None:
         built.stop()
 
 
-def test_flower_stopped_then_killed(tmp_path: Path) -> None:
+def test_flower_stopped_then_killed(stack: Stack) -> None:
     """Flower is a monitor: stopped (its event subscription backs up) or killed, serving goes on untouched."""
-    built = Stack(tmp_path, {"chaos": "tests.chaos_deployments:echo_app"}).start()
-    try:
-        port = free_port()
-        env = {**built.child_env, "FLOWER_BASIC_AUTH": "chaos:chaos-password"}
-        flower = built.group.start("flower", flower_command(port), env=env)
+    port = free_port()
+    env = {**stack.child_env, "FLOWER_BASIC_AUTH": "chaos:chaos-password"}
+    flower = stack.group.start("flower", flower_command(port), env=env)
 
-        def answers() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/healthcheck", timeout=2).status_code < 500
-            except httpx.HTTPError:
-                return False
+    def answers() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthcheck", timeout=2).status_code < 500
+        except httpx.HTTPError:
+            return False
 
-        wait_until(answers, 90, interval_s=0.5, what="Flower to answer")
-        ledger = Ledger(built)
-        ledger.load("Echo", threads=3)
-        time.sleep(3)
-        os.kill(flower.proc.pid, signal.SIGSTOP)
-        time.sleep(6)
-        os.kill(flower.proc.pid, signal.SIGCONT)
-        time.sleep(2)
-        flower.proc.kill()
-        flower.proc.wait()
-        time.sleep(3)
-        ledger.finish()
-        report = ledger.check(grace_s=60)
-        _all_served(report)
-        wait_until(lambda: len(built.heartbeating("chaos", "Echo")) == 2, 10, what="replicas unaffected")
-    finally:
-        built.stop()
+    wait_until(answers, 90, interval_s=0.5, what="Flower to answer")
+    ledger = Ledger(stack)
+    ledger.load("Echo", threads=3)
+    time.sleep(3)
+    os.kill(flower.proc.pid, signal.SIGSTOP)
+    time.sleep(6)
+    os.kill(flower.proc.pid, signal.SIGCONT)
+    time.sleep(2)
+    flower.proc.kill()
+    flower.proc.wait()
+    time.sleep(3)
+    ledger.finish()
+    report = ledger.check(grace_s=60)
+    _all_served(report)
+    wait_until(lambda: len(stack.heartbeating("chaos", "Echo")) == 2, 10, what="replicas unaffected")

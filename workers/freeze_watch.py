@@ -109,11 +109,7 @@ class FreezeWatch:
         )
         logger.error("%s", message)
         try:
-            self.redis.set(
-                lifecycle.unhealthy(self.app, self.deployment),
-                lifecycle.record(message, replica=replica_id),
-                ex=lifecycle.UNHEALTHY_TTL_S,
-            )
+            lifecycle.mark_unhealthy(self.redis, self.app, self.deployment, message, replica_id)
             self._marked = (replica_id, self._redis_now)
         except REDIS_FAULTS as exc:
             logger.warning("could not mark %s.%s unhealthy: %r", self.app, self.deployment, exc)

@@ -111,11 +111,7 @@ class HealthMonitor(threading.Thread):
         message = f"replica {self.replica_id} failed {self.failures} health checks in a row: {problem}"
         logger.error("%s; replacing it", message)
         try:
-            self.redis.set(
-                lifecycle.unhealthy(self.app, self.deployment),
-                lifecycle.record(message, replica=self.replica_id),
-                ex=lifecycle.UNHEALTHY_TTL_S,
-            )
+            lifecycle.mark_unhealthy(self.redis, self.app, self.deployment, message, self.replica_id)
         except Exception as exc:  # noqa: BLE001 - replacing it matters more than the mark
             logger.warning("could not mark %s.%s unhealthy: %s", self.app, self.deployment, exc)
         try:

@@ -76,10 +76,11 @@ class HTTPOptions(BaseModel):
 
     def middleware_spec(self) -> str | None:
         """The middlewares as the gateway reads them (`SERVE_HTTP_MIDDLEWARES` JSON); None when there are none."""
+        from celery_serve.api.middlewares import cors_entry
+
         entries = [entry.model_dump() for entry in self.middlewares or []]
         if self.cors_allow_origins:
-            cors = {"allow_origins": self.cors_allow_origins, "allow_methods": ["*"], "allow_headers": ["*"]}
-            entries.insert(0, {"cls": "starlette.middleware.cors:CORSMiddleware", "args": [], "kwargs": cors})
+            entries.insert(0, cors_entry(self.cors_allow_origins))
         return json.dumps(entries) if entries else None
 
 

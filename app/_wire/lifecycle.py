@@ -45,3 +45,8 @@ def read(raw: bytes | str | None) -> dict[str, Any] | None:
     except ValueError:
         return {"message": raw.decode() if isinstance(raw, bytes) else raw, "at": 0.0}
     return value if isinstance(value, dict) else None
+
+
+def mark_unhealthy(redis: Any, app: str, deployment: str, message: str, replica: str) -> None:
+    """Mark the deployment UNHEALTHY because of `replica` (its health checks failed, or its process froze)."""
+    redis.set(unhealthy(app, deployment), record(message, replica=replica), ex=UNHEALTHY_TTL_S)
