@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -25,6 +26,14 @@ from celery_serve._runtime.launcher import ProcessGroup, free_port, gateway_comm
 T = TypeVar("T")
 
 STARTUP_TIMEOUT_S = 150.0
+
+
+def thread_count(pid: int) -> int:
+    """How many threads the process has now (from /proc), to show a server's threads stay bounded."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Threads: line for pid {pid}")
 
 
 def wait_until(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.02, what: str = "") -> T:

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from urllib.parse import urlsplit
 
-from tests.conftest import Served
+from tests.conftest import Served, thread_count
 
 REQUESTS = 1000
 MAX_GATEWAY_THREADS = 50
-
-
-def _threads(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no Threads: line for pid {pid}")
 
 
 async def _get(host: str, port: int, path: str, opened: asyncio.Event, ready: list[int]) -> tuple[int, bytes]:
@@ -41,12 +33,12 @@ async def _load(served: Served) -> tuple[list[tuple[int, bytes]], int]:
     host, port = url.hostname or "127.0.0.1", url.port or 80
     opened = asyncio.Event()
     ready: list[int] = []
-    peak = _threads(served.gateway_pid)
+    peak = thread_count(served.gateway_pid)
 
     async def sample() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, _threads(served.gateway_pid))
+            peak = max(peak, thread_count(served.gateway_pid))
             await asyncio.sleep(0.01)
 
     sampler = asyncio.create_task(sample())
@@ -57,7 +49,7 @@ async def _load(served: Served) -> tuple[list[tuple[int, bytes]], int]:
     return results, peak
 
 
-def test_a_thousand_concurrent_requests_all_succeed_with_few_gateway_threads(served: Served) -> None:
+def test_a_thousand_concurrent_requests_all_succeed_with_few_gatewaythread_count(served: Served) -> None:
     results, peak_threads = asyncio.run(_load(served))
 
     statuses = [status for status, _ in results]

@@ -12,7 +12,6 @@ import json
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -24,7 +23,7 @@ from celery_serve import DeploymentHandle, RemoteError, StreamUsageError
 from celery_serve._runtime.launcher import ProcessGroup
 from celery_serve._wire import keys as _keys
 from tests import stream_deployments as sd
-from tests.conftest import _stop_workers_together, start_gateway, wait_until
+from tests.conftest import _stop_workers_together, start_gateway, thread_count, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -424,20 +423,13 @@ STREAMS = 1000
 MAX_GATEWAY_THREADS = 50
 
 
-def _threads(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no Threads: line for pid {pid}")
-
-
 async def _hold_streams(host: str, port: int, t: str, pid: int, release: Callable[[], None]) -> tuple[list[bytes], int]:
-    peak = _threads(pid)
+    peak = thread_count(pid)
 
     async def sample() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, _threads(pid))
+            peak = max(peak, thread_count(pid))
             await asyncio.sleep(0.02)
 
     firsts = 0
@@ -486,7 +478,7 @@ def _dechunk(raw: bytes) -> tuple[bytes, bytes]:
     return head, out
 
 
-def test_a_thousand_concurrent_streams_through_one_gateway_with_few_threads(apps: Apps, r: redis.Redis) -> None:
+def test_a_thousand_concurrent_streams_through_one_gateway_with_fewthread_count(apps: Apps, r: redis.Redis) -> None:
     group = ProcessGroup()
     try:
         url = urlsplit(start_gateway(group, apps.redis_url))
