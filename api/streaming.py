@@ -220,7 +220,6 @@ class StreamRelay:
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         headers += [(b"x-request-id", job_id.encode()), *(extra or [])]
         status = int(head.get("status_code", 200))
-        attached = None if counted else asyncio.ensure_future(self._attach(job_id))  # off the first chunk's path
         main = asyncio.current_task()
         gone = asyncio.Event()
 
@@ -233,17 +232,21 @@ class StreamRelay:
                         main.cancel()
                     return
 
-        watcher = asyncio.create_task(watch())
+        attached: asyncio.Future[None] | None = None
+        watcher: asyncio.Task[None] | None = None
         self.stats.in_flight += 1
         self.stats.started += 1
         complete = False
         sent_first = first is not None
         try:
+            # the head and a first chunk that came with the reply go out before anything else is set up
             await send({"type": "http.response.start", "status": status, "headers": headers})
             if first is not None:
                 await send({"type": "http.response.body", "body": framing.chunk(first), "more_body": True})
                 self.stats.chunks += 1
                 self.stats.first_chunk(time.perf_counter() - started)
+            attached = None if counted else asyncio.ensure_future(self._attach(job_id))
+            watcher = asyncio.create_task(watch())
             async for event in follower:
                 if event.kind == _streams.CHUNK:
                     # what already arrived goes out in one write: a slow client or a fast producer costs
@@ -279,7 +282,8 @@ class StreamRelay:
             gone.set()
         finally:
             follower.close()
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             self.stats.in_flight -= 1
             if attached is not None:
                 with contextlib.suppress(BaseException):

@@ -302,3 +302,43 @@ def test_bury_dead_letters_an_unreadable_message_and_fails_its_job(redis_client:
     assert record["result"]["exc_type"] == "BadRequestError" and record["http_status"] == 400
     assert json.loads(redis_client.lindex(dlq, 0))["reason"] == "refused: pickle"
     redis_client.delete(_keys.job(job_id), _keys.result(job_id), dlq)
+
+
+def test_stream_head_opens_a_stream_once_and_tells_the_waiting_caller(redis_url: str, redis_client: redis.Redis) -> None:
+    """STREAM_HEAD (through the replica's StreamWriter): head and first chunk, the job marked streamed, the
+    STREAMING record carrying the first chunk on the reply list, the HTTP caller counted as a reader; a second
+    head for the same request (a redelivery after its replica died mid-stream) is refused and writes nothing."""
+    from celery_serve._wire import streams as _streams
+    from celery_serve._wire.connections import async_client
+    from celery_serve.workers.streaming import StreamWriter
+
+    job_id = f"stream-{uuid.uuid4().hex[:8]}"
+    reply = _keys.reply(f"gw-{job_id}")
+    env = parse_message(
+        build_message(
+            task_id=job_id, app="scripts", deployment="Dep", method="m", reply_to=reply, http_reply=True, retention_s=60
+        )
+    )
+    redis_client.hset(_keys.job(job_id), "status", "running")
+
+    async def open_twice() -> tuple[bool, bool]:
+        client = async_client(redis_url)
+        try:
+            writer = StreamWriter(client, env, _streams.StreamLimits(10, 1000))
+            first = await writer.head({"status_code": 200, "headers": [["content-type", "text/plain"]]}, "tok")
+            again = await StreamWriter(client, env, _streams.StreamLimits(10, 1000)).head({"status_code": 500}, "x")
+            return first, again
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(open_twice()) == (True, False)
+    entries = redis_client.xrange(_streams.key(job_id))
+    assert [e[0] for e in entries] == [_streams.HEAD_ID.encode(), _streams.chunk_id(0).encode()]
+    assert json.loads(entries[0][1][b"d"])["status_code"] == 200 and entries[1][1][b"d"] == b"tok"
+    assert 0 < redis_client.ttl(_streams.key(job_id)) <= 60 + 60 + 1
+    assert redis_client.hget(_keys.job(job_id), "stream") == b"1"
+    told = [json.loads(r) for r in redis_client.lrange(reply, 0, -1)]
+    assert len(told) == 1 and told[0]["status"] == _streams.STREAMING and told[0]["task_id"] == job_id
+    assert _streams.chunk_of_record(told[0]["first"]) == (_streams.TEXT, b"tok")
+    assert redis_client.get(_streams.readers_key(job_id)) == b"1"
+    redis_client.delete(_streams.key(job_id), _keys.job(job_id), reply, _streams.readers_key(job_id))

@@ -26,11 +26,13 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.commands.core import AsyncScript
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message
 
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
+from celery_serve._wire import scripts as _scripts
 from celery_serve._wire import streams as _streams
 from celery_serve._wire import strictjson
 from celery_serve._wire.envelope import Envelope
@@ -215,7 +217,9 @@ async def _charset_items(body: AsyncIterable[Any], charset: str) -> AsyncIterato
 class StreamWriter:
     """Writes one request's stream: head, chunks (pipelined, bounded), then its end or error."""
 
-    def __init__(self, client: aioredis.Redis, env: Envelope, limits: _streams.StreamLimits) -> None:
+    def __init__(
+        self, client: aioredis.Redis, env: Envelope, limits: _streams.StreamLimits, opener: AsyncScript | None = None
+    ) -> None:
         self.redis = client
         self.env = env
         self.key = _streams.key(env.job_id)
@@ -227,6 +231,7 @@ class StreamWriter:
         self._flushing: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
         self._room.set()
+        self._open = opener or client.register_script(_scripts.STREAM_HEAD)  # STREAM_HEAD, registered once per client
 
     async def head(self, head: dict[str, Any], first: Any = _DONE) -> bool:
         """Open the stream and tell a waiting caller to follow it; False if this request already streamed
@@ -234,28 +239,21 @@ class StreamWriter:
 
         A `first` chunk already produced goes out in the same round trip, and rides in the reply record
         too, so a caller writes it without a read of the stream (time to first chunk = one request's)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(self.key, {"k": _streams.HEAD, "d": orjson.dumps(head)}, id=_streams.HEAD_ID)
+        kind = data = b""
         record: dict[str, Any] = {}
         if first is not _DONE:
             kind, data = self._admit(first)
-            pipe.xadd(self.key, {"k": _streams.CHUNK, "t": kind, "d": data}, id=_streams.chunk_id(0))
             record["first"] = _streams.record_chunk(kind, data)
-        pipe.expire(self.key, self.ttl)
-        pipe.hset(_keys.job(self.env.job_id), "stream", 1)
-        reply = self.env.reply_to
-        if reply and reply.startswith(_keys.REPLY_PREFIX):
-            pipe.rpush(reply, _results._record(self.env.job_id, _streams.STREAMING, head, **record))
-            pipe.expire(reply, 3600)
-            if self.env.http_reply:  # the waiting HTTP client is the stream's first reader (see api.streaming)
-                pipe.incr(_streams.readers_key(self.env.job_id))
-                pipe.expire(_streams.readers_key(self.env.job_id), self.ttl)
-        done = await pipe.execute(raise_on_error=False)
-        if isinstance(done[0], redis.exceptions.ResponseError):
-            return False
-        if isinstance(done[0], Exception):
-            raise done[0]
-        return True
+        reply = self.env.reply_to if self.env.reply_to and self.env.reply_to.startswith(_keys.REPLY_PREFIX) else ""
+        told = _results._record(self.env.job_id, _streams.STREAMING, head, **record) if reply else ""
+        readers = _streams.readers_key(self.env.job_id)
+        opened = await self._open(
+            keys=[self.key, _keys.job(self.env.job_id), reply or self.key, readers],
+            # the waiting HTTP client is the stream's first reader (see api.streaming)
+            args=[orjson.dumps(head), self.ttl, kind, data, told, 1 if self.env.http_reply else 0],
+            client=self.redis,
+        )
+        return bool(opened)
 
     def _admit(self, value: Any) -> tuple[bytes, bytes]:
         """Encode one chunk and count it against the caps (`StreamLimitError` past them)."""
@@ -341,7 +339,9 @@ async def stream(writer: StreamWriter, value: Any, failure: Any) -> tuple[Outcom
             head = {"status_code": 200, "headers": [["content-type", _media_type(first)]]}
         else:  # status and headers are known: send them with the first item if it comes at once, else alone
             first_item = asyncio.ensure_future(anext(items, _DONE))
-            await asyncio.wait([first_item], timeout=FIRST_CHUNK_WINDOW_S)
+            await asyncio.sleep(0)  # an item that is ready at once is taken in this one turn of the loop
+            if not first_item.done():
+                await asyncio.wait([first_item], timeout=FIRST_CHUNK_WINDOW_S)
             first = first_item.result() if first_item.done() else _DONE
             if first_item.done():
                 first_item = None  # it goes with the head
@@ -396,6 +396,7 @@ class StreamRunner:
             int(config.get("stream_max_chunks") or defaults.max_chunks),
             int(config.get("stream_max_bytes") or defaults.max_bytes),
         )
+        self.opener = server.ops.redis.register_script(_scripts.STREAM_HEAD)
         self.streams = 0
         self.chunks = 0
 
@@ -408,7 +409,7 @@ class StreamRunner:
 
     async def _run(self, token: Any, env: Envelope, value: Any) -> None:
         server = self.server
-        writer = StreamWriter(server.ops.redis, env, self.limits)
+        writer = StreamWriter(server.ops.redis, env, self.limits, self.opener)
         self.streams += 1
         try:
             outcome, opened = await stream(writer, value, lambda exc: failure_of(server.replica._failure(env, exc)))
