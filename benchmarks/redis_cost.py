@@ -39,6 +39,11 @@ def command_calls(client: redis.Redis) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in client.info("commandstats").items()}
 
 
+def command_usec(client: redis.Redis) -> dict[str, int]:
+    """Microseconds Redis spent executing each command (a script's total includes the commands it ran)."""
+    return {k.removeprefix("cmdstat_"): int(v["usec"]) for k, v in client.info("commandstats").items()}
+
+
 def monitor_sample(url: str, port: int, requests: int) -> tuple[float, float]:
     """Round trips and commands inside scripts per request, from MONITOR over a concurrency-1 sample."""
     lines: list[str] = []
@@ -140,6 +145,7 @@ def main() -> None:
         redis_cpu = cpu_s(client) - cpu0
         gateway_cpu, replica_cpu = role_cpu("gateway") - gw0, role_cpu("replica") - rep0
         calls = command_calls(client)
+        usec = command_usec(client)
         n = load.ok
         round_trips, scripted = monitor_sample(url, port, args.sample)
     finally:
@@ -147,6 +153,8 @@ def main() -> None:
 
     commands = sum(calls.values())
     top = sorted(calls.items(), key=lambda kv: kv[1], reverse=True)[:12]
+    # time in the command itself: evalsha includes the commands its script ran (counted again under their own names)
+    costly = sorted(((k, v) for k, v in usec.items() if k not in ("eval", "evalsha")), key=lambda kv: -kv[1])[:8]
     report = {
         "requests": n,
         "errors": load.errors,
@@ -159,6 +167,11 @@ def main() -> None:
         "commands_in_scripts_per_request": round(scripted, 2),
         "connections_by_process": connections,
         "commands": {k: round(v / n, 3) for k, v in top},
+        "command_usec_per_request": {k: round(v / n, 2) for k, v in costly},
+        "scripts_usec_per_request": round(sum(usec.get(k, 0) for k in ("eval", "evalsha")) / n, 2),
+        "executing_usec_per_request": round(
+            (sum(usec.values()) - sum(v for k, v in usec.items() if k in ("eval", "evalsha")) + 0.0) / n, 2
+        ),
     }
     print(f"{n} requests at concurrency {args.concurrency}: {load.rps:.0f} req/s, {load.errors} errors")
     for key in (
@@ -172,6 +185,11 @@ def main() -> None:
         print(f"  {key:<36} {report[key]}")
     print(f"  connections by process (idle pools, after warm-up): {connections}")
     print("  commands per request: " + ", ".join(f"{k} {v}" for k, v in report["commands"].items()))
+    print(
+        "  executing commands (not scripts' own overhead): "
+        + ", ".join(f"{k} {v} us" for k, v in report["command_usec_per_request"].items())
+        + f"; scripts in all {report['scripts_usec_per_request']} us"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)

@@ -121,7 +121,7 @@ def test_complete_acknowledges_a_claimed_message_by_value(redis_client: redis.Re
     redis_client.hset(keys.inflight, "1:1", "drained")
     task_id = str(uuid.uuid4())
     record = _results.success(task_id, 1)
-    args = [time.time(), 60, b"@second", task_id, "", record, "succeeded", 60, "1:1", "", "", "", "", 0]
+    args = [time.time(), 60, b"@second", task_id, "", record, "succeeded", 60, "", "1:1", "", "", "", "", 0, ""]
     complete(keys=[keys.inflight, keys.claim], args=args)
     assert redis_client.lrange(keys.claim, 0, -1) == [b"first"]
     assert redis_client.hlen(keys.inflight) == 0
@@ -132,7 +132,7 @@ def _complete(redis_client: redis.Redis, keys: Keys, *items: tuple[str, str, str
     complete = redis_client.register_script(_scripts.COMPLETE)
     args: list[object] = [time.time(), 60]  # now, reply list ttl
     for token, task_id, reply, record in items:
-        args.extend([token, task_id, reply, record, "succeeded" if task_id else "", 60])
+        args.extend([token, task_id, reply, record, "succeeded" if task_id else "", 60, ""])
     return int(complete(keys=[keys.inflight, keys.claim], args=args))
 
 
@@ -168,6 +168,33 @@ def test_complete_first_writer_wins_and_the_second_is_only_acknowledged(redis_cl
         assert redis_client.hlen(keys.inflight) == 0
     finally:
         redis_client.delete(result_key, reply)
+
+
+def test_complete_records_when_a_request_never_marked_running_started(redis_client: redis.Redis, keys: Keys) -> None:
+    """A request answered before its job was marked running (see workers.running_marks) still reads when it
+    started; one already marked keeps the time its mark wrote."""
+    complete = redis_client.register_script(_scripts.COMPLETE)
+    fast, slow = f"fast-{keys.replica_id}", f"slow-{keys.replica_id}"
+    redis_client.hset(_keys.job(fast), mapping={"status": "queued", "created_at": 100})
+    redis_client.hset(_keys.job(slow), mapping={"status": "running", "created_at": 100, "started_at": 101})
+    redis_client.hset(keys.inflight, mapping={"1:1": "a", "1:2": "b"})
+    args: list[object] = [105, 60]
+    args += ["1:1", fast, "", _results.success(fast, 1), "succeeded", 60, 102.5]
+    args += ["1:2", slow, "", _results.success(slow, 2), "succeeded", 60, ""]
+    try:
+        assert complete(keys=[keys.inflight, keys.claim], args=args) == 2
+        assert redis_client.hmget(_keys.job(fast), "status", "started_at", "finished_at") == [
+            b"succeeded",
+            b"102.5",
+            b"105",
+        ]
+        assert redis_client.hmget(_keys.job(slow), "status", "started_at", "finished_at") == [
+            b"succeeded",
+            b"101",
+            b"105",
+        ]
+    finally:
+        redis_client.delete(_keys.job(fast), _keys.job(slow), _keys.result(fast), _keys.result(slow))
 
 
 def test_complete_with_no_result_key_just_acknowledges(redis_client: redis.Redis, keys: Keys) -> None:
@@ -304,7 +331,9 @@ def test_bury_dead_letters_an_unreadable_message_and_fails_its_job(redis_client:
     redis_client.delete(_keys.job(job_id), _keys.result(job_id), dlq)
 
 
-def test_stream_head_opens_a_stream_once_and_tells_the_waiting_caller(redis_url: str, redis_client: redis.Redis) -> None:
+def test_stream_head_opens_a_stream_once_and_tells_the_waiting_caller(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
     """STREAM_HEAD (through the replica's StreamWriter): head and first chunk, the job marked streamed, the
     STREAMING record carrying the first chunk on the reply list, the HTTP caller counted as a reader; a second
     head for the same request (a redelivery after its replica died mid-stream) is refused and writes nothing."""

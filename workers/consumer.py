@@ -60,6 +60,7 @@ class ReplicaServer:
         self.config = replica.spec.config
         self.replica_id = replica_id or f"{replica.name}@{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ops = QueueOps(url, replica.spec, self.replica_id)
+        self.ops.batched = lambda: self.replica.max_batch_size > 1  # a batch fills from a drain, never pop by pop
         self.stats = ReplicaStats()
         self.heartbeat = Liveness(
             url,
@@ -246,7 +247,7 @@ class ReplicaServer:
             if self._skip_if_expired(token, env, now):
                 continue
             if isinstance(token, bytes):  # straight from the blocking pop: DRAIN did not mark its job
-                self.ops.mark_running(env.job_id)
+                self.ops.mark_running(env.job_id, env.deadline)
             admitted.append((token, env))
             self.events.received(env)
         return admitted
@@ -386,7 +387,7 @@ class ReplicaServer:
                 "record a parallel branch", lambda: self.ops.chord_add(branch, value, env.retention_s)
             )
             if results is None:  # other branches still running: the last one to finish goes on
-                self._done.append((token, "", "", "", "", 0))
+                self._done.append((token, "", "", "", "", 0, ""))
                 return
             value, fire_key = results, env.chord["key"]
         chain = env.chain
@@ -506,11 +507,12 @@ class ReplicaServer:
         self._schedule_flush()
 
     def _answer(self, token: Token, env: Envelope, record: str) -> None:
+        started = self.ops.marks.answered(env.job_id)
         reply = env.reply_to if env.reply_to and env.reply_to.startswith(_keys.REPLY_PREFIX) else ""
         status = _results.job_status(record)
         if status != "succeeded":
             self.stats.errors += 1
-        self._done.append((token, env.job_id, reply, record, status, env.retention_s))
+        self._done.append((token, env.job_id, reply, record, status, env.retention_s, started))
 
     def _schedule_flush(self) -> None:
         if self._done and (self._flushing is None or self._flushing.done()):

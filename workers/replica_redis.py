@@ -9,11 +9,11 @@ work of replicas whose heartbeat ran out: O(replicas) calls in all, not every re
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -24,16 +24,20 @@ from celery_serve._wire import scripts as _scripts
 from celery_serve._wire.connections import REDIS_FAULTS, async_client, sync_client
 from celery_serve._wire.delivery import DeploymentKeys, HandBack, now_iso
 from celery_serve.workers.http import to_jsonable
+from celery_serve.workers.running_marks import RunningMarks
 
 logger = logging.getLogger(__name__)
 
 Token = str | bytes  # how a taken message is acknowledged (see QueueOps.take)
-Done = tuple[Token, str, str, str, str, int]  # (token, job id, reply list, record, job status, retention s)
+# (token, job id, reply list, record, job status, retention s, started at: epoch s, or '' when the job records it)
+Done = tuple[Token, str, str, str, str, int, float | str]
 
 HEARTBEAT_S = 2.0
 ALIVE_TTL_S = 10  # a replica whose heartbeat is this old is stale: its work is handed back
 REAP_EVERY_S = 5.0
 REPLY_TTL_S = 3600
+IDLE_POP_S = 0.001  # a blocking pop that waited longer than this found the queue empty
+IDLE_FRESH_S = 0.005  # ... and a replica that took its next message within this time may skip the drain
 
 
 class QueueOps:
@@ -53,12 +57,14 @@ class QueueOps:
         self._drain = self.redis.register_script(_scripts.DRAIN)
         self._complete = self.redis.register_script(_scripts.COMPLETE)
         self._forward = self.redis.register_script(_scripts.FORWARD)
-        self._marker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mark-running")
-        self._mark = sync_client(url).register_script(_scripts.MARK_RUNNING)
+        self.marks = RunningMarks(url)
         self._chord_add = self.redis.register_script(_scripts.CHORD_ADD)
         self._handback = self.redis.register_script(_scripts.HANDBACK)
         self._bury = self.redis.register_script(_scripts.BURY)
         self._takes = 0
+        self._idle = False  # the last blocking pop waited: nothing was queued (see take)
+        self._popped_at = 0.0  # when it returned (monotonic)
+        self.batched: Callable[[], bool] = lambda: False  # batched replicas always drain first (set by the consumer)
 
     async def take(self, limit: int, block_s: float) -> list[tuple[str | bytes, bytes]]:
         """What is waiting (up to `limit`), or, when nothing is, the next message as soon as it arrives.
@@ -66,26 +72,29 @@ class QueueOps:
         A message from the blocking pop stays in the claim list and starts at once; its token is
         "@" + the message, which is how it is acknowledged (see `celery_serve._wire.scripts`), and the caller marks its
         job running with `mark_running` (DRAIN does that itself for what it takes)."""
-        items = await self._take_now(limit)
-        if items or block_s < 0.001:  # Redis reads a timeout under 1 ms as 0: "block forever"
-            return items
+        # Straight to the blocking pop only right after one that waited: a replica that was busy longer may
+        # have requests waiting, some of them cancelled, which only a drain skips.
+        idle = self._idle and time.monotonic() - self._popped_at < IDLE_FRESH_S and not self.batched()
+        if not idle or block_s < 0.001:
+            items = await self._take_now(limit)
+            if items or block_s < 0.001:  # Redis reads a timeout under 1 ms as 0: "block forever"
+                return items
+        started = time.monotonic()
         # Redis takes a fractional timeout (>= 6.0); redis-py's annotation says int.
         moved = await self.blocking.blmove(self.queue, self.claim, block_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
+        # A pop that had to wait found the queue empty: the replica keeps up, and the next take goes straight to
+        # the blocking pop (a drain would find nothing: a round trip saved per request at low load). One answered
+        # at once found a backlog: the next take drains it in one call.
+        self._popped_at = time.monotonic()
+        self._idle = moved is None or self._popped_at - started > IDLE_POP_S
         if moved is None:
             return []
         moved = moved if isinstance(moved, bytes) else moved.encode()
         return [(b"@" + moved, moved)]
 
-    def mark_running(self, job_id: str) -> None:
-        """Mark a claimed message's job running, from a side thread: sync user code may hold the event
-        loop for as long as the request runs, and the job must read `running` meanwhile."""
-        self._marker.submit(self._mark_sync, job_id)
-
-    def _mark_sync(self, job_id: str) -> None:
-        try:
-            self._mark(keys=[_keys.job(job_id)], args=[time.time()])
-        except REDIS_FAULTS as exc:
-            logger.debug("could not mark job %s running: %s", job_id, exc)
+    def mark_running(self, job_id: str, deadline: float | None) -> None:
+        """Mark a claimed message's job running if it still runs a moment from now (see workers.running_marks)."""
+        self.marks.started(job_id, deadline)
 
     async def _take_now(self, limit: int, queue: str | None = None) -> list[tuple[Token, bytes]]:
         """What is waiting now on `queue` (default: the deployment's; a model's queue for affinity)."""
@@ -140,14 +149,14 @@ class QueueOps:
         return None if raw is None else [json.loads(r) for r in raw]
 
     async def complete(self, done: list[Done]) -> None:
-        """Store results and acknowledge: items are (token, task id, reply list, record, job status, ttl)."""
+        """Store results and acknowledge: items are `Done` tuples."""
         args: list[Any] = [time.time(), REPLY_TTL_S]
         for item in done:
             args.extend(item)
         await self._complete(keys=[self.inflight, self.claim], args=args)
 
     async def close(self) -> None:
-        self._marker.shutdown(wait=True)
+        self.marks.close()
         await self.blocking.aclose()
         await self.redis.aclose()
 

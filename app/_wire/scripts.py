@@ -112,16 +112,18 @@ end
 """
 
 # KEYS: in-flight hash, claim list. ARGV: now, reply ttl, then groups of (token, task id, reply list, record, job
-# status, retention s). Stores each result unless a terminal result is already stored, publishes it on the
-# result key's channel (Celery's redis backend and job long-polls listen there), pushes it to the caller's
-# reply list, records the job's terminal state, and acknowledges the message.
+# status, retention s, started at ('' when the job already says)). Stores each result unless a terminal result is
+# already stored, publishes it on the result key's channel (Celery's redis backend and job long-polls listen
+# there), pushes it to the caller's reply list, records the job's terminal state (and when it started, for a
+# request answered before it was marked running), and acknowledges the message.
 COMPLETE = (
     _ACK
     + """
 local reply_ttl = tonumber(ARGV[2])
 local stored = 0
-for i = 3, #ARGV, 6 do
+for i = 3, #ARGV, 7 do
   local tok, id, reply, record, status, ttl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local started = ARGV[i + 6]
   if id ~= '' then
     local rkey = 'celery-task-meta-' .. id
     if redis.call('SET', rkey, record, 'NX', 'EX', ttl) then
@@ -133,7 +135,11 @@ for i = 3, #ARGV, 6 do
       end
       local job = 'serve:job:' .. id
       if redis.call('EXISTS', job) == 1 then
-        redis.call('HSET', job, 'status', status, 'finished_at', ARGV[1])
+        if started ~= '' then
+          redis.call('HSET', job, 'status', status, 'finished_at', ARGV[1], 'started_at', started)
+        else
+          redis.call('HSET', job, 'status', status, 'finished_at', ARGV[1])
+        end
         redis.call('EXPIRE', job, ttl)
       end
     end
@@ -146,7 +152,7 @@ return stored
 
 # KEYS: job hash, result key. ARGV: now, terminal record, retention s, new status (cancelled/expired),
 # only-if-queued (0/1). Ends a job that has not finished: writes the terminal record (unless one exists),
-# tells the caller waiting on its reply list, and for a cancelled running job asks its replicas to stop it.
+# tells the caller waiting on its reply list, and for a cancelled job asks its replicas to stop it (if one runs it).
 # Returns the job's status before the call, or 'missing'.
 FINISH = """
 local before = redis.call('HGET', KEYS[1], 'status')
@@ -163,7 +169,8 @@ if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', tonumber(ARGV[3])) then
     redis.call('EXPIRE', reply, 3600)
   end
 end
-if before == 'running' and ARGV[4] == 'cancelled' then
+-- a job may run before it reads running (see workers.running_marks): its replicas are told either way
+if ARGV[4] == 'cancelled' then
   local app = redis.call('HGET', KEYS[1], 'app')
   local dep = redis.call('HGET', KEYS[1], 'deployment')
   redis.call('PUBLISH', 'serve:cancel:' .. app .. ':' .. dep, string.sub(KEYS[2], 18))
@@ -358,10 +365,13 @@ return 1
 """
 )
 
-# KEYS: job hash. ARGV: now. A job a replica started straight from its blocking pop: mark it running.
+# KEYS: job hashes. ARGV: when each started (epoch s). Jobs a replica started straight from its blocking pop and
+# still runs: mark those still queued running (one that ended, or was cancelled, keeps its state).
 MARK_RUNNING = """
-if redis.call('HGET', KEYS[1], 'status') == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+for i, job in ipairs(KEYS) do
+  if redis.call('HGET', job, 'status') == 'queued' then
+    redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[i])
+  end
 end
 """
 

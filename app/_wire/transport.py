@@ -78,6 +78,7 @@ class ResultWaiter:
         self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._multi_pop = True  # BLMPOP until the server says it has none
 
     @property
     def pending(self) -> int:
@@ -121,18 +122,8 @@ class ResultWaiter:
         conn = self._conn
         while not self._closing:
             try:
-                got = await conn.blpop([self.reply_key], timeout=BLOCK_S)
-                if got is None:
-                    continue
-                self._resolve(got[1])
-                while True:
-                    more = await conn.lpop(self.reply_key, _DRAIN)
-                    if not more:
-                        break
-                    for raw in more:
-                        self._resolve(raw)
-                    if len(more) < _DRAIN:
-                        break
+                for raw in await self._pop(conn):
+                    self._resolve(raw)
             except (
                 redis.exceptions.RedisError,
                 OSError,
@@ -143,6 +134,30 @@ class ResultWaiter:
                     return
                 logger.warning("reply listener lost Redis (%r); reconnecting", exc)
                 await asyncio.sleep(0.5)
+
+    async def _pop(self, conn: Any) -> list[Any]:
+        """The records waiting on the reply list (up to _DRAIN), blocking up to BLOCK_S for the first: one round
+        trip with BLMPOP (Redis >= 7.0); BLPOP and then LPOP for the rest on older servers."""
+        if self._multi_pop:
+            try:
+                got = await conn.blmpop(BLOCK_S, 1, self.reply_key, direction="LEFT", count=_DRAIN)
+            except redis.exceptions.ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                logger.info("Redis has no BLMPOP (it is older than 7.0): the reply listener uses BLPOP and LPOP")
+                self._multi_pop = False
+            else:
+                return list(got[1]) if got else []
+        got = await conn.blpop([self.reply_key], timeout=BLOCK_S)
+        if got is None:
+            return []
+        records = [got[1]]
+        while len(records) < _DRAIN:
+            more = await conn.lpop(self.reply_key, _DRAIN - len(records))
+            if not more:
+                break
+            records += more
+        return records
 
     def _resolve(self, raw: Any) -> None:
         record = _results.decode(raw)  # wide integers exact
