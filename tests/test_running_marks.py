@@ -1,7 +1,9 @@
-"""Jobs started from the blocking pop read `running` only once they last (workers.running_marks), on a real Redis."""
+"""Jobs started from the blocking pop are marked `running` off the event loop (workers.running_marks), on a real
+Redis: promptly, several per call, never over a final state, and never losing when the request started."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,8 +12,7 @@ import pytest
 import redis
 
 from celery_serve._wire import keys as _keys
-from celery_serve.workers import running_marks
-from celery_serve.workers.running_marks import MARK_AFTER_S, RunningMarks
+from celery_serve.workers.running_marks import RunningMarks
 from tests.conftest import wait_until
 
 
@@ -30,43 +31,50 @@ def _queued_jobs(r: redis.Redis, n: int) -> list[str]:
     return ids
 
 
-def test_a_request_answered_at_once_is_never_marked_and_its_answer_gets_its_start(
-    marks: RunningMarks, redis_client: redis.Redis
-) -> None:
-    (job_id,) = _queued_jobs(redis_client, 1)
-    before = time.time()
-    marks.started(job_id, deadline=None)
-    started = marks.answered(job_id)
-    assert isinstance(started, float) and before <= started <= time.time()
-    time.sleep(MARK_AFTER_S * 3)
-    assert redis_client.hget(_keys.job(job_id), "status") == b"queued"  # no mark went out
-    assert marks.answered(job_id) == ""  # nothing pending any more
-
-
-def test_requests_that_last_are_marked_running_with_when_they_started(
-    marks: RunningMarks, redis_client: redis.Redis
-) -> None:
+def test_started_requests_read_running_with_when_they_started(marks: RunningMarks, redis_client: redis.Redis) -> None:
     ids = _queued_jobs(redis_client, 3)
     before = time.time()
     for job_id in ids:
-        marks.started(job_id, deadline=None)
-    redis_client.hset(_keys.job(ids[2]), "status", "cancelled")  # ended meanwhile: keeps its state
-    wait_until(lambda: redis_client.hget(_keys.job(ids[1]), "status") == b"running", timeout_s=5, what="the marks")
-    for job_id in ids[:2]:
+        marks.started(job_id)
+    wait_until(lambda: redis_client.hget(_keys.job(ids[2]), "status") == b"running", timeout_s=5, what="the marks")
+    for job_id in ids:
         status, started = redis_client.hmget(_keys.job(job_id), "status", "started_at")
-        assert status == b"running" and before <= float(started) < before + MARK_AFTER_S
-    assert redis_client.hget(_keys.job(ids[2]), "status") == b"cancelled"
-    assert marks.answered(ids[0]) == ""  # marked: the answer leaves started_at as the mark wrote it
+        assert status == b"running" and before <= float(started) <= time.time()
+    assert marks.answered(ids[0]) == ""  # the mark went out: it recorded the start
 
 
-def test_a_request_near_its_deadline_is_marked_at_once(
+def test_a_mark_never_overwrites_a_final_state_but_fills_in_the_start(
+    marks: RunningMarks, redis_client: redis.Redis
+) -> None:
+    """The answer got there first (the mark was on its way): the job stays succeeded, and reads when it started."""
+    (job_id,) = _queued_jobs(redis_client, 1)
+    redis_client.hset(_keys.job(job_id), "status", "succeeded")
+    marks.started(job_id)
+    wait_until(lambda: redis_client.hexists(_keys.job(job_id), "started_at"), timeout_s=5, what="the mark")
+    assert redis_client.hget(_keys.job(job_id), "status") == b"succeeded"
+    marks._send([("marks-never-queued", time.time())])  # a job that does not exist is not created
+    assert not redis_client.exists(_keys.job("marks-never-queued"))
+
+
+def test_a_request_answered_before_its_mark_went_out_gets_its_start_from_the_answer(
     marks: RunningMarks, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """So that a reader never takes it for a request that expired in the queue (marks made to wait 60 s here:
-    only the one near its deadline goes out)."""
-    monkeypatch.setattr(running_marks, "MARK_AFTER_S", 60.0)
-    near, far = _queued_jobs(redis_client, 2)
-    marks.started(far, deadline=time.time() + 600)
-    marks.started(near, deadline=time.time() + 0.5)
-    wait_until(lambda: redis_client.hget(_keys.job(near), "status") == b"running", timeout_s=5, what="the mark")
-    assert redis_client.hget(_keys.job(far), "status") == b"queued"
+    (job_id,) = _queued_jobs(redis_client, 1)
+    sending, release = threading.Event(), threading.Event()
+    send = marks._send
+
+    def slow_send(ready: list[tuple[str, float]]) -> None:
+        sending.set()
+        release.wait(5)
+        send(ready)
+
+    monkeypatch.setattr(marks, "_send", slow_send)
+    marks.started("marks-busy")  # the marker thread is held sending this one
+    assert sending.wait(5)
+    before = time.time()
+    marks.started(job_id)
+    started = marks.answered(job_id)  # answered before its mark could go out: the mark is dropped
+    assert isinstance(started, float) and before <= started <= time.time()
+    release.set()
+    time.sleep(0.2)
+    assert redis_client.hget(_keys.job(job_id), "status") == b"queued"  # no mark went out for it

@@ -247,7 +247,7 @@ class ReplicaServer:
             if self._skip_if_expired(token, env, now):
                 continue
             if isinstance(token, bytes):  # straight from the blocking pop: DRAIN did not mark its job
-                self.ops.mark_running(env.job_id, env.deadline)
+                self.ops.mark_running(env.job_id)
             admitted.append((token, env))
             self.events.received(env)
         return admitted

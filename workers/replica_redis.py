@@ -92,9 +92,9 @@ class QueueOps:
         moved = moved if isinstance(moved, bytes) else moved.encode()
         return [(b"@" + moved, moved)]
 
-    def mark_running(self, job_id: str, deadline: float | None) -> None:
-        """Mark a claimed message's job running if it still runs a moment from now (see workers.running_marks)."""
-        self.marks.started(job_id, deadline)
+    def mark_running(self, job_id: str) -> None:
+        """Mark a claimed message's job running, from a side thread (see workers.running_marks)."""
+        self.marks.started(job_id)
 
     async def _take_now(self, limit: int, queue: str | None = None) -> list[tuple[Token, bytes]]:
         """What is waiting now on `queue` (default: the deployment's; a model's queue for affinity)."""

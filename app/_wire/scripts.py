@@ -365,12 +365,15 @@ return 1
 """
 )
 
-# KEYS: job hashes. ARGV: when each started (epoch s). Jobs a replica started straight from its blocking pop and
-# still runs: mark those still queued running (one that ended, or was cancelled, keeps its state).
+# KEYS: job hashes. ARGV: when each started (epoch s). Jobs a replica started straight from its blocking pop: mark
+# those still queued running; one that ended meanwhile keeps its state and gains its start time if it has none.
 MARK_RUNNING = """
 for i, job in ipairs(KEYS) do
-  if redis.call('HGET', job, 'status') == 'queued' then
+  local status = redis.call('HGET', job, 'status')
+  if status == 'queued' then
     redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[i])
+  elseif status then
+    redis.call('HSETNX', job, 'started_at', ARGV[i])
   end
 end
 """
