@@ -23,6 +23,12 @@ _TASK_ID = """
 local function task_id(m)
   local h = string.find(m, '"headers"', 1, true)
   if h then
+    -- our own messages are compact JSON: two plain searches (C speed) find the id; patterns scan in Lua
+    local _, e = string.find(m, '"serve_job":"', h, true)
+    if e then
+      local q = string.find(m, '"', e + 1, true)
+      if q then return string.sub(m, e + 1, q - 1) end
+    end
     local job = string.match(m, '"serve_job":%s*"([^"]*)"', h)
     if job then return job end
     local id = string.match(m, '"id":%s*"([^"]*)"', h)
@@ -37,34 +43,49 @@ local function task_id(m)
 end
 """
 
+# Enqueues several requests in one call (the gateway sends the submits that arrive together in one batch).
+# ARGV[1]: how many requests. Then, per request, its keys and arguments in turn:
 # KEYS: job hash, idempotency key (any name when unused), then one queue per message.
-# ARGV: max waiting (-1 = unbounded), job id, now, retention s, app, deployment, method, deadline,
-#       use idempotency (0/1), reply list ('' if none), kind (sync/async), then the messages (one per
-#       queue: a parallel first pipeline step starts several).
-# Returns {queue length, job id}; {-1, ''} when a queue is full (nothing written);
+# ARGV: the number of queues q, then max waiting (-1 = unbounded), job id, now, retention s, app, deployment,
+#       method, deadline, use idempotency (0/1), reply list ('' if none), kind (sync/async), then the q messages
+#       (one per queue: a parallel first pipeline step starts several).
+# Returns one {queue length, job id} per request: {-1, ''} when a queue is full (nothing written for it);
 # {0, existing id} when the idempotency key already names a job; {-2, job id} when the job already exists
 # (this very enqueue ran before: redis-py retried it after the connection closed before the answer came).
 ENQUEUE = """
-if ARGV[9] == '1' then
-  local existing = redis.call('GET', KEYS[2])
-  if existing then return {0, existing} end
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then return {-2, ARGV[2]} end
-local limit = tonumber(ARGV[1])
-if limit >= 0 then
-  for i = 3, #KEYS do
-    if redis.call('LLEN', KEYS[i]) >= limit then return {-1, ''} end
+local function enqueue(k, a, q)
+  local job, idem = KEYS[k], KEYS[k + 1]
+  if ARGV[a + 8] == '1' then
+    local existing = redis.call('GET', idem)
+    if existing then return {0, existing} end
   end
+  if redis.call('EXISTS', job) == 1 then return {-2, ARGV[a + 1]} end
+  local limit = tonumber(ARGV[a])
+  if limit >= 0 then
+    for i = k + 2, k + 1 + q do
+      if redis.call('LLEN', KEYS[i]) >= limit then return {-1, ''} end
+    end
+  end
+  local n = 0
+  for i = 0, q - 1 do n = redis.call('LPUSH', KEYS[k + 2 + i], ARGV[a + 11 + i]) end
+  redis.call('HSET', job, 'status', 'queued', 'app', ARGV[a + 4], 'deployment', ARGV[a + 5], 'method', ARGV[a + 6],
+    'created_at', ARGV[a + 2], 'deadline', ARGV[a + 7], 'retention_s', ARGV[a + 3], 'reply', ARGV[a + 9],
+    'kind', ARGV[a + 10])
+  -- kept until the deadline plus the retention period: a job must not vanish while it still waits
+  local ttl = math.ceil(math.max(tonumber(ARGV[a + 7]) - tonumber(ARGV[a + 2]), 0)) + tonumber(ARGV[a + 3])
+  redis.call('EXPIRE', job, ttl)
+  if ARGV[a + 8] == '1' then redis.call('SET', idem, ARGV[a + 1], 'EX', ttl) end
+  return {n, ARGV[a + 1]}
 end
-local n = 0
-for i = 3, #KEYS do n = redis.call('LPUSH', KEYS[i], ARGV[i + 9]) end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'app', ARGV[5], 'deployment', ARGV[6], 'method', ARGV[7],
-  'created_at', ARGV[3], 'deadline', ARGV[8], 'retention_s', ARGV[4], 'reply', ARGV[10], 'kind', ARGV[11])
--- kept until the deadline plus the retention period: a job must not vanish while it still waits
-local ttl = math.ceil(math.max(tonumber(ARGV[8]) - tonumber(ARGV[3]), 0)) + tonumber(ARGV[4])
-redis.call('EXPIRE', KEYS[1], ttl)
-if ARGV[9] == '1' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl) end
-return {n, ARGV[2]}
+local out = {}
+local k, a = 1, 2
+for j = 1, tonumber(ARGV[1]) do
+  local q = tonumber(ARGV[a])
+  out[j] = enqueue(k, a + 1, q)
+  k = k + 2 + q
+  a = a + 12 + q
+end
+return out
 """
 
 # KEYS: queue, claim list (unused; kept for the call's shape), in-flight hash. ARGV: max messages, token

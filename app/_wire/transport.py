@@ -27,6 +27,7 @@ from celery_serve._wire.affinity import AffinityRouter, model_id_from_http
 from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, async_client
 from celery_serve._wire.envelope import build_message, new_task_id, parallel_signature, signature
 from celery_serve._wire.streams import StreamHub
+from celery_serve._wire.submit_batches import EnqueueBatcher
 from celery_serve.exceptions import (
     BackpressureError,
     DeploymentConfigError,
@@ -251,6 +252,7 @@ class QueueTransport:
         self.waiter = ResultWaiter(url)
         self.streams = StreamHub(url)  # follows streamed responses (celery_serve._wire.streams)
         self._enqueue = self.redis.register_script(_scripts.ENQUEUE)
+        self._batcher = EnqueueBatcher(self._enqueue)  # submits that come together: one ENQUEUE call
         self.affinity = AffinityRouter(self.redis)
         self._finish = self.redis.register_script(_scripts.FINISH)
         self._specs: dict[str, tuple[float, AppSpec]] = {}
@@ -371,7 +373,7 @@ class QueueTransport:
             if self.wait_replicas:
                 depth, existing = await self._enqueue_replicated(job_id, name, keys, args, retention)
             else:
-                depth, existing = await self._enqueue(keys=keys, args=args)
+                depth, existing = await self._batcher.enqueue(keys, args)
         except BaseException:
             self.waiter.discard(job_id)
             raise
@@ -395,7 +397,7 @@ class QueueTransport:
         """ENQUEUE, then WAIT on the same connection until `wait_replicas` replicas hold the write."""
         for attempt in (1, 2):
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(self._enqueue.sha, len(keys), *keys, *args)
+                pipe.evalsha(self._enqueue.sha, len(keys), *keys, 1, len(keys) - 2, *args)  # a batch of one
                 pipe.wait(self.wait_replicas, self.wait_timeout_ms)
                 enqueued, replicated = await pipe.execute(raise_on_error=False)
             if isinstance(enqueued, redis.exceptions.NoScriptError) and attempt == 1:
@@ -405,7 +407,7 @@ class QueueTransport:
                 raise enqueued
             if isinstance(replicated, Exception):
                 raise replicated
-            depth, existing = enqueued
+            depth, existing = enqueued[0]
             if depth > 0 and int(replicated) < self.wait_replicas:
                 queued = list(zip(keys[2:], args[11:], strict=True))
                 await self._withdraw(job_id, name, int(replicated), retention, queued)
