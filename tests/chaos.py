@@ -223,6 +223,19 @@ class Ledger:
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
 
+    def await_accepted(self, more: int, timeout_s: float = 60.0) -> None:
+        """Wait until the load has had `more` requests accepted from now: faults land among real traffic,
+        however fast or slow the machine is today."""
+        with self.lock:
+            target = len(self.accepted) + more
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.accepted) >= target:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"the load had fewer than {more} requests accepted within {timeout_s:.0f} s")
+
     def submit(self, http: httpx.Client, deployment: str, value: str, **kwargs: Any) -> str | None:
         body = {"args": [value], "kwargs": kwargs} if kwargs else value
         try:

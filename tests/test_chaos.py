@@ -45,11 +45,11 @@ def test_replicas_killed_every_few_seconds(stack: Stack) -> None:
     ledger = Ledger(stack)
     ledger.load("Echo", threads=3, sleep_s=0.05)
     for _ in range(6):
-        time.sleep(3)
+        ledger.await_accepted(60)  # a kill after every 60 accepted requests (~3 s here)
         pids = stack.replica_pids("chaos", "Echo")
         if pids:
             os.kill(random.choice(pids), signal.SIGKILL)
-    time.sleep(2)
+    ledger.await_accepted(40)  # and traffic after the last kill
     ledger.finish()
     report = ledger.check(grace_s=90)
     _all_served(report)
@@ -58,14 +58,14 @@ def test_replicas_killed_every_few_seconds(stack: Stack) -> None:
 def test_a_whole_worker_killed_and_started_again(stack: Stack) -> None:
     ledger = Ledger(stack)
     ledger.load("Echo", threads=3, interval_s=0.1, sleep_s=0.02)  # ~30 requests/s, a third of capacity
-    time.sleep(3)
+    ledger.await_accepted(60)
     worker = stack.workers["chaos.Echo"].proc
     for process in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]:
         process.kill()  # the machine died: nobody hands anything back
     worker.wait()
     time.sleep(2)
     stack.start_worker("chaos", "Echo")  # a new worker's replicas reap the dead ones and serve what they held
-    time.sleep(5)
+    ledger.await_accepted(100)  # load goes on while the new worker starts and catches up
     ledger.finish()
     report = ledger.check(grace_s=120)
     _all_served(report)
