@@ -171,12 +171,17 @@ async def _resolve(value: Any) -> Any:
     return value
 
 
+async def _prepare(transport: Any, app: str, deployment: str, args: Any, kwargs: Any) -> tuple[Any, list, dict]:
+    """The deployment's spec, and the call's arguments with the responses among them resolved."""
+    resolved_args = [await _resolve(a) for a in args]
+    resolved_kwargs = {k: await _resolve(v) for k, v in kwargs.items()}
+    return await transport.target(app, deployment), resolved_args, resolved_kwargs
+
+
 async def _call(
     transport: Any, app: str, deployment: str, method: str, args: Any, kwargs: Any, model_id: str = ""
 ) -> Any:
-    args = [await _resolve(a) for a in args]
-    kwargs = {k: await _resolve(v) for k, v in kwargs.items()}
-    target = await transport.target(app, deployment)
+    target, args, kwargs = await _prepare(transport, app, deployment, args, kwargs)
     options = {"multiplexed_model_id": model_id} if model_id else {}
     record = await transport.call(target, method, args, kwargs, **options)
     return _results.unwrap(record, deployment)
@@ -215,9 +220,7 @@ async def _open_stream(
     transport: Any, app: str, deployment: str, method: str, args: Any, kwargs: Any, model_id: str = ""
 ) -> _RemoteStream:
     """Submit a streaming call and wait until its replica starts the stream (or fails before it)."""
-    args = [await _resolve(a) for a in args]
-    kwargs = {k: await _resolve(v) for k, v in kwargs.items()}
-    target = await transport.target(app, deployment)
+    target, args, kwargs = await _prepare(transport, app, deployment, args, kwargs)
     sub = await transport.submit(target, method, args, kwargs, stream="require", multiplexed_model_id=model_id)
     record = await transport.wait(sub, deployment)
     if record is None or record["status"] != _streams.STREAMING:
