@@ -26,7 +26,6 @@ from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
 from celery_serve._wire import strictjson
 from celery_serve._wire.connections import REDIS_FAULTS
-from celery_serve._wire.envelope import new_task_id
 from celery_serve._wire.jobs import client_request_id
 from celery_serve._wire.streams import STREAMING
 from celery_serve._wire.transport import QueueTransport, Submitted, target_name
@@ -164,14 +163,15 @@ def http_envelope(scope: Scope, body: bytes, *, path: str | None = None, method:
 ROUTED_SCOPE_KEY = "celery_serve.routed"
 
 
-async def claim_request_id(redis: Any, chosen: bytes | str | None) -> str:
-    """The request's job id: the caller's `X-Request-ID` when it sent a valid, unused one, else a new UUID.
+async def claim_request_id(redis: Any, chosen: bytes | str | None) -> str | None:
+    """The caller's `X-Request-ID` when it sent a valid, unused one; None when it sent none (the transport
+    then chooses one: on a Redis Cluster, one in the request's hash slot).
 
     A caller that chose its id knows it before any byte of the answer, so after a lost connection it can still
     `GET /jobs/{id}`. An id that already names a job is refused (409): it would read someone else's result.
     """
     if chosen is None:
-        return new_task_id()
+        return None
     task_id = client_request_id(chosen)
     if await redis.exists(_keys.job(task_id)):
         raise RequestIdInUseError(
@@ -257,7 +257,7 @@ class Proxy:
     ) -> None:
         """Enqueue one HTTP request for a deployment and answer with its result (or relay its stream)."""
         started = time.perf_counter()
-        task_id = task_id or new_task_id()
+        task_id = task_id or self.transport.new_id(dep)
         id_header = (REQUEST_ID_HEADER, task_id.encode())
         try:
             sub = await self.transport.submit(dep, method, http=http, task_id=task_id)

@@ -167,8 +167,8 @@ def _reader(now: float) -> Generator[list[Command], list[Any], Snapshot]:
         replica_ids.append(ids)
         for rid in ids:
             commands += [
-                ("hlen", (_keys.replica_inflight(rid),)),
-                ("llen", (_keys.replica_claim(rid),)),
+                ("hlen", (_keys.replica_inflight(status.app, status.deployment, rid),)),
+                ("llen", (_keys.replica_claim(status.app, status.deployment, rid),)),
                 ("zscore", (_keys.heartbeats(status.app, status.deployment), rid)),
             ]
         per_replica = {_text(k): json.loads(v) for k, v in stats_raw.items()}

@@ -34,15 +34,18 @@ class _Trap:
         return (os.mkdir, (self.path,))
 
 
-def _held_by(client: redis.Redis, replica_id: str) -> list[bytes]:
+def _held_by(client: redis.Redis, app: str, dep: str, replica_id: str) -> list[bytes]:
     """What a replica has taken and not acknowledged: its in-flight hash and its claim list."""
-    return [*client.hvals(replica_inflight(replica_id)), *client.lrange(replica_claim(replica_id), 0, -1)]
+    return [
+        *client.hvals(replica_inflight(app, dep, replica_id)),
+        *client.lrange(replica_claim(app, dep, replica_id), 0, -1),
+    ]
 
 
 def _inflight_messages(client: redis.Redis, app: str, dep: str) -> list[bytes]:
     held = []
     for replica_id in client.hkeys(replicas(app, dep)):
-        held.extend(_held_by(client, replica_id.decode()))
+        held.extend(_held_by(client, app, dep, replica_id.decode()))
     return held
 
 
@@ -81,7 +84,7 @@ def test_a_request_whose_replica_is_killed_is_delivered_again_and_succeeds(
     first_pid = int(wait_until(lambda: redis_client.lindex(pids_key(tag), 0), what="the request to start"))
     assert first_pid in registered, f"pid {first_pid} is not one of the registered replicas {registered}"
     # Taken but not acknowledged while it runs: the replica holds the message until it is done.
-    held = _held_by(redis_client, registered[first_pid])
+    held = _held_by(redis_client, "probe", "Fragile", registered[first_pid])
     assert any(tag.encode() in m for m in held)
 
     os.kill(first_pid, signal.SIGKILL)

@@ -224,7 +224,7 @@ def test_a_take_whose_reply_was_lost_is_handed_back(echo_stack: Stack) -> None:
     job_id = str(uuid.uuid4())
     message = build_message(task_id=job_id, app="chaos", deployment="Echo", method="__call__", args=["ghost"])
     stack.redis.hset(_keys.job(job_id), mapping={"status": "running", "retention_s": 600, "deadline": time.time() + 60})
-    stack.redis.hset(_keys.replica_inflight(rid), "999999:1", message)  # a token the replica never saw
+    stack.redis.hset(_keys.replica_inflight("chaos", "Echo", rid), "999999:1", message)  # a token the replica never saw
 
     async def reconcile_as_the_replica() -> int:
         # the reconciler's rule, on the replica's own keys: unknown twice, ORPHAN_AFTER_S apart -> handed back

@@ -92,4 +92,4 @@ def test_cpu_fallback_is_left_to_the_worker() -> None:
 
 def test_gpu_deployments_have_their_own_queue_kind() -> None:
     spec = build_spec(QuarterGpu.bind(HalfGpu.bind()), "gpu", "/gpu")
-    assert spec.deployments["HalfGpu"].queue == "serve.gpu.gpu.HalfGpu"
+    assert spec.deployments["HalfGpu"].queue == "serve.gpu.{serve.gpu.HalfGpu}"

@@ -46,7 +46,7 @@ def test_records_reach_their_callers_whatever_the_server(server_url: tuple[str, 
             futures = [waiter.expect(f"t{i}") for i in range(600)]  # more than one wake-up's worth (512)
             pusher = redis.Redis.from_url(url)
             await asyncio.sleep(0.05)  # the listener is blocked waiting
-            pusher.rpush(waiter.reply_key, *[json.dumps({"task_id": f"t{i}", "result": i}) for i in range(600)])
+            pusher.rpush(waiter.reply_key("", ""), *[json.dumps({"task_id": f"t{i}", "result": i}) for i in range(600)])
             pusher.close()
             done = await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
             return [record["result"] for record in done], waiter._multi_pop

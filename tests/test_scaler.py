@@ -23,6 +23,7 @@ import redis
 from celery_serve import DeploymentHandle, run
 from celery_serve._runtime import serve as _serve
 from celery_serve._runtime.launcher import redis_env, scaler_command
+from celery_serve._wire import keys as _keys
 from celery_serve.status import DeploymentStatus, read_snapshot
 from celery_serve.workers.celery_app import make_celery
 from tests import scaling_deployments as sd
@@ -196,7 +197,11 @@ def test_retired_replicas_finish_what_they_hold(served: Served, deploy: Callable
 
     def every_replica_holds_work() -> list[str]:
         status = held.status()
-        holding = [rid for rid in status.replica_ids if held.redis.hlen(f"serve:inflight:{rid}")]
+        holding = [
+            rid
+            for rid in status.replica_ids
+            if held.redis.hlen(_keys.replica_inflight(held.name, held.deployment, rid))
+        ]
         return status.replica_ids if len(holding) == 3 else []
 
     wait_until(every_replica_holds_work, timeout_s=30, interval_s=0.01, what="all three replicas to hold requests")

@@ -47,8 +47,8 @@ def keys(redis_client: redis.Redis) -> Iterator[Keys]:
     replica_id = f"rep-{run}"
     found = Keys(
         queue=_keys.queue(f"scripts-{run}", "Dep"),
-        claim=_keys.replica_claim(replica_id),
-        inflight=_keys.replica_inflight(replica_id),
+        claim=_keys.replica_claim(f"scripts-{run}", "Dep", replica_id),
+        inflight=_keys.replica_inflight(f"scripts-{run}", "Dep", replica_id),
         replicas=_keys.replicas(f"scripts-{run}", "Dep"),
         stats=_keys.replica_stats(f"scripts-{run}", "Dep"),
         replica_id=replica_id,

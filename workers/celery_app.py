@@ -14,8 +14,8 @@ from urllib.parse import quote
 
 from celery import Celery
 
-from celery_serve._wire.connections import redacted
-from celery_serve._wire.urls import parse_redis_url
+from celery_serve._wire.connections import redacted, sync_client
+from celery_serve._wire.urls import RedisTarget, parse_redis_url
 
 
 def kombu_url(url: str) -> tuple[str, dict[str, Any]]:
@@ -24,6 +24,8 @@ def kombu_url(url: str) -> tuple[str, dict[str, Any]]:
     A Sentinel URL becomes kombu's `sentinel://...;sentinel://...` list with `master_name` (and the
     Sentinels' own password, if any) in the transport options."""
     target = parse_redis_url(url)
+    if target.kind == "cluster":
+        return _cluster_node_url(url, target)
     if target.kind == "single":
         if url.startswith("unix://"):  # kombu and Celery name a unix socket redis+socket://
             return "redis+socket://" + url[len("unix://") :], {}
@@ -38,10 +40,33 @@ def kombu_url(url: str) -> tuple[str, dict[str, Any]]:
     return nodes, options
 
 
+# On a Redis Cluster, Celery's own traffic (worker control queues, remote control replies, kombu's
+# bookkeeping) goes to the node that owns this hash tag's slot, every key prefixed with it: kombu has no
+# cluster transport, and one slot keeps its multi-key commands legal. Pub/sub (events, broadcasts) reaches
+# every node of a cluster anyway. Deployment requests never go through kombu (see `_wire.transport`).
+CELERY_SLOT_TAG = "{serve-celery}"
+
+
+def _cluster_node_url(url: str, target: RedisTarget) -> tuple[str, dict[str, Any]]:
+    """The redis:// URL of the cluster node that owns Celery's slot, and kombu's key prefix for it."""
+    client = sync_client(url)
+    try:
+        node = client.get_node_from_key(CELERY_SLOT_TAG)  # type: ignore[attr-defined]
+    finally:
+        client.close()
+    auth = ""
+    if target.password is not None:
+        auth = f"{quote(target.username or '', safe='')}:{quote(target.password, safe='')}@"
+    return f"redis://{auth}{node.host}:{node.port}/0", {"global_keyprefix": CELERY_SLOT_TAG}
+
+
 def make_celery(redis_url: str | None = None) -> Celery:
     url = redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
     broker, sentinel_options = kombu_url(url)
-    celery = Celery("celery_serve", broker=broker, backend=broker, set_as_current=False)
+    # On a cluster Celery's result backend would write `celery-task-meta-*` keys to one node, whatever their
+    # slot: it is off. celery-serve stores results itself (`_wire.results`), each in its request's slot.
+    backend = None if parse_redis_url(url).kind == "cluster" else broker
+    celery = Celery("celery_serve", broker=broker, backend=backend, set_as_current=False)
     celery.conf.update(
         # Safe wire format: a message in any other content type is rejected, never unpickled.
         task_serializer="json",
@@ -59,7 +84,7 @@ def make_celery(redis_url: str | None = None) -> Celery:
         # Messages that a dead consumer held come back after this long (kombu's own unacked restore);
         # replicas use their own faster heartbeat-based restore.
         broker_transport_options={"visibility_timeout": 3600, **sentinel_options},
-        result_backend_transport_options=sentinel_options,
+        result_backend_transport_options={k: v for k, v in sentinel_options.items() if k != "global_keyprefix"},
         # Keep retrying the broker at start-up instead of exiting when Redis is a moment late.
         broker_connection_retry_on_startup=True,
         # Workers describe themselves in Flower by deployment; task events are sent by replicas.

@@ -421,10 +421,13 @@ class ReplicaServer:
                         chain=rest,
                         chord={**chord, "index": index} if chord else None,
                         http_reply=env.http_reply,
+                        job_elsewhere=self.ops.cluster,
                     ),
                 )
             )
-        await self._retrying("hand a result to the next step", lambda: self.ops.forward(token, messages, fire_key))
+        await self._retrying(
+            "hand a result to the next step", lambda: self.ops.forward(token, messages, fire_key, env.task_id)
+        )
         self._release(token)
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:

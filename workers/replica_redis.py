@@ -21,8 +21,9 @@ import redis
 from celery_serve._runtime.spec import DeploymentSpec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import scripts as _scripts
-from celery_serve._wire.connections import REDIS_FAULTS, async_client, sync_client
+from celery_serve._wire.connections import REDIS_FAULTS, async_client, is_cluster, sync_client
 from celery_serve._wire.delivery import DeploymentKeys, HandBack, now_iso
+from celery_serve._wire.slots import key_slot
 from celery_serve.workers.http import to_jsonable
 from celery_serve.workers.running_marks import RunningMarks
 
@@ -47,11 +48,15 @@ class QueueOps:
         app, deployment = spec.app, spec.name
         self.queue = spec.queue
         self.replica_id = replica_id
-        self.claim = _keys.replica_claim(replica_id)
-        self.inflight = _keys.replica_inflight(replica_id)
+        self.claim = _keys.replica_claim(app, deployment, replica_id)
+        self.inflight = _keys.replica_inflight(app, deployment, replica_id)
         self.replicas = _keys.replicas(app, deployment)
         self.stats_key = _keys.replica_stats(app, deployment)
         self.keys = DeploymentKeys(app, deployment, self.queue)
+        # On a Redis Cluster a script touches one slot: what a pipeline's later step writes to its job's slot
+        # goes in calls of its own, before the acknowledgement in this deployment's slot (see `complete`).
+        self.cluster = is_cluster(url)
+        self.slot = key_slot(_keys.deployment_slot_key(app, deployment))
         self.redis = async_client(url)
         self.blocking = async_client(url, single_connection=True)
         self._drain = self.redis.register_script(_scripts.DRAIN)
@@ -134,12 +139,38 @@ class QueueOps:
             except Exception as exc:  # noqa: BLE001 - best effort: new connections are made on demand
                 logger.debug("could not reset connections: %s", exc)
 
-    async def forward(self, token: Token, messages: list[tuple[str, str]], fire_key: str = "") -> bool:
-        """Queue a pipeline's next step(s) and acknowledge this message, in one step."""
+    async def forward(
+        self, token: Token, messages: list[tuple[str, str]], fire_key: str = "", task_id: str = ""
+    ) -> bool:
+        """Queue a pipeline's next step(s) and acknowledge this message, in one step (on a cluster, in three)."""
+        if self.cluster:
+            return await self._forward_across_slots(token, messages, fire_key, task_id)
         args: list[Any] = [token, "1" if fire_key else "0"]
         for queue, message in messages:
             args.extend((queue, message))
         return bool(await self._forward(keys=[self.inflight, self.claim, fire_key or self.inflight], args=args))
+
+    async def _forward_across_slots(
+        self, token: Token, messages: list[tuple[str, str]], fire_key: str, task_id: str
+    ) -> bool:
+        """FORWARD where the next steps' queues and the chord are in other slots: fire once (the branch that
+        fired may fire again: a redelivery of it after a crash), queue, then acknowledge. A crash between the
+        steps runs this step again; its next step may then run twice, and its result is stored once."""
+        if fire_key:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hsetnx(fire_key, "fired", task_id or "1")
+                pipe.hget(fire_key, "fired")
+                _, fired_by = await pipe.execute()
+            if fired_by is not None and fired_by.decode() != (task_id or "1"):
+                await self._forward(keys=[self.inflight, self.claim, self.inflight], args=[token, "0"])
+                return False
+        if messages:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for queue, message in messages:
+                    pipe.lpush(queue, message)
+                await pipe.execute()
+        await self._forward(keys=[self.inflight, self.claim, self.inflight], args=[token, "0"])
+        return True
 
     async def chord_add(self, chord: dict[str, Any], value: Any, ttl: int) -> list[Any] | None:
         """Record one parallel branch's result; all branches' results, in order, once every one is in."""
@@ -149,8 +180,27 @@ class QueueOps:
         return None if raw is None else [json.loads(r) for r in raw]
 
     async def complete(self, done: list[Done]) -> None:
-        """Store results and acknowledge: items are `Done` tuples."""
-        args: list[Any] = [time.time(), REPLY_TTL_S]
+        """Store results and acknowledge: items are `Done` tuples.
+
+        On a cluster, results of jobs in another slot (a pipeline's last step) are stored first, by a call in
+        their slot, and acknowledged after, with the rest: a crash between the two runs the step again, and the
+        first stored result stands."""
+        now = time.time()
+        if self.cluster:
+            elsewhere: dict[int, list[Done]] = {}
+            for item in done:
+                if item[1] and key_slot(_keys.result(item[1])) != self.slot:
+                    elsewhere.setdefault(key_slot(_keys.result(item[1])), []).append(item)
+            for items in elsewhere.values():
+                args: list[Any] = [now, REPLY_TTL_S]
+                for item in items:
+                    args.extend(("", *item[1:]))  # no token: nothing to acknowledge in that slot
+                job_id = items[0][1]
+                await self._complete(keys=[_keys.job(job_id), _keys.result(job_id)], args=args)
+            if elsewhere:
+                moved = {id(item) for items in elsewhere.values() for item in items}
+                done = [(item[0], "", "", "", "", 0, "") if id(item) in moved else item for item in done]
+        args = [now, REPLY_TTL_S]
         for item in done:
             args.extend(item)
         await self._complete(keys=[self.inflight, self.claim], args=args)

@@ -15,7 +15,8 @@ import time
 
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import scripts as _scripts
-from celery_serve._wire.connections import REDIS_FAULTS, sync_client
+from celery_serve._wire.connections import REDIS_FAULTS, is_cluster, sync_client
+from celery_serve._wire.slots import key_slot
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class RunningMarks:
 
     def __init__(self, url: str) -> None:
         self._mark = sync_client(url).register_script(_scripts.MARK_RUNNING)
+        self._cluster = is_cluster(url)  # one call per hash slot (a pipeline's later steps mark another's jobs)
         self._pending: dict[str, float] = {}  # job id -> when its request started (epoch s)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -59,7 +61,11 @@ class RunningMarks:
                 self._send(ready)
 
     def _send(self, ready: list[tuple[str, float]]) -> None:
-        try:
-            self._mark(keys=[_keys.job(job_id) for job_id, _ in ready], args=[at for _, at in ready])
-        except REDIS_FAULTS as exc:  # the job reads queued a while longer; its answer still ends it
-            logger.debug("could not mark %d jobs running: %s", len(ready), exc)
+        groups: dict[int, list[tuple[str, float]]] = {}
+        for job_id, at in ready:
+            groups.setdefault(key_slot(_keys.job(job_id)) if self._cluster else 0, []).append((job_id, at))
+        for group in groups.values():
+            try:
+                self._mark(keys=[_keys.job(job_id) for job_id, _ in group], args=[at for _, at in group])
+            except REDIS_FAULTS as exc:  # the job reads queued a while longer; its answer still ends it
+                logger.debug("could not mark %d jobs running: %s", len(group), exc)

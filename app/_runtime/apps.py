@@ -178,14 +178,15 @@ def delete_application(client: Any, name: str) -> AppSpec:
     pipe.hdel(_keys.APPS, name)
     pipe.hdel(_keys.OPENAPI, name)
     for dep in spec.deployments:
-        pipe.delete(
+        for key in (  # one key per DEL: on a cluster they live in different slots
             lifecycle.unhealthy(name, dep),
             lifecycle.deploy_failed(name, dep),
             lifecycle.constructor_failures(name, dep),
             _keys.deployment_error(name, dep),
-        )
-    pipe.publish(_keys.APPS_CHANGED, name)
+        ):
+            pipe.delete(key)
     pipe.execute()
+    client.publish(_keys.APPS_CHANGED, name)  # after: a cluster pipeline cannot carry PUBLISH
     fail_queued(client, name, queues)
     return spec
 
@@ -195,7 +196,8 @@ def fail_queued(client: Any, app: str, queues: list[str]) -> int:
     finish = client.register_script(_scripts.FINISH)
     ended = 0
     for queue in queues:
-        pipe = client.pipeline()  # MULTI: a message is either taken here or by a replica, never both
+        # MULTI (one key: one slot on a cluster too): a message is taken here or by a replica, never both
+        pipe = client.pipeline(transaction=True)
         pipe.lrange(queue, 0, -1)
         pipe.delete(queue)
         messages, _ = pipe.execute()

@@ -141,14 +141,15 @@ def deploy_spec(redis_url: str, spec: AppSpec, *, replace: bool = False) -> None
         raise ApplicationConflictError(_conflict_message(spec.name, AppSpec.from_json(found).owner or {}))
     pipe = client.pipeline(transaction=False)
     for name in spec.deployments:
-        pipe.delete(
+        for key in (  # one key per DEL: on a cluster they live in different slots
             _keys.deployment_error(spec.name, name),
             _lifecycle.deploy_failed(spec.name, name),
             _lifecycle.constructor_failures(spec.name, name),
-        )
+        ):
+            pipe.delete(key)
     pipe.hdel(_apps.DELETING, spec.name)
-    pipe.publish(_keys.APPS_CHANGED, spec.name)
     pipe.execute()
+    client.publish(_keys.APPS_CHANGED, spec.name)  # after: a cluster pipeline cannot carry PUBLISH
 
 
 def _conflict_message(name: str, owner: dict[str, Any]) -> str:

@@ -21,13 +21,19 @@ MAX_MODEL_ID_CHARS = 256
 _INDEX_REFRESH_S = 10.0
 
 
+def _in_slot(queue: str) -> str:
+    """The queue's name as a hash tag, so keys named after it share its Redis Cluster slot (a GPU queue's name
+    already carries its deployment's tag)."""
+    return queue if "{" in queue else "{" + queue + "}"
+
+
 def model_queue(queue: str, model_id: str) -> str:
-    return f"{queue}:mx:{model_id}"
+    return f"{_in_slot(queue)}:mx:{model_id}"
 
 
 def model_index(queue: str) -> str:
     """The set of model ids that have (or had) a queue for this deployment queue."""
-    return f"{queue}:mx-models"
+    return f"{_in_slot(queue)}:mx-models"
 
 
 def wake_channel(queue: str) -> str:

@@ -1,15 +1,21 @@
-"""Redis connections. One place decides how clients are built: one Redis or a Sentinel-managed master
-(see `celery_serve._wire.urls`), pool sizes (a budget per client), timeouts and health checks."""
+"""Redis connections. One place decides how clients are built: one Redis, a Sentinel-managed master or a
+Redis Cluster (see `celery_serve._wire.urls`), pool sizes (a budget per client), timeouts and health checks.
+
+On a cluster, clients are redis-py's `RedisCluster`: each command goes to the node owning its key's slot
+(following MOVED/ASK when slots move), and a pipeline is split per node."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 import redis.asyncio.sentinel as aiosentinel
+import redis.cluster
 import redis.exceptions
 import redis.sentinel
 from redis.backoff import NoBackoff
@@ -18,7 +24,17 @@ from redis.retry import Retry
 from celery_serve._wire.urls import RedisTarget, parse_redis_url, redacted
 from celery_serve.exceptions import DeploymentConfigError, ServeError
 
-__all__ = ["REDIS_FAULTS", "async_client", "check_url", "command_timeout", "redacted", "sync_client", "wait_for_redis"]
+__all__ = [
+    "REDIS_FAULTS",
+    "async_client",
+    "check_url",
+    "command_timeout",
+    "interrupt",
+    "is_cluster",
+    "redacted",
+    "sync_client",
+    "wait_for_redis",
+]
 
 BLOCK_S = 2.0  # how long a blocking pop waits before it loops (to notice shutdown)
 DEFAULT_TIMEOUT_S = 2.0  # how long one command may take before Redis counts as unresponsive
@@ -26,7 +42,14 @@ DEFAULT_TIMEOUT_S = 2.0  # how long one command may take before Redis counts as 
 # uvloop's RuntimeError for a write on a transport the peer reset. Callers that must survive any connection
 # fault (a replica's loop, the gateway's submit) catch these; a ServeError is not among them.
 # KeyError: redis-py's asyncio client on a connection dropped mid-reply.
-REDIS_FAULTS: tuple[type[Exception], ...] = (redis.exceptions.RedisError, OSError, RuntimeError, KeyError)
+# RedisClusterException: a cluster client that cannot reach any node (it is not a RedisError).
+REDIS_FAULTS: tuple[type[Exception], ...] = (
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+    RuntimeError,
+    KeyError,
+)
 REDIS_WAIT_S = 3.0  # how long a command-line tool waits for Redis to answer before it says it cannot
 # Connections one pooled client may open (`SERVE_REDIS_MAX_CONNECTIONS`). A command holds one only for its
 # round trip (~0.2 ms), so 32 carry well over 50,000 commands/s; more wait for a free one instead of failing.
@@ -74,13 +97,22 @@ class _BlockingSentinelPool(aiosentinel.SentinelConnectionPool, aioredis.Blockin
 
 
 def _target(url: str) -> RedisTarget:
-    target = parse_redis_url(url)
-    if target.kind == "cluster":
-        raise DeploymentConfigError(
-            f"{redacted(url)}: Redis Cluster (redis+cluster://) is not supported by this version; use one Redis "
-            "or Sentinel (redis+sentinel://)"
-        )
-    return target
+    return parse_redis_url(url)
+
+
+def is_cluster(url: str) -> bool:
+    """Whether the URL names a Redis Cluster (redis+cluster://)."""
+    return parse_redis_url(url).kind == "cluster"
+
+
+def _cluster_kwargs(target: RedisTarget, socket_timeout: float, connect_timeout: float) -> dict[str, Any]:
+    return {
+        "username": target.username,
+        "password": target.password,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "health_check_interval": 30,
+    }
 
 
 def _sentinel_kwargs(target: RedisTarget, socket_timeout: float) -> dict[str, Any]:
@@ -100,6 +132,14 @@ def async_client(url: str, *, single_connection: bool = False) -> aioredis.Redis
     timeout = command_timeout()
     # Blocking pops wait up to BLOCK_S; a listener's socket must wait longer than that before it gives up.
     socket_timeout = BLOCK_S + timeout if single_connection else timeout
+    if target.kind == "cluster":
+        # A connection pool per node (the budget applies per node); a blocking pop holds one of its node's.
+        # The same commands as a client of one Redis; callers type it as one (see `is_cluster` for the rest).
+        return aiocluster.RedisCluster(  # type: ignore[return-value]
+            startup_nodes=[aiocluster.ClusterNode(host, port) for host, port in target.hosts],
+            max_connections=max_connections(),
+            **_cluster_kwargs(target, socket_timeout, timeout),
+        )
     if target.kind == "single":
         if single_connection:
             return aioredis.Redis.from_url(
@@ -144,11 +184,30 @@ def async_client(url: str, *, single_connection: bool = False) -> aioredis.Redis
     return aioredis.Redis.from_pool(pool)
 
 
+async def interrupt(client: Any) -> None:
+    """End a listener's blocked read at once (cancelling a blocked read in redis-py can hang): disconnect a
+    single-connection client; close a cluster client (its connections are per node)."""
+    if client is None:
+        return
+    if isinstance(client, aiocluster.RedisCluster):
+        with contextlib.suppress(Exception):
+            await client.aclose()
+        return
+    connection = client.connection
+    if connection is not None:
+        await connection.disconnect(nowait=True)
+
+
 def sync_client(url: str, *, socket_timeout: float | None = None) -> redis.Redis:
     """A synchronous client (its pool grows with the threads that use it at once); commands time out after
     `socket_timeout` (default: `command_timeout()`), so a hung Redis is an error, not a hang."""
     target = _target(url)
     socket_timeout = command_timeout() if socket_timeout is None else socket_timeout
+    if target.kind == "cluster":
+        return redis.cluster.RedisCluster(  # type: ignore[return-value]
+            startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in target.hosts],
+            **_cluster_kwargs(target, socket_timeout, socket_timeout),
+        )
     if target.kind == "single":
         return redis.Redis.from_url(
             url,
@@ -177,11 +236,14 @@ def check_url(url: str) -> str:
 def wait_for_redis(url: str, timeout_s: float = REDIS_WAIT_S) -> None:
     """Return once Redis answers PING; `ServeError` with one clear line if it does not within `timeout_s`
     (connection refused or timing out) or refuses us (wrong password, no permission)."""
-    client = sync_client(check_url(url), socket_timeout=min(timeout_s, 2.0))
+    check_url(url)
     deadline = time.monotonic() + timeout_s
+    client: redis.Redis | None = None
     try:
         while True:
             try:
+                if client is None:  # a cluster client connects as it is made
+                    client = sync_client(url, socket_timeout=min(timeout_s, 2.0))
                 client.ping()
                 return
             except (redis.exceptions.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
@@ -190,7 +252,13 @@ def wait_for_redis(url: str, timeout_s: float = REDIS_WAIT_S) -> None:
                 if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
                     raise ServeError(f"Redis at {redacted(url)} refused the credentials: {exc}") from None
                 raise ServeError(f"Redis at {redacted(url)} answered PING with an error: {exc}") from None
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            except (
+                redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError,
+                redis.exceptions.RedisClusterException,
+                redis.exceptions.ClusterDownError,
+                OSError,
+            ) as exc:
                 if time.monotonic() >= deadline:
                     raise ServeError(
                         f"cannot reach Redis at {redacted(url)} ({_reason(exc)}); is it running? "
@@ -198,7 +266,8 @@ def wait_for_redis(url: str, timeout_s: float = REDIS_WAIT_S) -> None:
                     ) from None
                 time.sleep(0.05)
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
 def _reason(exc: BaseException) -> str:

@@ -75,8 +75,8 @@ class HandBack:
         """Hand back what `replica_id` held: (restored, dead-lettered); (-1, 0) when it is alive and not forced."""
         keys = [
             self.keys.queue,
-            _keys.replica_claim(replica_id),
-            _keys.replica_inflight(replica_id),
+            _keys.replica_claim(self.keys.app, self.keys.deployment, replica_id),
+            _keys.replica_inflight(self.keys.app, self.keys.deployment, replica_id),
             self.keys.heartbeats,
             self.keys.replicas,
             self.keys.dead_letters,

@@ -103,8 +103,14 @@ def build_message(
     queue: str | None = None,
     model_id: str = "",
     stream: str | None = None,
+    job_elsewhere: bool = False,
 ) -> str:
-    """Encode one request as the JSON string kombu's Redis transport keeps on the queue."""
+    """Encode one request as the JSON string kombu's Redis transport keeps on the queue.
+
+    `job_elsewhere`: the job's keys are in another Redis Cluster slot than this task's (a pipeline's later
+    step on a cluster). The scripts that take and bury messages look a message's job up by its `serve_job`
+    header and may only touch their own slot, so that header then names the task itself and
+    `serve_chain_job` the job."""
     queue = queue or _keys.queue(app, deployment)
     kwargs = kwargs or {}
     embed = _EMBED if not chain else {**_EMBED, "chain": chain}
@@ -136,6 +142,8 @@ def build_message(
         "serve_retention_s": retention_s,
         "serve_job": job_id or task_id,
     }
+    if job_elsewhere and job_id and job_id != task_id:
+        headers["serve_job"], headers["serve_chain_job"] = task_id, job_id
     if chord is not None:
         headers["serve_chord"] = chord
     if http_reply:
@@ -194,7 +202,7 @@ def parse_message(raw: bytes | str) -> Envelope:
             embed=embed or {},
             headers=headers,
             retention_s=int(headers.get("serve_retention_s") or DEFAULT_RETENTION_S),
-            job_id=headers.get("serve_job") or headers["id"],
+            job_id=headers.get("serve_chain_job") or headers.get("serve_job") or headers["id"],
             http_reply=bool(headers.get("serve_http_reply") or headers.get("serve_http")),
             chord=headers.get("serve_chord"),
             model_id=str(headers.get(MODEL_ID_HEADER) or ""),

