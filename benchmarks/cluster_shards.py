@@ -28,6 +28,7 @@ import redis  # noqa: E402
 
 from benchmarks._load import Result, build_request, run_load  # noqa: E402
 from benchmarks.redis_cost import connections_by_process, cpu_s, role_cpu  # noqa: E402
+from tests.redis_cluster import cluster_node_port  # noqa: E402
 
 # Names whose deployments' slots fall in different thirds of the slot space (one per shard, as the slots are
 # given out below); a name's slot is fixed by its CRC16, and nearby names often share a third.
@@ -145,7 +146,7 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="cluster-bench-redis-"))
     single_port = free_port()
-    shard_ports = [free_port() for _ in range(3)]
+    shard_ports = [cluster_node_port() for _ in range(3)]
     procs = [start_redis(folder, single_port, cluster=False)]
     procs += [start_redis(folder, p, cluster=True) for p in shard_ports]
     try:

@@ -5,6 +5,7 @@ need one skip with the reason when it is missing."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -17,6 +18,23 @@ import redis
 from celery_serve._runtime.launcher import ManagedProcess, ProcessGroup, free_port
 
 SLOTS = 16384
+BUS_OFFSET = 10000  # a node's cluster bus listens on its port + 10000, so its port must be 55535 or less
+
+
+def cluster_node_port() -> int:
+    """A free loopback port for a cluster node whose bus port (+10000) is free too. (`free_port` alone can
+    hand out a port above 55535, where redis-server refuses to start in cluster mode.)"""
+    for _ in range(200):
+        port = free_port()
+        if port + BUS_OFFSET > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + BUS_OFFSET))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair (port, port + 10000) for a Redis Cluster node on loopback")
 
 
 def cluster_redis_server() -> str:
@@ -54,7 +72,7 @@ def start_cluster(group: ProcessGroup, shards: int = 3) -> ClusterSet:
     """Start `shards` nodes, give out the slots, join them, and return once every node says the cluster is ok."""
     binary = cluster_redis_server()
     folder = Path(tempfile.mkdtemp(prefix="celery-serve-cluster-"))
-    result = ClusterSet(group, folder, [free_port() for _ in range(shards)])
+    result = ClusterSet(group, folder, [cluster_node_port() for _ in range(shards)])
     for port in result.ports:
         node_dir = folder / f"node-{port}"
         node_dir.mkdir()
