@@ -2,8 +2,8 @@
 
 Real processes: three cluster-enabled redis-servers owning a third of the slots each, and the real
 `celery-serve run` (gateway, workers, scaler, Flower) pointed at them. Sync HTTP, jobs, chains (one with a
-parallel step), streams, the Python client straight over Redis and the CLI all work, and the deployments'
-keys land on more than one shard.
+parallel step), streams, the Python client straight over Redis, autoscaling (the scaler grows a pool with
+Celery's remote control) and the CLI all work, and the deployments' keys land on more than one shard.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import redis
 from celery_serve import Client
 from celery_serve._runtime.launcher import ProcessGroup, free_port
 from celery_serve._wire import keys as _keys
-from celery_serve._wire.connections import wait_for_redis
+from celery_serve._wire.connections import sync_client, wait_for_redis
 from celery_serve._wire.slots import key_slot, task_id_for
 from celery_serve._wire.urls import parse_redis_url
 from celery_serve.exceptions import DeploymentConfigError, ServeError
+from celery_serve.status import read_snapshot
+from tests.conftest import wait_until
 from tests.redis_cluster import ClusterSet, start_cluster
 from tests.test_examples import READY_LINE, CliProcess, cli_command
 
@@ -32,6 +34,7 @@ pytestmark = pytest.mark.timeout(300)
 
 SERVICE = textwrap.dedent(
     """
+    import time
     from collections.abc import Generator
 
     import celery_serve as serve
@@ -75,11 +78,22 @@ SERVICE = textwrap.dedent(
             yield from range(n)
 
 
+    @serve.deployment(
+        autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                            "upscale_delay_s": 0.5, "downscale_delay_s": 60, "metrics_interval_s": 0.25},
+        max_ongoing_requests=1, num_cpus=0.25,
+    )
+    def slow(value):
+        time.sleep(0.2)
+        return value
+
+
     echo = Echo.bind()
     chain = upper.bind() >> exclaim.bind()
     fan = upper.bind() >> serve.parallel(length.bind(), reverse.bind()) >> combine.bind()
     fan_first = serve.parallel(length.bind(), reverse.bind()) >> combine.bind()
     counter = Counter.bind()
+    slow_app = slow.bind()
     """
 )
 
@@ -91,6 +105,7 @@ CONFIG = textwrap.dedent(
       - {name: fan, import_path: "svc:fan", route_prefix: /fan}
       - {name: fanfirst, import_path: "svc:fan_first", route_prefix: /fanfirst}
       - {name: counter, import_path: "svc:counter", route_prefix: /counter}
+      - {name: slow, import_path: "svc:slow_app", route_prefix: /slow}
     """
 )
 
@@ -132,7 +147,8 @@ def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_pa
     (tmp_path / "svc.py").write_text(SERVICE)
     (tmp_path / "serve.yaml").write_text(CONFIG)
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    env.update(SERVE_STATE_DIR=str(tmp_path / "runs"), SERVE_LOG_LEVEL="WARNING")
+    # room on this machine for every replica, the autoscaled deployment's second one included
+    env.update(SERVE_STATE_DIR=str(tmp_path / "runs"), SERVE_LOG_LEVEL="WARNING", SERVE_MACHINE_CPUS="16")
     port, flower = free_port(), free_port()
     run = CliProcess.start(
         "run", "serve.yaml", "--port", str(port), "--flower-port", str(flower), "--redis-url", cluster.url,
@@ -173,6 +189,16 @@ def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_pa
             assert list(client.stream("Counter.numbers", 5)) == [0, 1, 2, 3, 4]
         with Client(url=base, app="counter") as client:  # over HTTP, a streamed job
             assert list(client.stream("Counter.numbers", 3)) == [0, 1, 2]
+        # autoscaling: the scaler grows a pool through Celery's remote control on the cluster's broker node
+        with Client(redis_url=cluster.url, app="slow") as client:
+            pending = [client.submit("slow", i) for i in range(40)]
+            with sync_client(cluster.url) as watcher:
+                wait_until(
+                    lambda: (found := read_snapshot(watcher).find("slow", "slow")) is not None and found.replicas == 2,
+                    timeout_s=60,
+                    what="a second replica of the autoscaled deployment",
+                )
+            assert [job.result(timeout_s=60) for job in pending] == list(range(40))
         # the CLI and Flower on the same URL
         status = subprocess.run(
             [*cli_command("status", "--json", "--redis-url", cluster.url)], capture_output=True, text=True, env=env
