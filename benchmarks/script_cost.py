@@ -1,0 +1,153 @@
+"""Where Redis CPU per request goes inside the hot-path scripts: message size against calls per script.
+
+    python benchmarks/script_cost.py [--requests 3000] [--batch 8] [--rounds 3] [--no-aof]
+
+Runs the request path's three scripts (ENQUEUE, DRAIN, COMPLETE: what a sync request costs Redis besides
+the reply listener's pop) straight against a private redis-server with AOF on, in batches as a loaded
+gateway and replica send them, with messages of three sizes (the same envelope, its HTTP headers padded).
+Then a script that makes N `redis.call`s, to price one call from Lua. Prints Redis CPU (INFO cpu) and
+script time (INFO commandstats) per request; rounds alternate the sizes, so quote the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+
+import redis
+
+from celery_serve._wire import envelope, scripts
+
+QUEUE, INFLIGHT, CLAIM, REPLY = "serve.a.B", "serve:inflight:{serve.a.B}:r1", "serve:claim:{serve.a.B}:r1", "serve:r:g"
+RECORD = '{"status":"SUCCESS","result":null,"traceback":null,"children":[],"task_id":"x"}'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_s(r: redis.Redis) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def message(task_id: str, pad: int) -> str:
+    headers = [["host", "127.0.0.1:8000"], ["user-agent", "python-httpx/0.27"], ["accept", "*/*"]]
+    if pad:
+        headers.append(["x-pad", "p" * pad])
+    http = {"method": "GET", "path": "/", "query": "", "headers": headers, "body": ""}
+    return envelope.build_message(
+        task_id=task_id,
+        app="a",
+        deployment="B",
+        method="__call__",
+        deadline=time.time() + 60,
+        reply_to=REPLY,
+        http=http,
+    )
+
+
+def request_path(r: redis.Redis, pad: int, requests: int, batch: int) -> tuple[float, float, int]:
+    """Redis CPU and script time per request (µs), and the message's size."""
+    enqueue, drain, complete = (r.register_script(s) for s in (scripts.ENQUEUE, scripts.DRAIN, scripts.COMPLETE))
+    r.config_resetstat()
+    cpu0 = cpu_s(r)
+    for _ in range(0, requests, batch):
+        ids = [str(uuid.uuid4()) for _ in range(batch)]
+        keys: list[str] = []
+        argv: list[str] = [str(batch)]
+        for tid in ids:
+            keys += [f"serve:job:{{celery-task-meta-{tid}}}", "unused", QUEUE]
+            deadline = str(time.time() + 60)
+            argv += ["1", "-1", tid, str(time.time()), "3600", "a", "B", "__call__", deadline, "0", REPLY, "sync"]
+            argv.append(message(tid, pad))
+        enqueue(keys=keys, args=argv)
+        taken = drain(keys=[QUEUE, CLAIM, INFLIGHT], args=[str(batch), "t", str(time.time())])
+        done: list[str] = [str(time.time()), "60"]
+        for i in range(0, len(taken), 2):
+            done += [taken[i].decode(), ids[i // 2], REPLY, RECORD, "succeeded", "3600", ""]
+        complete(keys=[INFLIGHT, CLAIM], args=done)
+        r.delete(REPLY)
+    cpu = (cpu_s(r) - cpu0) / requests * 1e6
+    script_us = sum(v["usec"] for k, v in r.info("commandstats").items() if k == "cmdstat_evalsha") / requests
+    return cpu, script_us, len(message(str(uuid.uuid4()), pad))
+
+
+def call_price(r: redis.Redis, calls: int, size: int, n: int = 3000) -> tuple[float, float]:
+    """Script time and Redis CPU (µs) of one script that makes `calls` HSETs of `size`-byte values."""
+    body = "for i = 1, tonumber(ARGV[1]) do redis.call('HSET', KEYS[1], 'f' .. i, ARGV[2]) end return 1"
+    sha = r.script_load(body)
+    value = "x" * size
+    r.config_resetstat()
+    cpu0 = cpu_s(r)
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        pipe.evalsha(sha, 1, "h", calls, value)
+        if i % 50 == 49:
+            pipe.execute()
+    pipe.execute()
+    usec = float(r.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
+    return usec, (cpu_s(r) - cpu0) / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=8, help="requests per script call")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-aof", action="store_true", help="run Redis without its append-only file")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no" if args.no_aof else "yes",
+                "--dir",
+                folder,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            r = redis.Redis(port=port)
+            for _ in range(100):
+                try:
+                    r.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            sizes: dict[int, list[tuple[float, float]]] = {}
+            length: dict[int, int] = {}
+            for _ in range(args.rounds):
+                for pad in (0, 400, 1400):
+                    cpu, script_us, length[pad] = request_path(r, pad, args.requests, args.batch)
+                    sizes.setdefault(pad, []).append((cpu, script_us))
+            print(f"request path (ENQUEUE+DRAIN+COMPLETE, batches of {args.batch}), medians of {args.rounds}:")
+            for pad, runs in sizes.items():
+                cpu = statistics.median(c for c, _ in runs)
+                script_us = statistics.median(s for _, s in runs)
+                print(f"  message {length[pad]:5d} B: Redis CPU {cpu:6.1f} us/request, script time {script_us:5.1f} us")
+            print("one script making N redis.call (HSET):")
+            for calls in (0, 8, 32):
+                for size in (10, 1000):
+                    usec, cpu = call_price(r, calls, size)
+                    print(f"  N={calls:2d}, {size:4d} B values: script time {usec:6.1f} us, Redis CPU {cpu:6.1f} us")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()
