@@ -88,12 +88,32 @@ SERVICE = textwrap.dedent(
         return value
 
 
+    @serve.deployment
+    def pause(value):
+        time.sleep(2)
+        return value
+
+
+    @serve.deployment(max_ongoing_requests=1)
+    class After:
+        def __init__(self):
+            self.seen = 0
+
+        def __call__(self, value):
+            self.seen += 1
+            return value
+
+        def count(self):
+            return self.seen
+
+
     echo = Echo.bind()
     chain = upper.bind() >> exclaim.bind()
     fan = upper.bind() >> serve.parallel(length.bind(), reverse.bind()) >> combine.bind()
     fan_first = serve.parallel(length.bind(), reverse.bind()) >> combine.bind()
     counter = Counter.bind()
     slow_app = slow.bind()
+    paused = pause.bind() >> After.bind()
     """
 )
 
@@ -106,6 +126,7 @@ CONFIG = textwrap.dedent(
       - {name: fanfirst, import_path: "svc:fan_first", route_prefix: /fanfirst}
       - {name: counter, import_path: "svc:counter", route_prefix: /counter}
       - {name: slow, import_path: "svc:slow_app", route_prefix: /slow}
+      - {name: paused, import_path: "svc:paused", route_prefix: /paused}
     """
 )
 
@@ -189,6 +210,20 @@ def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_pa
             assert list(client.stream("Counter.numbers", 5)) == [0, 1, 2, 3, 4]
         with Client(url=base, app="counter") as client:  # over HTTP, a streamed job
             assert list(client.stream("Counter.numbers", 3)) == [0, 1, 2]
+        # a chain cancelled during its first step goes no further (its next step is in another slot). Sync
+        # work is not interrupted: the first step runs to its end, and then must not hand its result on.
+        with Client(redis_url=cluster.url, app="paused") as client, sync_client(cluster.url) as watcher:
+            job = client.submit("pause >> After", "x")
+            wait_until(lambda: job.status() == "running", timeout_s=30, what="the chain's first step to start")
+            job.cancel()
+            wait_until(
+                lambda: (found := read_snapshot(watcher).find("paused", "pause")) is not None and found.in_flight == 0,
+                timeout_s=30,
+                what="the first step to end",
+            )
+            assert job.status() == "cancelled"
+            assert client.call("After.count") == 0, "the cancelled chain's second step ran"  # queued behind it
+            assert client.call("pause >> After", "y") == "y" and client.call("After.count") == 1
         # autoscaling: the scaler grows a pool through Celery's remote control on the cluster's broker node
         with Client(redis_url=cluster.url, app="slow") as client:
             pending = [client.submit("slow", i) for i in range(40)]

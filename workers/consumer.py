@@ -426,7 +426,8 @@ class ReplicaServer:
                 )
             )
         await self._retrying(
-            "hand a result to the next step", lambda: self.ops.forward(token, messages, fire_key, env.task_id)
+            "hand a result to the next step",
+            lambda: self.ops.forward(token, messages, fire_key, env.task_id, env.job_id),
         )
         self._release(token)
 

@@ -23,6 +23,7 @@ from celery_serve._wire import keys as _keys
 from celery_serve._wire import scripts as _scripts
 from celery_serve._wire.connections import REDIS_FAULTS, async_client, is_cluster, sync_client
 from celery_serve._wire.delivery import DeploymentKeys, HandBack, now_iso
+from celery_serve._wire.jobs import TERMINAL
 from celery_serve._wire.slots import key_slot
 from celery_serve.workers.http import to_jsonable
 from celery_serve.workers.running_marks import RunningMarks
@@ -140,22 +141,32 @@ class QueueOps:
                 logger.debug("could not reset connections: %s", exc)
 
     async def forward(
-        self, token: Token, messages: list[tuple[str, str]], fire_key: str = "", task_id: str = ""
+        self, token: Token, messages: list[tuple[str, str]], fire_key: str = "", task_id: str = "", job_id: str = ""
     ) -> bool:
         """Queue a pipeline's next step(s) and acknowledge this message, in one step (on a cluster, in three)."""
         if self.cluster:
-            return await self._forward_across_slots(token, messages, fire_key, task_id)
+            return await self._forward_across_slots(token, messages, fire_key, task_id, job_id)
         args: list[Any] = [token, "1" if fire_key else "0"]
         for queue, message in messages:
             args.extend((queue, message))
         return bool(await self._forward(keys=[self.inflight, self.claim, fire_key or self.inflight], args=args))
 
     async def _forward_across_slots(
-        self, token: Token, messages: list[tuple[str, str]], fire_key: str, task_id: str
+        self, token: Token, messages: list[tuple[str, str]], fire_key: str, task_id: str, job_id: str
     ) -> bool:
         """FORWARD where the next steps' queues and the chord are in other slots: fire once (the branch that
         fired may fire again: a redelivery of it after a crash), queue, then acknowledge. A crash between the
-        steps runs this step again; its next step may then run twice, and its result is stored once."""
+        steps runs this step again; its next step may then run twice, and its result is stored once.
+
+        A pipeline whose job already ended (cancelled, expired, or failed in another branch) goes no further:
+        on a single Redis the next step's take drops it (the take reads the job's status); here the next step's
+        message names a job key in its own slot, so the pipeline's job is read before queueing (one round trip)."""
+        if job_id:
+            status = await self.redis.hget(_keys.job(job_id), "status")
+            if status is not None and status.decode() in TERMINAL:
+                logger.info("pipeline %s is %s: its next step is not queued", job_id, status.decode())
+                await self._forward(keys=[self.inflight, self.claim, self.inflight], args=[token, "0"])
+                return False
         if fire_key:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hsetnx(fire_key, "fired", task_id or "1")
