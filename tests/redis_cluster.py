@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,31 +50,61 @@ def cluster_redis_server() -> str:
 
 @dataclass
 class ClusterSet:
-    """Cluster nodes (primaries only) on 127.0.0.1; node i owns the i-th equal share of the slots."""
+    """Cluster nodes on 127.0.0.1: primary i owns the i-th equal share of the slots; `replica_ports` follow
+    them (one per primary, in order, when started with replicas)."""
 
     group: ProcessGroup
     folder: Path
     ports: list[int]
     nodes: dict[int, ManagedProcess] = field(default_factory=dict)
+    replica_ports: list[int] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
-    def node_for_slot(self, slot: int) -> int:
-        """The port of the node that owns `slot`."""
-        for start, end, primary, *_ in redis.Redis(port=self.ports[0]).execute_command("CLUSTER", "SLOTS"):
-            if int(start) <= slot <= int(end):
-                return int(primary[1])
+    def node_for_slot(self, slot: int, ask: int | None = None) -> int:
+        """The port of the primary that owns `slot` (as node `ask` sees it; the first live node by default)."""
+        for port in [ask] if ask else [*self.ports, *self.replica_ports]:
+            try:
+                slots = redis.Redis(port=port, socket_timeout=2).execute_command("CLUSTER", "SLOTS")
+            except redis.exceptions.ConnectionError:
+                continue
+            for start, end, primary, *_ in slots:
+                if int(start) <= slot <= int(end):
+                    return int(primary[1])
         raise AssertionError(f"no node owns slot {slot}")
 
+    def kill(self, port: int) -> None:
+        """SIGKILL a node (as a crashed machine would stop it)."""
+        self.nodes[port].proc.kill()
+        self.nodes[port].proc.wait()
 
-def start_cluster(group: ProcessGroup, shards: int = 3) -> ClusterSet:
-    """Start `shards` nodes, give out the slots, join them, and return once every node says the cluster is ok."""
+    def wait_for_failover(self, slot: int, old_primary: int, timeout_s: float = 60.0) -> int:
+        """Wait until a replica owns `slot` in place of the killed `old_primary`, as every live node sees it."""
+        live = [p for p in [*self.ports, *self.replica_ports] if p != old_primary]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                owners = {self.node_for_slot(slot, ask=port) for port in live}
+                infos = [redis.Redis(port=port, socket_timeout=1).execute_command("CLUSTER", "INFO") for port in live]
+                if len(owners) == 1 and old_primary not in owners and all(b"cluster_state:ok" in i for i in infos):
+                    return owners.pop()
+            except (AssertionError, redis.exceptions.RedisError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"no replica took over slot {slot} within {timeout_s}s")
+
+
+def start_cluster(group: ProcessGroup, shards: int = 3, replicas: bool = False) -> ClusterSet:
+    """Start `shards` primaries (and one replica each with `replicas`), give out the slots, join them, and
+    return once every node says the cluster is ok."""
     binary = cluster_redis_server()
     folder = Path(tempfile.mkdtemp(prefix="celery-serve-cluster-"))
     result = ClusterSet(group, folder, [cluster_node_port() for _ in range(shards)])
-    for port in result.ports:
+    if replicas:
+        result.replica_ports = [cluster_node_port() for _ in range(shards)]
+    for port in [*result.ports, *result.replica_ports]:
         node_dir = folder / f"node-{port}"
         node_dir.mkdir()
         cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir), "--save", "",
@@ -81,8 +112,9 @@ def start_cluster(group: ProcessGroup, shards: int = 3) -> ClusterSet:
                "--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout", "2000"]  # fmt: skip
         result.nodes[port] = group.start(f"redis-cluster-{port}", cmd, quiet=True)
     clients = [redis.Redis(port=p, socket_timeout=2, socket_connect_timeout=2) for p in result.ports]
+    followers = [redis.Redis(port=p, socket_timeout=2, socket_connect_timeout=2) for p in result.replica_ports]
     deadline = time.monotonic() + 15
-    for client in clients:
+    for client in [*clients, *followers]:
         while True:
             try:
                 client.ping()
@@ -95,13 +127,28 @@ def start_cluster(group: ProcessGroup, shards: int = 3) -> ClusterSet:
     for i, client in enumerate(clients):
         last = SLOTS - 1 if i == shards - 1 else (i + 1) * share - 1
         client.execute_command("CLUSTER", "ADDSLOTS", *range(i * share, last + 1))
-    for client in clients[1:]:
+    for client in [*clients[1:], *followers]:
         client.execute_command("CLUSTER", "MEET", "127.0.0.1", result.ports[0])
+    everyone = [*clients, *followers]
+    known = len(everyone)
+    _wait_for(lambda: all(b"cluster_known_nodes:%d" % known in c.execute_command("CLUSTER", "INFO") for c in everyone))
+    for primary, follower in zip(clients, followers, strict=False):
+        node_id = primary.execute_command("CLUSTER", "MYID")
+        follower.execute_command("CLUSTER", "REPLICATE", node_id)
     deadline = time.monotonic() + 30
     while True:
-        infos = [client.execute_command("CLUSTER", "INFO") for client in clients]
-        if all(b"cluster_state:ok" in info and b"cluster_known_nodes:%d" % shards in info for info in infos):
+        infos = [client.execute_command("CLUSTER", "INFO") for client in everyone]
+        synced = all(f.info("replication").get("master_link_status") == "up" for f in followers)
+        if synced and all(b"cluster_state:ok" in info and b"cluster_known_nodes:%d" % known in info for info in infos):
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"the cluster did not become ok within 30 s: {infos}")
+        time.sleep(0.1)
+
+
+def _wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the cluster's nodes did not all meet within {timeout_s} s")
         time.sleep(0.1)

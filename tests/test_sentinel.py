@@ -78,10 +78,11 @@ def sentinels() -> Iterator[SentinelSet]:
 
 
 class Ledger:
-    """Every job the gateway accepted (202), and what its result must be."""
+    """Every job the gateway accepted (202), what its result must be, and when it was accepted."""
 
     def __init__(self) -> None:
         self.accepted: dict[str, str] = {}
+        self.accepted_at: dict[str, float] = {}  # time.monotonic() when the 202 came back
         self.refused = 0
         self.slowest_s = 0.0
         self.lock = threading.Lock()
@@ -100,6 +101,7 @@ class Ledger:
                     self.slowest_s = max(self.slowest_s, elapsed)
                     if response is not None and response.status_code == 202:
                         self.accepted[response.json()["job_id"]] = value
+                        self.accepted_at[response.json()["job_id"]] = time.monotonic()
                     else:
                         assert response is None or response.status_code == 503, response.text
                         self.refused += 1

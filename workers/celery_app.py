@@ -14,8 +14,10 @@ from urllib.parse import quote
 
 from celery import Celery
 
-from celery_serve._wire.connections import redacted, sync_client
+from celery_serve._wire.connections import redacted
 from celery_serve._wire.urls import RedisTarget, parse_redis_url
+from celery_serve.workers import cluster_broker
+from celery_serve.workers.cluster_broker import CELERY_SLOT_TAG
 
 
 def kombu_url(url: str) -> tuple[str, dict[str, Any]]:
@@ -44,20 +46,22 @@ def kombu_url(url: str) -> tuple[str, dict[str, Any]]:
 # bookkeeping) goes to the node that owns this hash tag's slot, every key prefixed with it: kombu has no
 # cluster transport, and one slot keeps its multi-key commands legal. Pub/sub (events, broadcasts) reaches
 # every node of a cluster anyway. Deployment requests never go through kombu (see `_wire.transport`).
-CELERY_SLOT_TAG = "{serve-celery}"
+# `cluster_broker` is kombu's redis transport finding that node anew on every connection (a failover moves it).
 
 
 def _cluster_node_url(url: str, target: RedisTarget) -> tuple[str, dict[str, Any]]:
-    """The redis:// URL of the cluster node that owns Celery's slot, and kombu's key prefix for it."""
-    client = sync_client(url)
-    try:
-        node = client.get_node_from_key(CELERY_SLOT_TAG)  # type: ignore[attr-defined]
-    finally:
-        client.close()
+    """The broker URL of the cluster node that owns Celery's slot now, and the transport options that let
+    kombu find its successor after a failover (and prefix every key with the slot's tag)."""
+    owner = cluster_broker.slot_owner(url)
+    if owner is None:
+        host, port = target.hosts[0]  # nobody answered: a reconnect asks again
+    else:
+        host, port = owner
     auth = ""
     if target.password is not None:
         auth = f"{quote(target.username or '', safe='')}:{quote(target.password, safe='')}@"
-    return f"redis://{auth}{node.host}:{node.port}/0", {"global_keyprefix": CELERY_SLOT_TAG}
+    options = {"global_keyprefix": CELERY_SLOT_TAG, cluster_broker.CLUSTER_URL_OPTION: url}
+    return f"{cluster_broker.SCHEME}://{auth}{host}:{port}/0", options
 
 
 def make_celery(redis_url: str | None = None) -> Celery:

@@ -162,9 +162,10 @@ class QueueOps:
         on a single Redis the next step's take drops it (the take reads the job's status); here the next step's
         message names a job key in its own slot, so the pipeline's job is read before queueing (one round trip)."""
         if job_id:
-            status = await self.redis.hget(_keys.job(job_id), "status")
-            if status is not None and status.decode() in TERMINAL:
-                logger.info("pipeline %s is %s: its next step is not queued", job_id, status.decode())
+            raw = await self.redis.hget(_keys.job(job_id), "status")
+            status = raw.decode() if isinstance(raw, bytes) else raw
+            if status in TERMINAL:
+                logger.info("pipeline %s is %s: its next step is not queued", job_id, status)
                 await self._forward(keys=[self.inflight, self.claim, self.inflight], args=[token, "0"])
                 return False
         if fire_key:
