@@ -162,6 +162,8 @@ def test_request_ids_land_in_their_deployments_slot() -> None:
             for key in (_keys.job(task_id), _keys.result(task_id), _keys.queue(app, deployment, gpu=True)):
                 assert key_slot(key) == slot
             assert key_slot(_keys.replica_inflight(app, deployment, "r1")) == slot
+    # the data-loss marker lives with the applications, so losing their shard is noticed (and they re-announce)
+    assert key_slot(_keys.EPOCH) == key_slot(_keys.APPS) == key_slot(_keys.OWNERS)
 
 
 def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ OPENAPI = "serve:openapi"  # hash: application name -> its FastAPI ingress's Ope
 RESULT_PREFIX = "celery-task-meta-"
 # A random value set once (SET NX) and never expired: when it changes or vanishes, Redis lost its data (restarted
 # without persistence, flushed). Workers then re-announce their applications and gateways keep their routes
-# and tell waiting callers their requests were lost, instead of answering 404 until someone redeploys.
-EPOCH = "serve:epoch"
+# and tell waiting callers their requests were lost, instead of answering 404 until someone redeploys. In
+# APPS's slot: on a cluster, the shard whose loss would make every application vanish is the one it watches.
+EPOCH = "serve:epoch:{serve:apps}"
 
 
 def queue(app: str, deployment: str, gpu: bool = False) -> str:
