@@ -8,7 +8,6 @@ Celery's remote control) and the CLI all work, and the deployments' keys land on
 
 from __future__ import annotations
 
-import os
 import subprocess
 import textwrap
 from collections.abc import Iterator
@@ -169,15 +168,8 @@ def test_request_ids_land_in_their_deployments_slot() -> None:
 def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_path: Path) -> None:
     (tmp_path / "svc.py").write_text(SERVICE)
     (tmp_path / "serve.yaml").write_text(CONFIG)
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    # room on this machine for every replica, the autoscaled deployment's second one included
-    env.update(SERVE_STATE_DIR=str(tmp_path / "runs"), SERVE_LOG_LEVEL="WARNING", SERVE_MACHINE_CPUS="16")
-    port, flower = free_port(), free_port()
-    run = CliProcess.start(
-        "run", "serve.yaml", "--port", str(port), "--flower-port", str(flower), "--redis-url", cluster.url,
-        env=env, cwd=tmp_path,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    run = CliProcess.serve("serve.yaml", cluster.url, tmp_path, SERVE_MACHINE_CPUS="16")
+    base = run.base_url
     try:
         run.wait_for_line(READY_LINE, 180)
         with httpx.Client(base_url=base, timeout=30) as http:
@@ -238,10 +230,10 @@ def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_pa
             assert [job.result(timeout_s=60) for job in pending] == list(range(40))
         # the CLI and Flower on the same URL
         status = subprocess.run(
-            [*cli_command("status", "--json", "--redis-url", cluster.url)], capture_output=True, text=True, env=env
+            [*cli_command("status", "--json", "--redis-url", cluster.url)], capture_output=True, text=True, env=run.env
         )
         assert status.returncode == 0 and '"Echo"' in status.stdout and '"combine"' in status.stdout, status.stderr
-        assert httpx.get(f"http://127.0.0.1:{flower}/healthcheck", timeout=5).status_code in (200, 401)
+        assert httpx.get(f"http://127.0.0.1:{run.flower_port}/healthcheck", timeout=5).status_code in (200, 401)
 
         # the deployments' keys are spread over the shards, each with its requests' keys
         owners = {
@@ -253,8 +245,4 @@ def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_pa
         sizes = {port: redis.Redis(port=port).dbsize() for port in cluster.ports}
         assert sum(1 for size in sizes.values() if size > 0) >= 2, sizes
     finally:
-        run.proc.terminate()
-        try:
-            run.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            run.kill_everything()
+        run.stop()

@@ -13,8 +13,6 @@ with its own result.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from celery_serve._runtime.launcher import ProcessGroup, free_port
+from celery_serve._runtime.launcher import ProcessGroup
 from celery_serve._wire import keys as _keys
 from celery_serve._wire.slots import key_slot
 from celery_serve.workers.celery_app import make_celery
@@ -52,14 +50,8 @@ def test_a_shard_failover_needs_no_one_and_strands_no_request(cluster: ClusterSe
     """`victim`: the shard that dies owns the deployment's slot (its queue, its jobs), or Celery's (the
     workers' control queues and remote control, which kombu reaches through one node)."""
     (tmp_path / "svc.py").write_text(SERVICE)
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    env.update(SERVE_STATE_DIR=str(tmp_path / "runs"), SERVE_LOG_LEVEL="WARNING")
-    port, flower = free_port(), free_port()
-    run = CliProcess.start(
-        "run", "svc:app", "--port", str(port), "--flower-port", str(flower), "--redis-url", cluster.url,
-        env=env, cwd=tmp_path,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    run = CliProcess.serve("svc:app", cluster.url, tmp_path)
+    base = run.base_url
     ledger, stop = Ledger(), threading.Event()
     try:
         run.wait_for_line(READY_LINE, 180)
@@ -110,8 +102,4 @@ def test_a_shard_failover_needs_no_one_and_strands_no_request(cluster: ClusterSe
         raise
     finally:
         stop.set()
-        run.proc.terminate()
-        try:
-            run.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            run.kill_everything()
+        run.stop()

@@ -39,6 +39,23 @@ class CliProcess:
 
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    base_url: str = ""  # set by `serve`: the gateway
+    flower_port: int = 0
+
+    @classmethod
+    def serve(cls, target: str, redis_url: str, folder: Path, **env: str) -> CliProcess:
+        """`celery-serve run <target>` from `folder` on `redis_url` (not the environment's REDIS_URL), the
+        gateway and Flower on free ports; `env` adds variables."""
+        environ = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        environ.update(SERVE_STATE_DIR=str(folder / "runs"), SERVE_LOG_LEVEL="WARNING", **env)
+        port, flower = free_port(), free_port()
+        cli = cls.start(
+            "run", target, "--port", str(port), "--flower-port", str(flower), "--redis-url", redis_url,
+            env=environ, cwd=folder,
+        )  # fmt: skip
+        cli.env, cli.base_url, cli.flower_port = environ, f"http://127.0.0.1:{port}", flower
+        return cli
 
     @classmethod
     def start(cls, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> CliProcess:
@@ -74,6 +91,14 @@ class CliProcess:
 
     def descendants(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """SIGTERM and wait; past `timeout_s`, kill it and everything it started."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill_everything()
 
     def kill_everything(self) -> None:
         """Clean-up after a failed test: this command and every process it started, by their ids."""

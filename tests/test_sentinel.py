@@ -7,7 +7,6 @@ Real processes: a master with two replicas and three Sentinels (a system redis-s
 
 from __future__ import annotations
 
-import os
 import subprocess
 import textwrap
 import threading
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from celery_serve import Client
-from celery_serve._runtime.launcher import ProcessGroup, free_port
+from celery_serve._runtime.launcher import ProcessGroup
 from celery_serve._wire.urls import parse_redis_url
 from celery_serve.exceptions import DeploymentConfigError
 from celery_serve.workers.celery_app import kombu_url
@@ -110,14 +109,8 @@ class Ledger:
 
 def test_a_master_failover_needs_no_one_and_loses_no_accepted_request(sentinels: SentinelSet, tmp_path: Path) -> None:
     (tmp_path / "svc.py").write_text(SERVICE)
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    env.update(SERVE_REDIS_WAIT_REPLICAS="1", SERVE_STATE_DIR=str(tmp_path / "runs"), SERVE_LOG_LEVEL="WARNING")
-    port, flower = free_port(), free_port()
-    run = CliProcess.start(
-        "run", "svc:app", "--port", str(port), "--flower-port", str(flower), "--redis-url", sentinels.url,
-        env=env, cwd=tmp_path,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    run = CliProcess.serve("svc:app", sentinels.url, tmp_path, SERVE_REDIS_WAIT_REPLICAS="1")
+    base = run.base_url
     ledger, stop = Ledger(), threading.Event()
     try:
         run.wait_for_line(READY_LINE, 180)
@@ -126,10 +119,13 @@ def test_a_master_failover_needs_no_one_and_loses_no_accepted_request(sentinels:
         with Client(redis_url=sentinels.url) as client:
             assert client.call("Echo", "direct") == {"echo": "direct"}
         status = subprocess.run(
-            [*cli_command("status", "--json", "--redis-url", sentinels.url)], capture_output=True, text=True, env=env
+            [*cli_command("status", "--json", "--redis-url", sentinels.url)],
+            capture_output=True,
+            text=True,
+            env=run.env,
         )
         assert status.returncode == 0 and '"Echo"' in status.stdout, status.stderr
-        assert httpx.get(f"http://127.0.0.1:{flower}/healthcheck", timeout=5).status_code in (200, 401)
+        assert httpx.get(f"http://127.0.0.1:{run.flower_port}/healthcheck", timeout=5).status_code in (200, 401)
 
         loaders = [threading.Thread(target=ledger.submit, args=(base, stop)) for _ in range(3)]
         for loader in loaders:
@@ -166,8 +162,4 @@ def test_a_master_failover_needs_no_one_and_loses_no_accepted_request(sentinels:
         assert lost == [] and wrong == [], (len(lost), lost[:3], wrong[:3])
     finally:
         stop.set()
-        run.proc.terminate()
-        try:
-            run.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            run.kill_everything()
+        run.stop()
