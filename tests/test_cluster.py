@@ -25,6 +25,7 @@ from celery_serve._wire.slots import key_slot, task_id_for
 from celery_serve._wire.urls import parse_redis_url
 from celery_serve.exceptions import DeploymentConfigError, ServeError
 from celery_serve.status import read_snapshot
+from celery_serve.workers.celery_app import kombu_url
 from tests.conftest import wait_until
 from tests.redis_cluster import ClusterSet, start_cluster
 from tests.test_examples import READY_LINE, CliProcess, cli_command
@@ -150,6 +151,10 @@ def test_cluster_urls_are_read_and_bad_ones_refused() -> None:
     port = free_port()  # nothing listens there: one clear line, not a traceback
     with pytest.raises(ServeError, match=f"cannot reach Redis at redis\\+cluster://127.0.0.1:{port}"):
         wait_for_redis(f"redis+cluster://127.0.0.1:{port}", timeout_s=0.5)
+    # Celery's broker on a cluster: kombu's redis transport that finds its slot's owner; no secret in its options
+    broker, options = kombu_url(f"redis+cluster://:s3cret@127.0.0.1:{port}")
+    assert broker == f"serve-cluster://:s3cret@127.0.0.1:{port}/0", broker
+    assert options == {"global_keyprefix": "{serve-celery}", "serve_cluster_nodes": f"127.0.0.1:{port}"}
 
 
 def test_request_ids_land_in_their_deployments_slot() -> None:

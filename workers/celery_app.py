@@ -60,7 +60,8 @@ def _cluster_node_url(url: str, target: RedisTarget) -> tuple[str, dict[str, Any
     auth = ""
     if target.password is not None:
         auth = f"{quote(target.username or '', safe='')}:{quote(target.password, safe='')}@"
-    options = {"global_keyprefix": CELERY_SLOT_TAG, cluster_broker.CLUSTER_URL_OPTION: url}
+    nodes = ",".join(f"{node_host}:{node_port}" for node_host, node_port in target.hosts)
+    options = {"global_keyprefix": CELERY_SLOT_TAG, cluster_broker.CLUSTER_NODES_OPTION: nodes}
     return f"{cluster_broker.SCHEME}://{auth}{host}:{port}/0", options
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import quote
 
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
@@ -25,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 SCHEME = "serve-cluster"
 CELERY_SLOT_TAG = "{serve-celery}"
-CLUSTER_URL_OPTION = "serve_cluster_url"  # transport option: the redis+cluster:// URL to ask for the owner
+# transport option: the cluster's nodes ("host:port,host:port"), asked for the owner with the broker URL's
+# credentials (so no secret sits in the transport options, which `celery inspect conf` shows)
+CLUSTER_NODES_OPTION = "serve_cluster_nodes"
 
 # What a cluster node answers while a slot has no reachable owner or is moving: try again elsewhere.
 HEALING_ERRORS: tuple[type[BaseException], ...] = (
@@ -54,11 +57,17 @@ def slot_owner(cluster_url: str) -> tuple[str, int] | None:
         return None
 
 
+def cluster_url(nodes: str, username: str | None, password: str | None) -> str:
+    auth = "" if password is None else f"{quote(username or '', safe='')}:{quote(password, safe='')}@"
+    return f"redis+cluster://{auth}{nodes}"
+
+
 class Channel(kombu_redis.Channel):
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         params: dict[str, Any] = super()._connparams(asynchronous)
-        cluster_url = self.connection.client.transport_options.get(CLUSTER_URL_OPTION)
-        owner = slot_owner(cluster_url) if cluster_url else None
+        conninfo = self.connection.client
+        nodes = conninfo.transport_options.get(CLUSTER_NODES_OPTION)
+        owner = slot_owner(cluster_url(nodes, conninfo.userid, conninfo.password)) if nodes else None
         if owner is not None:
             params["host"], params["port"] = owner
         return params
