@@ -116,6 +116,17 @@ def test_no_password_on_any_command_line_or_in_any_log(secured: dict) -> None:
     assert redis_password not in logs and flower_password not in logs
 
 
+def test_no_password_in_a_workers_configuration_as_remote_control_shows_it(secured: dict) -> None:
+    """`celery inspect conf` (and Flower's worker page, which asks the same) show a worker's settings."""
+    from celery_serve.workers.celery_app import make_celery
+
+    redis_password = unquote(urlsplit(secured["redis_url"]).password or "")
+    replies = make_celery(secured["redis_url"]).control.inspect(timeout=5).conf() or {}
+    assert replies, "no worker answered `inspect conf`"
+    shown = json.dumps(replies, default=str)
+    assert "broker_url" in shown and redis_password not in shown, shown
+
+
 def _kind(process: psutil.Process) -> str:
     cmdline = " ".join(process.cmdline())
     if "redis-server" in cmdline:

@@ -97,6 +97,15 @@ def make_celery(redis_url: str | None = None) -> Celery:
         worker_hijack_root_logger=False,
         timezone="UTC",
     )
-    celery.conf.serve_redis_url = url
+    setattr(celery, _REDIS_URL_ATTR, url)  # not in `conf`: `celery inspect conf` and Flower show every setting
     celery.conf.serve_redis_display = redacted(url)
     return celery
+
+
+_REDIS_URL_ATTR = "_serve_redis_url"
+
+
+def redis_url_of(celery: Celery) -> str:
+    """The Redis URL (password included) a Celery app from `make_celery` serves. Kept off `celery.conf`,
+    which remote control (`celery inspect conf`) and Flower's worker page show to whoever can ask."""
+    return str(getattr(celery, _REDIS_URL_ATTR))

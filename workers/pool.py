@@ -28,6 +28,7 @@ from celery_serve._wire import keys as _keys
 from celery_serve._wire import lifecycle
 from celery_serve._wire.connections import REDIS_FAULTS, sync_client
 from celery_serve._wire.delivery import DeploymentKeys, HandBack, epoch
+from celery_serve.workers.celery_app import redis_url_of
 from celery_serve.workers.freeze_watch import FreezeWatch, silence_limit_s
 from celery_serve.workers.gpus import plan_placement, replica_env
 
@@ -70,7 +71,7 @@ class ReplicaPool(BasePool):
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
-        self._redis = sync_client(self.app.conf.serve_redis_url)
+        self._redis = sync_client(redis_url_of(self.app))
         self.redis_client = self._redis  # shared with the worker's remote-control commands
         conf = self.app.conf
         self._hand_back_of = HandBack(
@@ -109,7 +110,7 @@ class ReplicaPool(BasePool):
         env.update(replica_env(slot.devices, conf.serve_cpu_fallback))
         env.update(conf.serve_replica_env)
         env["SERVE_WORKER_HOSTNAME"] = conf.get("serve_worker_hostname") or ""
-        env["REDIS_URL"] = conf.serve_redis_url  # in the environment, never in argv: it may hold a password
+        env["REDIS_URL"] = redis_url_of(self.app)  # in the environment, never in argv: it may hold a password
         slot.proc = spawn(self._command(slot.replica_id), env=env, start_new_session=True)
         slot.started_at = time.monotonic()
         logger.info("started replica pid %d of %s", slot.proc.pid, self.app.conf.serve_deployment)

@@ -22,7 +22,7 @@ from celery_serve._wire import keys as _keys
 from celery_serve._wire.connections import sync_client
 from celery_serve.config import start_replicas
 from celery_serve.exceptions import DeploymentNotFoundError
-from celery_serve.workers.celery_app import make_celery
+from celery_serve.workers.celery_app import make_celery, redis_url_of
 from celery_serve.workers.gpus import PlacementError, discover_devices, plan_placement
 from celery_serve.workers.pool import ReplicaPool
 
@@ -210,7 +210,7 @@ def _pool_client(state: Any) -> Any:
     (Flower sends enable_events every 5 s)."""
     pool = getattr(state.consumer, "pool", None)
     client = getattr(pool, "redis_client", None)
-    return client if client is not None else sync_client(state.consumer.app.conf.serve_redis_url)
+    return client if client is not None else sync_client(redis_url_of(state.consumer.app))
 
 
 def _enable_events(state: Any) -> Any:
