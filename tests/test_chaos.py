@@ -63,7 +63,7 @@ def test_a_whole_worker_killed_and_started_again(stack: Stack) -> None:
     for process in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]:
         process.kill()  # the machine died: nobody hands anything back
     worker.wait()
-    time.sleep(2)
+    ledger.await_accepted(20)  # the machine stays down while requests keep queueing for it
     stack.start_worker("chaos", "Echo")  # a new worker's replicas reap the dead ones and serve what they held
     ledger.await_accepted(100)  # load goes on while the new worker starts and catches up
     ledger.finish()

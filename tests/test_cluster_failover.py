@@ -60,12 +60,12 @@ def test_a_shard_failover_needs_no_one_and_strands_no_request(cluster: ClusterSe
         loaders = [threading.Thread(target=ledger.submit, args=(base, stop)) for _ in range(3)]
         for loader in loaders:
             loader.start()
-        time.sleep(2)
+        ledger.await_accepted(30)
         old_primary = cluster.node_for_slot(slot)
         killed_at = time.monotonic()
         cluster.kill(old_primary)
         new_primary = cluster.wait_for_failover(slot, old_primary)
-        time.sleep(5)  # serving on the promoted replica, with no one stepping in
+        ledger.await_accepted(30)  # serving on the promoted replica (or on by the other shards), no one stepping in
         stop.set()
         for loader in loaders:
             loader.join()

@@ -86,6 +86,11 @@ class Ledger:
         self.slowest_s = 0.0
         self.lock = threading.Lock()
 
+    def await_accepted(self, more: int, timeout_s: float = 60.0) -> None:
+        """Wait until `more` jobs more than now were accepted: faults land among real traffic."""
+        target = len(self.accepted) + more
+        wait_until(lambda: len(self.accepted) >= target, timeout_s, 0.05, what=f"{more} more accepted jobs")
+
     def submit(self, base: str, stop: threading.Event) -> None:
         with httpx.Client(base_url=base, timeout=30) as http:
             while not stop.is_set():
@@ -130,11 +135,11 @@ def test_a_master_failover_needs_no_one_and_loses_no_accepted_request(sentinels:
         loaders = [threading.Thread(target=ledger.submit, args=(base, stop)) for _ in range(3)]
         for loader in loaders:
             loader.start()
-        time.sleep(2)
+        ledger.await_accepted(30)
         old_master = sentinels.current_master()
         sentinels.kill(old_master)
         new_master = sentinels.wait_for_failover(old_master)
-        time.sleep(5)  # serving on the promoted replica, with no one stepping in
+        ledger.await_accepted(30)  # serving on the promoted replica, with no one stepping in
         stop.set()
         for loader in loaders:
             loader.join()
