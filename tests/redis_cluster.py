@@ -9,7 +9,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import redis
 
 from celery_serve._runtime.launcher import ManagedProcess, ProcessGroup, free_port
+from tests.conftest import wait_until
 
 SLOTS = 16384
 BUS_OFFSET = 10000  # a node's cluster bus listens on its port + 10000, so its port must be 55535 or less
@@ -131,7 +131,12 @@ def start_cluster(group: ProcessGroup, shards: int = 3, replicas: bool = False) 
         client.execute_command("CLUSTER", "MEET", "127.0.0.1", result.ports[0])
     everyone = [*clients, *followers]
     known = len(everyone)
-    _wait_for(lambda: all(b"cluster_known_nodes:%d" % known in c.execute_command("CLUSTER", "INFO") for c in everyone))
+    wait_until(
+        lambda: all(b"cluster_known_nodes:%d" % known in c.execute_command("CLUSTER", "INFO") for c in everyone),
+        timeout_s=30,
+        interval_s=0.1,
+        what="the cluster's nodes to meet",
+    )
     for primary, follower in zip(clients, followers, strict=False):
         node_id = primary.execute_command("CLUSTER", "MYID")
         follower.execute_command("CLUSTER", "REPLICATE", node_id)
@@ -143,12 +148,4 @@ def start_cluster(group: ProcessGroup, shards: int = 3, replicas: bool = False) 
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"the cluster did not become ok within 30 s: {infos}")
-        time.sleep(0.1)
-
-
-def _wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the cluster's nodes did not all meet within {timeout_s} s")
         time.sleep(0.1)

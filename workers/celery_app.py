@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import quote
 
 from celery import Celery
 
 from celery_serve._wire.connections import redacted
-from celery_serve._wire.urls import RedisTarget, parse_redis_url
+from celery_serve._wire.urls import RedisTarget, parse_redis_url, userinfo
 from celery_serve.workers import cluster_broker
 from celery_serve.workers.cluster_broker import CELERY_SLOT_TAG
 
@@ -32,9 +31,7 @@ def kombu_url(url: str) -> tuple[str, dict[str, Any]]:
         if url.startswith("unix://"):  # kombu and Celery name a unix socket redis+socket://
             return "redis+socket://" + url[len("unix://") :], {}
         return url, {}
-    auth = ""
-    if target.password is not None:
-        auth = f"{quote(target.username or '', safe='')}:{quote(target.password, safe='')}@"
+    auth = userinfo(target.username, target.password)
     nodes = ";".join(f"sentinel://{auth}{host}:{port}/{target.db}" for host, port in target.hosts)
     options: dict[str, Any] = {"master_name": target.master}
     if target.sentinel_password:
@@ -57,9 +54,7 @@ def _cluster_node_url(url: str, target: RedisTarget) -> tuple[str, dict[str, Any
         host, port = target.hosts[0]  # nobody answered: a reconnect asks again
     else:
         host, port = owner
-    auth = ""
-    if target.password is not None:
-        auth = f"{quote(target.username or '', safe='')}:{quote(target.password, safe='')}@"
+    auth = userinfo(target.username, target.password)
     nodes = ",".join(f"{node_host}:{node_port}" for node_host, node_port in target.hosts)
     options = {"global_keyprefix": CELERY_SLOT_TAG, cluster_broker.CLUSTER_NODES_OPTION: nodes}
     return f"{cluster_broker.SCHEME}://{auth}{host}:{port}/0", options

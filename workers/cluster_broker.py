@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import quote
 
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from redis import exceptions as redis_errors
+
+from celery_serve._wire.connections import REDIS_FAULTS, sync_client
+from celery_serve._wire.urls import userinfo
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +45,6 @@ HEALING_ERRORS: tuple[type[BaseException], ...] = (
 
 def slot_owner(cluster_url: str) -> tuple[str, int] | None:
     """The host and port of the node that owns Celery's slot now, or None when no node answers."""
-    from celery_serve._wire.connections import REDIS_FAULTS, sync_client
-
     try:
         client = sync_client(cluster_url)
         try:
@@ -57,17 +57,12 @@ def slot_owner(cluster_url: str) -> tuple[str, int] | None:
         return None
 
 
-def cluster_url(nodes: str, username: str | None, password: str | None) -> str:
-    auth = "" if password is None else f"{quote(username or '', safe='')}:{quote(password, safe='')}@"
-    return f"redis+cluster://{auth}{nodes}"
-
-
 class Channel(kombu_redis.Channel):
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         params: dict[str, Any] = super()._connparams(asynchronous)
         conninfo = self.connection.client
         nodes = conninfo.transport_options.get(CLUSTER_NODES_OPTION)
-        owner = slot_owner(cluster_url(nodes, conninfo.userid, conninfo.password)) if nodes else None
+        owner = slot_owner(f"redis+cluster://{userinfo(conninfo.userid, conninfo.password)}{nodes}") if nodes else None
         if owner is not None:
             params["host"], params["port"] = owner
         return params

@@ -166,7 +166,7 @@ class QueueOps:
             status = raw.decode() if isinstance(raw, bytes) else raw
             if status in TERMINAL:
                 logger.info("pipeline %s is %s: its next step is not queued", job_id, status)
-                await self._forward(keys=[self.inflight, self.claim, self.inflight], args=[token, "0"])
+                await self._acknowledge(token)
                 return False
         if fire_key:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -174,15 +174,19 @@ class QueueOps:
                 pipe.hget(fire_key, "fired")
                 _, fired_by = await pipe.execute()
             if fired_by is not None and fired_by.decode() != (task_id or "1"):
-                await self._forward(keys=[self.inflight, self.claim, self.inflight], args=[token, "0"])
+                await self._acknowledge(token)
                 return False
         if messages:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for queue, message in messages:
                     pipe.lpush(queue, message)
                 await pipe.execute()
-        await self._forward(keys=[self.inflight, self.claim, self.inflight], args=[token, "0"])
+        await self._acknowledge(token)
         return True
+
+    async def _acknowledge(self, token: Token) -> None:
+        """Acknowledge a taken message and queue nothing (FORWARD with no next step)."""
+        await self._forward(keys=[self.inflight, self.claim, self.inflight], args=[token, "0"])
 
     async def chord_add(self, chord: dict[str, Any], value: Any, ttl: int) -> list[Any] | None:
         """Record one parallel branch's result; all branches' results, in order, once every one is in."""

@@ -100,9 +100,13 @@ def _parse_multi(url: str, scheme: str, kind: Literal["sentinel", "cluster"]) ->
     return RedisTarget(kind, url, tuple(hosts), master, db, username, password, sentinel_password)
 
 
+def userinfo(username: str | None, password: str | None) -> str:
+    """`user:password@` for a URL, percent-encoded; '' when there is no password."""
+    if password is None:
+        return ""
+    return f"{quote(username or '', safe='')}:{quote(password, safe='')}@"
+
+
 def single_node_url(host: str, port: int, target: RedisTarget) -> str:
     """A plain redis:// URL for one node of a Sentinel or Cluster target (same credentials and db)."""
-    auth = ""
-    if target.password is not None:
-        auth = f"{quote(target.username or '', safe='')}:{quote(target.password, safe='')}@"
-    return f"redis://{auth}{host}:{port}/{target.db}"
+    return f"redis://{userinfo(target.username, target.password)}{host}:{port}/{target.db}"
