@@ -20,13 +20,20 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from celery_serve._runtime.spec import AppSpec, DeploymentSpec
+from celery_serve._wire import stopped_apps as _stopped_apps
 from celery_serve._wire import strictjson
 from celery_serve._wire.connections import REDIS_FAULTS
 from celery_serve._wire.jobs import TERMINAL, JobStore
 from celery_serve._wire.transport import QueueTransport
 from celery_serve.api.proxy import accepted_payload, claim_request_id, http_envelope, read_body
 from celery_serve.api.routes import RouteTable
-from celery_serve.exceptions import BackpressureError, BadRequestError, DeploymentNotFoundError, ServeError
+from celery_serve.exceptions import (
+    ApplicationStoppedError,
+    BackpressureError,
+    BadRequestError,
+    DeploymentNotFoundError,
+    ServeError,
+)
 
 MAX_WAIT_S = 300.0
 ROUTE_JOBS = "-"  # POST /jobs/-/<path>: a job for an HTTP route (deployment names never start with "-")
@@ -34,7 +41,11 @@ _METHOD_OVERRIDE = "x-http-method-override"
 
 
 def _error(exc: ServeError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if isinstance(exc, BackpressureError) else None
+    headers = None
+    if isinstance(exc, BackpressureError):
+        headers = {"Retry-After": "1"}
+    elif isinstance(exc, ApplicationStoppedError):
+        headers = {"Retry-After": str(_stopped_apps.RETRY_AFTER_S)}
     return JSONResponse(
         {"error": type(exc).__name__, "message": exc.message}, status_code=exc.http_status, headers=headers
     )
@@ -74,6 +85,9 @@ def jobs_router(
                 if dep is None and await routes.refresh_on_miss():  # deployed a moment ago?
                     dep = find_deployment(name, app)
                 if dep is None:
+                    stopped = _stopped_apps.for_deployment(routes.stopped, name, app)
+                    if stopped is not None:  # its run is stopping or restarting: retry, not "no such thing"
+                        return _error(stopped.error())
                     return _unknown_deployment(name, app)
                 args, kwargs = _call_arguments(body)
                 sub = await transport.submit(
@@ -91,6 +105,9 @@ def jobs_router(
                 path = "/" + rest.strip("/")
                 found = await routes.match_fresh(path, pick=True)
                 if found is None:
+                    stopped = _stopped_apps.for_path(routes.stopped, path)
+                    if stopped is not None:
+                        raise stopped.error()
                     raise DeploymentNotFoundError(f"no application serves {path}; see /-/routes")
                 _, dep = found
                 verb = request.headers.get(_METHOD_OVERRIDE, "POST").upper()

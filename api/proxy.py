@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from celery_serve._runtime.spec import AppSpec, DeploymentSpec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
+from celery_serve._wire import stopped_apps as _stopped_apps
 from celery_serve._wire import strictjson
 from celery_serve._wire.connections import REDIS_FAULTS
 from celery_serve._wire.jobs import client_request_id
@@ -202,6 +203,11 @@ class Proxy:
             await send_unavailable(send, path, exc)
             return
         if found is None:
+            stopped = _stopped_apps.for_path(self.routes.stopped, path)
+            if stopped is not None:  # its run is stopping or restarting: retry, rather than "no such thing"
+                error = stopped.error()
+                await send_json(send, error.http_status, error_payload(error), [_stopped_apps.RETRY_AFTER])
+                return
             await send_json(
                 send,
                 404,

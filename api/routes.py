@@ -7,6 +7,8 @@ deployed a moment ago is found on its first request). Longest route prefix wins;
 When Redis loses its data (its epoch key changed: see `keys.EPOCH`), the routes known before are kept for
 `KEEP_AFTER_DATA_LOSS_S` while the workers re-announce their applications, so the gateway goes on serving
 instead of answering 404, and `on_data_loss` tells the transport to fail the requests Redis forgot.
+A path that matches no route but an application whose run stopped a moment ago is answered 503, not 404
+(`stopped`, see `_wire.stopped_apps`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import redis.exceptions
 
 from celery_serve._runtime.spec import AppSpec, DeploymentSpec
 from celery_serve._wire import keys as _keys
+from celery_serve._wire import stopped_apps as _stopped_apps
 from celery_serve._wire.traffic import TRAFFIC_KEY, WeightedChooser, parse_split
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,7 @@ class RouteTable:
         self._kept: dict[str, AppSpec] = {}  # applications known before Redis lost its data
         self._keep_until = 0.0
         self._on_data_loss = on_data_loss
+        self.stopped: list[_stopped_apps.Stopped] = []  # applications whose run stopped a moment ago
 
     @property
     def routes(self) -> dict[str, str]:
@@ -89,7 +93,9 @@ class RouteTable:
             pipe.set(_keys.EPOCH, uuid.uuid4().hex, nx=True)
             pipe.get(_keys.EPOCH)
             pipe.hgetall(TRAFFIC_KEY)
-            raw, _, epoch, splits = await pipe.execute()
+            pipe.hgetall(_keys.STOPPED)
+            raw, _, epoch, splits, stopped = await pipe.execute()
+            self.stopped = _stopped_apps.recent(stopped)
             specs = {spec.name: spec for spec in (AppSpec.from_json(v) for v in raw.values())}
             now = time.monotonic()
             if self._epoch is not None and epoch != self._epoch:

@@ -24,6 +24,7 @@ from celery_serve.context import ReplicaContext, get_replica_context
 from celery_serve.deployment import Deployment, deployment, ingress
 from celery_serve.exceptions import (
     ApplicationConflictError,
+    ApplicationStoppedError,
     BackpressureError,
     BadRequestError,
     DeploymentConfigError,
@@ -50,6 +51,7 @@ __version__ = "0.2.0"
 __all__ = [
     "Application",
     "ApplicationConflictError",
+    "ApplicationStoppedError",
     "AsyncClient",
     "BackpressureError",
     "BadRequestError",

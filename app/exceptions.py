@@ -11,6 +11,7 @@
     ├── ApplicationConflictError     the application name belongs to another live run (HTTP 409)
     ├── ReplicaCrashError            the request's replica died running it, max_deliveries times (HTTP 500)
     ├── ServiceUnavailableError      Redis cannot be reached or does not answer in time (HTTP 503)
+    │   └── ApplicationStoppedError  the application's run stopped a moment ago; retry once it runs again
     ├── RemoteError                  user code raised; carries the remote type and message (HTTP 500)
     └── ServeStartupError            something `run` needed did not come up
 
@@ -113,6 +114,11 @@ class ServiceUnavailableError(ServeError):
     """Redis cannot be reached or does not answer within `SERVE_REDIS_TIMEOUT_S`; retry shortly."""
 
     http_status = 503
+
+
+class ApplicationStoppedError(ServiceUnavailableError):
+    """The application's run stopped a few minutes ago at most (`celery-serve shutdown`, Ctrl-C, one of its
+    processes exited): nothing serves it now, but it is not deleted; retry once it runs again (HTTP 503)."""
 
 
 class ServeStartupError(ServeError):

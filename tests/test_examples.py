@@ -44,14 +44,14 @@ class CliProcess:
     flower_port: int = 0
 
     @classmethod
-    def serve(cls, target: str, redis_url: str, folder: Path, **env: str) -> CliProcess:
-        """`celery-serve run <target>` from `folder` on `redis_url` (not the environment's REDIS_URL), the
-        gateway and Flower on free ports; `env` adds variables."""
+    def serve(cls, target: str, redis_url: str, folder: Path, *args: str, **env: str) -> CliProcess:
+        """`celery-serve run <target> [args]` from `folder` on `redis_url` (not the environment's REDIS_URL),
+        the gateway and Flower on free ports; `env` adds variables."""
         environ = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
         environ.update(SERVE_STATE_DIR=str(folder / "runs"), SERVE_LOG_LEVEL="WARNING", **env)
         port, flower = free_port(), free_port()
         cli = cls.start(
-            "run", target, "--port", str(port), "--flower-port", str(flower), "--redis-url", redis_url,
+            "run", target, "--port", str(port), "--flower-port", str(flower), "--redis-url", redis_url, *args,
             env=environ, cwd=folder,
         )  # fmt: skip
         cli.env, cli.base_url, cli.flower_port = environ, f"http://127.0.0.1:{port}", flower

@@ -9,6 +9,7 @@ import celery_serve
 EXPECTED = [
     "Application",
     "ApplicationConflictError",
+    "ApplicationStoppedError",
     "AsyncClient",
     "BackpressureError",
     "BadRequestError",

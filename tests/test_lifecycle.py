@@ -11,7 +11,9 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +27,7 @@ from celery_serve._runtime.launcher import free_port
 from celery_serve.schema import ApplicationStatus, DeploymentStatus
 from tests import lifecycle_deployments as ld
 from tests.conftest import Served, wait_until
+from tests.test_examples import READY_LINE, CliProcess
 
 
 @pytest.fixture(scope="module")
@@ -340,6 +343,97 @@ def test_delete_answers_404_at_once_ends_queued_requests_and_stops_replicas(
         serve.get_app_handle(name)
     with pytest.raises(DeploymentNotFoundError):
         serve.delete(name)
+
+
+STOPPING_SERVICE = """
+import asyncio
+
+import celery_serve as serve
+
+
+@serve.deployment(graceful_shutdown_timeout_s=10)
+class Slow:
+    async def __call__(self, request):
+        await asyncio.sleep(float(request.query_params.get("sleep", "0")))
+        return "ok"
+
+
+app = Slow.bind()
+"""
+
+
+def test_a_stopping_run_answers_503_retry_never_404_until_it_runs_again_or_is_deleted(
+    service: Served, tmp_path: Path, redis_client: Any
+) -> None:
+    """A run that stops (here SIGTERM, as `celery-serve shutdown` sends) removes its application while its
+    replicas finish what they run; callers meanwhile, and for a while after, are told to retry (503), not
+    that there is no such thing (404, which nobody retries), on every way in."""
+    name = f"stopping-{uuid.uuid4().hex[:4]}"
+    (tmp_path / "svc.py").write_text(STOPPING_SERVICE)
+
+    def start() -> CliProcess:
+        cli = CliProcess.serve("svc:app", service.redis_url, tmp_path, "--name", name, "--route-prefix", f"/{name}")
+        cli.wait_for_line(READY_LINE, 180)
+        return cli
+
+    run = start()
+    try:
+        own = httpx.Client(base_url=run.base_url, timeout=60)
+        assert own.get(f"/{name}").status_code == 200
+        answers: list[httpx.Response] = []
+        long: list[httpx.Response] = []
+        stop = threading.Event()
+
+        def hammer() -> None:
+            with httpx.Client(base_url=run.base_url, timeout=60) as http:
+                while not stop.is_set():
+                    try:
+                        answers.append(http.get(f"/{name}"))
+                    except httpx.TransportError:
+                        return  # its gateway stopped
+
+        threads = [
+            threading.Thread(target=hammer),
+            threading.Thread(target=lambda: long.append(own.get(f"/{name}", params={"sleep": "2"}))),
+        ]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(answers) >= 20, what="requests served before the stop")
+        run.stop()  # the run removes its application, its replica finishes the 2 s request, then all stop
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        codes = Counter(r.status_code for r in answers)
+        assert [r.status_code for r in long] == [200]  # the request running at the stop was answered
+        assert 404 not in codes, codes
+        refused = [r for r in answers if r.status_code == 503]
+        assert refused, codes  # the gateway stayed up while the replica finished, refusing what came
+        assert {(r.json()["error"], r.headers["retry-after"]) for r in refused} == {("ApplicationStoppedError", "5")}
+
+        # after the run is gone: another gateway, the jobs API and the Python client say the same
+        http = service.http()
+        wait_until(lambda: http.get(f"/{name}").status_code == 503, what="the shared gateway to say 503")
+        assert "its run stopped" in http.get(f"/{name}").json()["message"]
+        job = http.post("/jobs/Slow", params={"app": name}, json=None)
+        assert job.status_code == 503 and job.json()["error"] == "ApplicationStoppedError", job.text
+        for how in ({"redis_url": service.redis_url}, {"url": service.gateway_url}):
+            with serve.Client(**how, app=name) as client:
+                with pytest.raises(serve.ApplicationStoppedError, match="retry once it runs again"):
+                    client.call("Slow")
+
+        # running it again serves at once
+        run = start()
+        assert httpx.get(f"{run.base_url}/{name}", timeout=60).status_code == 200
+        assert not redis_client.hexists("serve:stopped:{serve:apps}", name)
+        run.stop()
+        # deleting a stopped application is for good: 404 from then on
+        serve.delete(name)
+        wait_until(lambda: http.get(f"/{name}").status_code == 404, what="404 once deleted")
+        with pytest.raises(DeploymentNotFoundError):
+            serve.delete(name)
+    finally:
+        if run.proc.poll() is None:
+            run.kill_everything()
 
 
 def test_the_seed_quick_start_runs_as_written() -> None:

@@ -40,8 +40,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
     from celery_serve._wire.connections import sync_client
 
     url = resolve_redis(args)
-    delete_application(sync_client(url), args.app)  # DeploymentNotFoundError names what is deployed
-    print(f"deleted application '{args.app}' (its replicas stop once they finish what they run)")
+    spec = delete_application(sync_client(url), args.app)  # DeploymentNotFoundError names what is deployed
+    if spec is None:
+        print(f"deleted application '{args.app}' (its run had stopped; requests still queued for it were ended)")
+    else:
+        print(f"deleted application '{args.app}' (its replicas stop once they finish what they run)")
     return 0
 
 

@@ -16,6 +16,7 @@ from celery_serve._wire import keys as _keys
 from celery_serve._wire import lifecycle
 from celery_serve._wire import results as _results
 from celery_serve._wire import scripts as _scripts
+from celery_serve._wire import stopped_apps as _stopped_apps
 from celery_serve._wire.envelope import parse_message
 from celery_serve.exceptions import BadRequestError, DeploymentNotFoundError
 from celery_serve.schema import (
@@ -159,12 +160,18 @@ def status_lines(status: ServeStatus) -> list[str]:
 # --- delete --------------------------------------------------------------------------------------------
 
 
-def delete_application(client: Any, name: str) -> AppSpec:
+def delete_application(client: Any, name: str) -> AppSpec | None:
     """Remove an application: its routes go at once (gateways hear it on pub/sub), every request still
     queued for it ends with `DeploymentNotFoundError`, and its pools stop its replicas (they notice the spec
-    is gone). Returns the removed spec; `DeploymentNotFoundError` if there is none."""
+    is gone). Returns the removed spec; None when only the note of a run that stopped it was left (see
+    `_wire.stopped_apps`: removed, and its queued requests ended); `DeploymentNotFoundError` if neither."""
     raw = client.hget(_keys.APPS, name)
     if raw is None:
+        stopped = _stopped_apps.parse(name, client.hget(_keys.STOPPED, name) or "")
+        if stopped is not None and client.hdel(_keys.STOPPED, name):
+            fail_queued(client, name, list(stopped.queues))
+            client.publish(_keys.APPS_CHANGED, name)  # gateways drop the note: 404 from now on
+            return None
         known = sorted(_text(k) for k in client.hkeys(_keys.APPS))
         raise DeploymentNotFoundError(
             f"no application named '{name}' is deployed (deployed: {', '.join(known) or 'none'})"
@@ -176,6 +183,7 @@ def delete_application(client: Any, name: str) -> AppSpec:
     pipe = client.pipeline()
     pipe.hset(DELETING, name, json.dumps(entry))
     pipe.hdel(_keys.APPS, name)
+    pipe.hdel(_keys.STOPPED, name)  # meant to be gone: 404 from now on, not 503 "stopped"
     pipe.hdel(_keys.OPENAPI, name)
     for dep in spec.deployments:
         for key in (  # one key per DEL: on a cluster they live in different slots

@@ -36,6 +36,7 @@ from celery_serve._runtime.spec import AppSpec, build_spec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import lifecycle as _lifecycle
 from celery_serve._wire import scripts as _scripts
+from celery_serve._wire import stopped_apps as _stopped_apps
 from celery_serve._wire.connections import REDIS_WAIT_S, check_url, sync_client, wait_for_redis
 from celery_serve.api import middlewares as _middlewares
 from celery_serve.application import Application
@@ -148,6 +149,7 @@ def deploy_spec(redis_url: str, spec: AppSpec, *, replace: bool = False) -> None
         ):
             pipe.delete(key)
     pipe.hdel(_apps.DELETING, spec.name)
+    pipe.hdel(_keys.STOPPED, spec.name)
     pipe.execute()
     client.publish(_keys.APPS_CHANGED, spec.name)  # after: a cluster pipeline cannot carry PUBLISH
 
@@ -162,11 +164,13 @@ def _conflict_message(name: str, owner: dict[str, Any]) -> str:
     )
 
 
-def delete_app(redis_url: str, name: str, *, owner_id: str | None = None) -> bool:
-    """Remove an application's spec; with `owner_id`, only while that run still owns it. True if removed."""
+def delete_app(redis_url: str, name: str, *, owner_id: str | None = None, stopped_note: str = "") -> bool:
+    """Remove an application's spec; with `owner_id`, only while that run still owns it, leaving
+    `stopped_note` (see `_wire.stopped_apps`) when one is given. True if removed."""
     client = sync_client(redis_url)
     if owner_id is not None:
-        removed = bool(client.register_script(_scripts.RELEASE_APP)(keys=[_keys.APPS], args=[name, owner_id]))
+        release = client.register_script(_scripts.RELEASE_APP)
+        removed = bool(release(keys=[_keys.APPS, _keys.STOPPED], args=[name, owner_id, stopped_note]))
     else:
         removed = bool(client.hdel(_keys.APPS, name))
     if removed:
@@ -718,11 +722,14 @@ DELETE_WAIT_S = 60.0
 def delete(name: str, _blocking: bool = True) -> None:
     """Remove an application, as Ray's `serve.delete`: its routes answer 404 at once, requests still queued
     for it end with `DeploymentNotFoundError`, and its replicas stop (finishing what they run). With
-    `_blocking` (the default) it returns once its replicas are gone. `DeploymentNotFoundError` if no such
-    application is deployed."""
+    `_blocking` (the default) it returns once its replicas are gone. An application whose run stopped a
+    moment ago (its callers get 503 "stopped") is removed for good: 404 from then on. `DeploymentNotFoundError`
+    if no such application is deployed."""
     url = redis_url()
     client = sync_client(url)
     spec = _apps.delete_application(client, name)
+    if spec is None:  # only a stopped run's note was left
+        return
     with _lock:
         session = _session
         names = session.workers.pop(name, set()) if session is not None else set()
@@ -802,8 +809,14 @@ def shutdown() -> None:
     session.group.stop({"scaler"})  # first, so it does not grow pools that are stopping
     try:
         for app_name in session.workers:
-            # only what this run still owns: a later run that replaced an application keeps it
-            delete_app(session.redis_url, app_name, owner_id=session.id)
+            # only what this run still owns: a later run that replaced an application keeps it; callers
+            # meanwhile get 503 "stopped" (retry), not 404
+            spec = session.specs.get(app_name)
+            note = ""
+            if spec is not None:
+                queues = {d.queue for d in spec.deployments.values()}
+                note = _stopped_apps.note(spec.route_prefix, spec.deployments, queues)
+            delete_app(session.redis_url, app_name, owner_id=session.id, stopped_note=note)
     except Exception as exc:  # noqa: BLE001 - Redis may already be gone; stopping matters more
         logger.warning("could not remove application specs from Redis: %s", exc)
     if session.beat is not None:

@@ -457,8 +457,9 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return false
 """
 
-# KEYS: applications hash. ARGV: app name, this run's session id. Removes the application only if this run
-# still owns it (a later run that replaced it keeps it). Returns 1 when removed.
+# KEYS: applications hash, stopped applications hash. ARGV: app name, this run's session id, the note to leave
+# ('' for none: see `_wire.stopped_apps`). Removes the application only if this run still owns it (a later run
+# that replaced it keeps it), leaving the note in the same step. Returns 1 when removed.
 RELEASE_APP = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if not current then return 0 end
@@ -466,6 +467,7 @@ local ok, spec = pcall(cjson.decode, current)
 local owner = ok and type(spec) == 'table' and type(spec.owner) == 'table' and spec.owner.id or nil
 if owner ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) end
 return 1
 """
 

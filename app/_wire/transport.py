@@ -23,6 +23,7 @@ from celery_serve._runtime.spec import AppSpec, DeploymentSpec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
 from celery_serve._wire import scripts as _scripts
+from celery_serve._wire import stopped_apps as _stopped_apps
 from celery_serve._wire.affinity import AffinityRouter, model_id_from_http
 from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, async_client, interrupt, is_cluster
 from celery_serve._wire.envelope import build_message, new_task_id, parallel_signature, signature
@@ -313,6 +314,9 @@ class QueueTransport:
         raw = await self.redis.hget(_keys.APPS, app)
         if raw is None:
             self._specs.pop(app, None)
+            stopped = _stopped_apps.parse(app, await self.redis.hget(_keys.STOPPED, app) or "")
+            if stopped is not None and stopped.recent:  # its run is stopping or restarting: retry
+                raise stopped.error()
             raise DeploymentNotFoundError(f"no application named '{app}' is deployed")
         spec = AppSpec.from_json(raw)
         self._specs[app] = (time.monotonic(), spec)
