@@ -474,25 +474,33 @@ class ReplicaServer:
         return n
 
     async def _listen_for_cancels(self) -> None:
-        """Cancel running async requests whose job was cancelled (sync work cannot be interrupted)."""
-        pubsub = self.ops.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(_keys.cancel_channel(self.replica.app.name, self.replica.name))
+        """Cancel running async requests whose job was cancelled (sync work cannot be interrupted).
+
+        Survives Redis going away for any time: it subscribes again until that works (a pub/sub object
+        whose subscribe failed must not be read: redis-py raises RuntimeError, which used to end this
+        task for good, and with it every later cancel on this replica). A cancel published while it was
+        not subscribed is not heard, so after subscribing again it reads its running jobs' states."""
+        channel = _keys.cancel_channel(self.replica.app.name, self.replica.name)
+        pubsub: Any = None
+        lost = False
         try:
             while True:
                 try:
+                    if pubsub is None:
+                        pubsub = self.ops.redis.pubsub(ignore_subscribe_messages=True)
+                        await pubsub.subscribe(channel)
+                        if lost:
+                            lost = False
+                            logger.info("cancel listener subscribed again")
+                            await self._cancel_missed()
                     message = await pubsub.get_message(timeout=BLOCK_S)
                 except REDIS_FAULTS as exc:
-                    logger.warning("cancel listener lost Redis (%r); retrying", exc)
+                    if not lost:
+                        logger.warning("cancel listener lost Redis (%r); subscribing again", exc)
+                    lost = True
+                    await _close_pubsub(pubsub)
+                    pubsub = None
                     await asyncio.sleep(0.5)
-                    try:  # a new subscription on a fresh connection
-                        await pubsub.aclose()
-                    except REDIS_FAULTS:
-                        pass
-                    pubsub = self.ops.redis.pubsub(ignore_subscribe_messages=True)
-                    try:
-                        await pubsub.subscribe(_keys.cancel_channel(self.replica.app.name, self.replica.name))
-                    except REDIS_FAULTS:
-                        pass
                     continue
                 if message is None:
                     continue
@@ -500,10 +508,20 @@ class ReplicaServer:
                 if task is not None:
                     task.cancel()
         finally:
-            try:
-                await pubsub.aclose()
-            except REDIS_FAULTS:
-                pass
+            await _close_pubsub(pubsub)
+
+    async def _cancel_missed(self) -> None:
+        """Cancel the running requests whose job reads cancelled (their cancel came while unsubscribed)."""
+        running = list(self._running.items())
+        if not running:
+            return
+        pipe = self.ops.redis.pipeline(transaction=False)
+        for job_id, _ in running:
+            pipe.hget(_keys.job(job_id), "status")
+        for (job_id, task), status in zip(running, await pipe.execute(), strict=True):
+            if status == b"cancelled" and not task.done():
+                logger.info("job %s was cancelled while the cancel listener was away; stopping it", job_id)
+                task.cancel()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._ongoing.discard(task)
@@ -551,3 +569,12 @@ class ReplicaServer:
     def _hand_back_on_cancel(self) -> None:
         """Past the graceful-shutdown timeout: what is cancelled now is handed back, not answered."""
         self._handing_back = True
+
+
+async def _close_pubsub(pubsub: Any) -> None:
+    if pubsub is None:
+        return
+    try:
+        await pubsub.aclose()
+    except REDIS_FAULTS:
+        pass
