@@ -1,12 +1,14 @@
 """Where Redis CPU per request goes inside the hot-path scripts: message size against calls per script.
 
-    python benchmarks/script_cost.py [--requests 3000] [--batch 8] [--rounds 3] [--no-aof]
+    python benchmarks/script_cost.py [--requests 3000] [--batch 8] [--rounds 3] [--no-aof] [--against REV]
 
 Runs the request path's three scripts (ENQUEUE, DRAIN, COMPLETE: what a sync request costs Redis besides
 the reply listener's pop) straight against a private redis-server with AOF on, in batches as a loaded
 gateway and replica send them, with messages of three sizes (the same envelope, its HTTP headers padded).
 Then a script that makes N `redis.call`s, to price one call from Lua. Prints Redis CPU (INFO cpu) and
 script time (INFO commandstats) per request; rounds alternate the sizes, so quote the medians.
+With `--against REV` the scripts of git revision REV run too, alternating with these in every round, and
+the ratios (these / REV's) are printed: before and after on the same Redis in the same run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import types
 import uuid
 
 import redis
@@ -54,9 +57,21 @@ def message(task_id: str, pad: int) -> str:
     )
 
 
-def request_path(r: redis.Redis, pad: int, requests: int, batch: int) -> tuple[float, float, int]:
+def scripts_at(rev: str) -> types.ModuleType:
+    """`celery_serve._wire.scripts` as it was at git revision `rev`."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:app/_wire/scripts.py"], capture_output=True, text=True, check=True
+    ).stdout
+    module = types.ModuleType(f"scripts@{rev}")
+    exec(compile(source, f"scripts.py@{rev}", "exec"), module.__dict__)  # noqa: S102 - our own file, from git
+    return module
+
+
+def request_path(
+    r: redis.Redis, pad: int, requests: int, batch: int, source: types.ModuleType = scripts
+) -> tuple[float, float, int]:
     """Redis CPU and script time per request (µs), and the message's size."""
-    enqueue, drain, complete = (r.register_script(s) for s in (scripts.ENQUEUE, scripts.DRAIN, scripts.COMPLETE))
+    enqueue, drain, complete = (r.register_script(s) for s in (source.ENQUEUE, source.DRAIN, source.COMPLETE))
     r.config_resetstat()
     cpu0 = cpu_s(r)
     for _ in range(0, requests, batch):
@@ -103,7 +118,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="requests per script call")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-aof", action="store_true", help="run Redis without its append-only file")
+    parser.add_argument("--against", metavar="REV", help="also run the scripts of this git revision (before/after)")
     args = parser.parse_args()
+    variants = {"this": scripts, **({args.against: scripts_at(args.against)} if args.against else {})}
     with tempfile.TemporaryDirectory() as folder:
         port = free_port()
         proc = subprocess.Popen(
@@ -128,17 +145,30 @@ def main() -> None:
                     break
                 except redis.ConnectionError:
                     time.sleep(0.05)
-            sizes: dict[int, list[tuple[float, float]]] = {}
+            sizes: dict[tuple[str, int], list[tuple[float, float]]] = {}
             length: dict[int, int] = {}
             for _ in range(args.rounds):
                 for pad in (0, 400, 1400):
-                    cpu, script_us, length[pad] = request_path(r, pad, args.requests, args.batch)
-                    sizes.setdefault(pad, []).append((cpu, script_us))
+                    for name, source in variants.items():
+                        cpu, script_us, length[pad] = request_path(r, pad, args.requests, args.batch, source)
+                        sizes.setdefault((name, pad), []).append((cpu, script_us))
             print(f"request path (ENQUEUE+DRAIN+COMPLETE, batches of {args.batch}), medians of {args.rounds}:")
-            for pad, runs in sizes.items():
+            for (name, pad), runs in sizes.items():
                 cpu = statistics.median(c for c, _ in runs)
                 script_us = statistics.median(s for _, s in runs)
-                print(f"  message {length[pad]:5d} B: Redis CPU {cpu:6.1f} us/request, script time {script_us:5.1f} us")
+                print(
+                    f"  {name:>10} message {length[pad]:5d} B: Redis CPU {cpu:6.1f} us/request, "
+                    f"script time {script_us:5.1f} us"
+                )
+            if args.against:
+                for pad in (0, 400, 1400):
+                    ratios = [
+                        a[0] / b[0] for a, b in zip(sizes[("this", pad)], sizes[(args.against, pad)], strict=True)
+                    ]
+                    shown = ", ".join(f"{x:.2f}" for x in ratios)
+                    print(
+                        f"  Redis CPU this / {args.against}, message {length[pad]} B: {statistics.median(ratios):.2f} ({shown})"
+                    )
             print("one script making N redis.call (HSET):")
             for calls in (0, 8, 32):
                 for size in (10, 1000):

@@ -100,6 +100,38 @@ def test_enqueue_unbounded(redis_url: str, redis_client: redis.Redis) -> None:
         redis_client.delete(queue)
 
 
+def _enqueue_args(job_id: str, queue: str, limit: int, message: str) -> tuple[list[str], list[object]]:
+    """One request's KEYS and ARGV in ENQUEUE's layout (one queue, no idempotency key, no reply list)."""
+    now = time.time()
+    keys = [_keys.job(job_id), "unused", queue]
+    args: list[object] = [1, limit, job_id, now, 60, "a", "Dep", "m", now + 60, 0, "", "async", message]
+    return keys, args
+
+
+def test_one_enqueue_call_of_several_requests_keeps_their_order_limit_and_depths(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """The gateway sends submits that come together in one call; their pushes go in one LPUSH per queue."""
+    enqueue = redis_client.register_script(_scripts.ENQUEUE)
+    redis_client.lpush(keys.queue, "waiting")
+    ids = [f"{keys.replica_id}-{i}" for i in range(4)]
+    call_keys: list[str] = []
+    call_args: list[object] = [len(ids)]
+    for i, job_id in enumerate(ids):
+        k, a = _enqueue_args(job_id, keys.queue, 3, f"m{i}")
+        call_keys += k
+        call_args += a
+    try:
+        found = enqueue(keys=call_keys, args=call_args)
+        # depths as if pushed one by one; the limit counts what this very call queued before
+        assert [(int(n), job) for n, job in found] == [(2, ids[0].encode()), (3, ids[1].encode()), (-1, b""), (-1, b"")]
+        assert redis_client.lrange(keys.queue, 0, -1) == [b"m1", b"m0", b"waiting"]  # the oldest at the right
+        assert redis_client.hget(_keys.job(ids[0]), "status") == b"queued"
+        assert not redis_client.exists(_keys.job(ids[2]))  # refused: nothing written for it
+    finally:
+        redis_client.delete(*(_keys.job(job_id) for job_id in ids))
+
+
 def test_drain_takes_the_oldest_into_the_inflight_hash(redis_client: redis.Redis, keys: Keys) -> None:
     drain = redis_client.register_script(_scripts.DRAIN)
     for message in ("q1", "q2", "q3"):
@@ -154,6 +186,26 @@ def test_complete_stores_publishes_replies_and_acknowledges(redis_client: redis.
     finally:
         pubsub.close()
         redis_client.delete(result_key, reply)
+
+
+def test_one_complete_call_answers_every_caller_on_its_own_reply_list_and_acknowledges_all(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    ids = [f"task-{keys.replica_id}-{i}" for i in range(4)]
+    one, two = _keys.reply(f"{keys.replica_id}-one"), _keys.reply(f"{keys.replica_id}-two")
+    redis_client.hset(keys.inflight, mapping={"1:1": "a", "1:2": "b", "1:3": "c", "1:9": "not this one"})
+    redis_client.lpush(keys.claim, "claimed")
+    items = [("1:1", ids[0], one, "r0"), ("@claimed", ids[1], two, "r1"), ("1:2", ids[2], one, "r2")]
+    try:
+        assert _complete(redis_client, keys, *items, ("1:3", ids[3], "", "r3")) == 4
+        assert redis_client.lrange(one, 0, -1) == [b"r2", b"r0"]  # as pushed one by one
+        assert redis_client.lrange(two, 0, -1) == [b"r1"]
+        assert 0 < redis_client.ttl(one) <= 60 and 0 < redis_client.ttl(two) <= 60
+        assert redis_client.hkeys(keys.inflight) == [b"1:9"]
+        assert redis_client.llen(keys.claim) == 0
+        assert [redis_client.get(_keys.result(i)) for i in ids] == [b"r0", b"r1", b"r2", b"r3"]
+    finally:
+        redis_client.delete(one, two, *(_keys.result(i) for i in ids))
 
 
 def test_complete_first_writer_wins_and_the_second_is_only_acknowledged(redis_client: redis.Redis, keys: Keys) -> None:

@@ -57,7 +57,9 @@ end
 # {0, existing id} when the idempotency key already names a job; {-2, job id} when the job already exists
 # (this very enqueue ran before: redis-py retried it after the connection closed before the answer came).
 ENQUEUE = """
-local function enqueue(k, a, q)
+-- messages wait here per queue and go in one LPUSH per queue at the end (in order: as LPUSHes one by one)
+local pending, order, last = {}, {}, {}
+local function enqueue(j, k, a, q)
   local job, idem = KEYS[k], KEYS[k + 1]
   if ARGV[a + 8] == '1' then
     local existing = redis.call('GET', idem)
@@ -67,11 +69,20 @@ local function enqueue(k, a, q)
   local limit = tonumber(ARGV[a])
   if limit >= 0 then
     for i = k + 2, k + 1 + q do
-      if redis.call('LLEN', KEYS[i]) >= limit then return {-1, ''} end
+      local waiting = pending[KEYS[i]]
+      if redis.call('LLEN', KEYS[i]) + (waiting and #waiting or 0) >= limit then return {-1, ''} end
     end
   end
-  local n = 0
-  for i = 0, q - 1 do n = redis.call('LPUSH', KEYS[k + 2 + i], ARGV[a + 11 + i]) end
+  for i = 0, q - 1 do
+    local queue = KEYS[k + 2 + i]
+    if not pending[queue] then
+      pending[queue] = {}
+      order[#order + 1] = queue
+    end
+    local messages = pending[queue]
+    messages[#messages + 1] = ARGV[a + 11 + i]
+    last[j] = {queue, #messages}  -- its queue length is known once the queue's LPUSH has run
+  end
   redis.call('HSET', job, 'status', 'queued', 'app', ARGV[a + 4], 'deployment', ARGV[a + 5], 'method', ARGV[a + 6],
     'created_at', ARGV[a + 2], 'deadline', ARGV[a + 7], 'retention_s', ARGV[a + 3], 'reply', ARGV[a + 9],
     'kind', ARGV[a + 10])
@@ -79,16 +90,24 @@ local function enqueue(k, a, q)
   local ttl = math.ceil(math.max(tonumber(ARGV[a + 7]) - tonumber(ARGV[a + 2]), 0)) + tonumber(ARGV[a + 3])
   redis.call('EXPIRE', job, ttl)
   if ARGV[a + 8] == '1' then redis.call('SET', idem, ARGV[a + 1], 'EX', ttl) end
-  return {n, ARGV[a + 1]}
+  return {0, ARGV[a + 1]}
 end
 local out = {}
 local k, a = 1, 2
 for j = 1, tonumber(ARGV[1]) do
   local q = tonumber(ARGV[a])
-  out[j] = enqueue(k, a + 1, q)
+  out[j] = enqueue(j, k, a + 1, q)
   k = k + 2 + q
   a = a + 12 + q
 end
+local length = {}
+for _, queue in ipairs(order) do
+  local messages = pending[queue]
+  for i = 1, #messages, 1000 do
+    length[queue] = redis.call('LPUSH', queue, unpack(messages, i, math.min(i + 999, #messages)))
+  end
+end
+for j, at in pairs(last) do out[j][1] = length[at[1]] - (#pending[at[1]] - at[2]) end
 return out
 """
 
@@ -111,14 +130,14 @@ local function take(m)
   local status = job and redis.call('HGET', job, 'status') or false
   if status == 'cancelled' then return end
   n = n + 1
-  local tok = ARGV[2] .. n
-  redis.call('HSET', KEYS[3], tok, m)
-  if status == 'queued' then redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[3]) end
-  out[#out + 1] = tok
+  out[#out + 1] = ARGV[2] .. n
   out[#out + 1] = m
+  if status == 'queued' then redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[3]) end
 end
 local ms = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
 if ms then for _, m in ipairs(ms) do take(m) end end
+-- everything taken goes into the in-flight hash in one call (token, message pairs: `out` itself)
+for i = 1, #out, 1000 do redis.call('HSET', KEYS[3], unpack(out, i, math.min(i + 999, #out))) end
 return out
 """
 )
@@ -147,6 +166,8 @@ COMPLETE = (
     + """
 local reply_ttl = tonumber(ARGV[2])
 local stored = 0
+local replies, order = {}, {}  -- reply list -> its records: one LPUSH and one EXPIRE per list, not per record
+local tokens = {}  -- in-flight hash fields to delete, in one HDEL
 for i = 3, #ARGV, 7 do
   local tok, id, reply, record, status, ttl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local started = ARGV[i + 6]
@@ -156,8 +177,12 @@ for i = 3, #ARGV, 7 do
       stored = stored + 1
       redis.call('PUBLISH', rkey, record)
       if reply ~= '' then
-        redis.call('LPUSH', reply, record)
-        redis.call('EXPIRE', reply, reply_ttl)
+        if not replies[reply] then
+          replies[reply] = {}
+          order[#order + 1] = reply
+        end
+        local records = replies[reply]
+        records[#records + 1] = record
       end
       local job = JOB_PREFIX .. id .. '}'
       if redis.call('EXISTS', job) == 1 then
@@ -170,8 +195,14 @@ for i = 3, #ARGV, 7 do
       end
     end
   end
-  ack(tok)
+  if tok ~= '' and string.sub(tok, 1, 1) ~= '@' then tokens[#tokens + 1] = tok else ack(tok) end
 end
+for _, reply in ipairs(order) do
+  local records = replies[reply]
+  for i = 1, #records, 1000 do redis.call('LPUSH', reply, unpack(records, i, math.min(i + 999, #records))) end
+  redis.call('EXPIRE', reply, reply_ttl)
+end
+for i = 1, #tokens, 1000 do redis.call('HDEL', KEYS[1], unpack(tokens, i, math.min(i + 999, #tokens))) end
 return stored
 """
 )
