@@ -19,7 +19,7 @@ GATEWAYS = "serve:gateways"  # hash: gateway id -> JSON {url, started_at}
 # hash: run session id -> the time (epoch s) until which that run is known alive; in APPS's slot (CLAIM_APP
 # reads both in one script)
 OWNERS = "serve:owners:{serve:apps}"
-# hash: application name -> JSON note {at, route_prefix, deployments} left by a run that stopped it (see
+# hash: application name -> JSON note {at, route_prefix, deployments, queues} left by a run that stopped it (see
 # `_wire.stopped_apps`); in APPS's slot (RELEASE_APP writes both in one script)
 STOPPED = "serve:stopped:{serve:apps}"
 OPENAPI = "serve:openapi"  # hash: application name -> its FastAPI ingress's OpenAPI schema (JSON)
