@@ -174,7 +174,8 @@ def test_after_redis_loses_its_data_serving_resumes_without_a_redeploy(echo_stac
         # the workers re-announce the application; the gateway serves its route meanwhile and after
         after = wait_until(lambda: ledger.submit(http, "Echo", "after"), 30, what="a job accepted after the restart")
         assert http.get(f"/jobs/{after}", params={"wait": 30}).json()["status"] == "succeeded"
-        assert stack.redis.hexists(_keys.APPS, "chaos")
+        # re-announced at the worker's next registration (every few seconds): the job above may be served first
+        wait_until(lambda: stack.redis.hexists(_keys.APPS, "chaos"), 30, what="the workers to re-announce the app")
         lost = http.get(f"/jobs/{before}")
         assert lost.status_code == 404 and "lost its data" in lost.json()["message"]
 
