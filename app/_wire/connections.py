@@ -18,6 +18,7 @@ import redis.asyncio.sentinel as aiosentinel
 import redis.cluster
 import redis.exceptions
 import redis.sentinel
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -75,6 +76,11 @@ def _retry() -> Retry:
     """Retry once, at once, when the server closed the connection before answering (a restart, a proxy or load
     balancer reset, an idle connection reaped); never on a timeout (Redis is slow: retrying only doubles the wait)."""
     return Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+
+
+def _async_retry() -> AsyncRetry:
+    """`_retry` for asyncio clients (redis-py >= 8.2 converts a synchronous one, with a warning)."""
+    return AsyncRetry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
 
 
 def max_connections() -> int:
@@ -147,7 +153,7 @@ def async_client(url: str, *, single_connection: bool = False) -> aioredis.Redis
                 single_connection_client=True,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=timeout,
-                retry=_retry(),
+                retry=_async_retry(),
                 health_check_interval=30,  # detect half-open connections on long-idle blocking pops
             )
         # A blocking pool: with thousands of requests in flight, a command waits for a free connection
@@ -159,7 +165,7 @@ def async_client(url: str, *, single_connection: bool = False) -> aioredis.Redis
             timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry=_retry(),
+            retry=_async_retry(),
             health_check_interval=30,
         )
         return aioredis.Redis.from_pool(pool)
@@ -170,7 +176,7 @@ def async_client(url: str, *, single_connection: bool = False) -> aioredis.Redis
         **_node_kwargs(target),
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": timeout,
-        "retry": _retry(),
+        "retry": _async_retry(),
         "health_check_interval": 30,
     }
     if single_connection:
