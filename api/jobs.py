@@ -105,7 +105,7 @@ def jobs_router(
                 path = "/" + rest.strip("/")
                 found = await routes.match_fresh(path, pick=True)
                 if found is None:
-                    stopped = _stopped_apps.for_path(routes.stopped, path)
+                    stopped = routes.stopped_for(path)
                     if stopped is not None:
                         raise stopped.error()
                     raise DeploymentNotFoundError(f"no application serves {path}; see /-/routes")

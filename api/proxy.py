@@ -203,7 +203,7 @@ class Proxy:
             await send_unavailable(send, path, exc)
             return
         if found is None:
-            stopped = _stopped_apps.for_path(self.routes.stopped, path)
+            stopped = self.routes.stopped_for(path)
             if stopped is not None:  # its run is stopping or restarting: retry, rather than "no such thing"
                 error = stopped.error()
                 await send_json(send, error.http_status, error_payload(error), [_stopped_apps.RETRY_AFTER])

@@ -46,6 +46,11 @@ def effective_weights(split: dict[str, float] | None, specs: list[AppSpec]) -> d
     return {specs[0].name: 1.0}
 
 
+def _serves(prefix: str, path: str) -> bool:
+    """`/api` serves `/api` and `/api/...`, not `/apiary`; `/` serves everything."""
+    return prefix == "/" or path == prefix or path.startswith(prefix + "/")
+
+
 class RouteTable:
     def __init__(
         self, client: aioredis.Redis, on_data_loss: Callable[[], Coroutine[Any, Any, object]] | None = None
@@ -169,11 +174,17 @@ class RouteTable:
         With `pick`, a prefix that several applications share is resolved by its traffic split (this
         advances the split's round-robin: once per request routed); without, the incumbent is returned."""
         for prefix, spec in self._routes:
-            if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+            if _serves(prefix, path):
                 if pick:
                     spec = self._pick(prefix, spec)
                 return spec, spec if spec.is_pipeline else spec.deployments[spec.ingress]
         return None
+
+    def stopped_for(self, path: str) -> _stopped_apps.Stopped | None:
+        """The application whose run stopped a moment ago and whose route prefix serves `path` (the longest
+        prefix wins, as in routing); its callers get 503 "stopped", not 404."""
+        found = [entry for entry in self.stopped if entry.route_prefix and _serves(entry.route_prefix, path)]
+        return max(found, key=lambda entry: len(entry.route_prefix), default=None)
 
     def _pick(self, prefix: str, incumbent: AppSpec) -> AppSpec:
         """The application this request goes to: the traffic split's pick where several share the prefix."""

@@ -5,20 +5,18 @@ through a TCP proxy that resets connections and then refuses new ones for a whil
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from types import MethodType, SimpleNamespace
+from urllib.parse import urlsplit
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 
-from celery_serve._runtime.launcher import free_port, redis_server_binary
+from celery_serve._runtime.launcher import ProcessGroup, free_port, start_embedded_redis
 from celery_serve._wire import keys as _keys
 from celery_serve._wire.connections import async_client
 from celery_serve.workers.consumer import ReplicaServer
-from tests.conftest import wait_until
 from tests.tcp_proxy import TcpProxy
 
 
@@ -30,40 +28,27 @@ async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 10.
 
 
 @pytest.fixture
-def tcp_redis() -> Iterator[int]:
-    """A private redis-server on a loopback port (the session's listens on a Unix socket)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
+def tcp_redis() -> Iterator[str]:
+    """A private redis-server on a loopback port (the session's listens on a Unix socket); its URL."""
+    group = ProcessGroup()
     try:
-        probe = redis.Redis(port=port, socket_connect_timeout=1)
-        wait_until(lambda: _pings(probe), 15, what="redis-server to answer")
-        probe.close()
-        yield port
+        yield start_embedded_redis(group, port=free_port())
     finally:
-        proc.kill()
-        proc.wait()
+        group.stop()
 
 
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.exceptions.ConnectionError:
-        return False
-
-
-def test_the_cancel_listener_outlives_redis_going_away_and_catches_the_cancels_it_missed(tcp_redis: int) -> None:
-    redis_url = f"redis://127.0.0.1:{tcp_redis}/0"
-    proxy = TcpProxy("127.0.0.1", tcp_redis).start()
+def test_the_cancel_listener_outlives_redis_going_away_and_catches_the_cancels_it_missed(tcp_redis: str) -> None:
+    redis_url = tcp_redis
+    port = urlsplit(redis_url).port or 6379
+    proxy = TcpProxy("127.0.0.1", port).start()
+    through_proxy = redis_url.replace(f"127.0.0.1:{port}", proxy.address)
     channel = _keys.cancel_channel("cancel-listener", "Dep")
 
     async def scenario() -> None:
         direct = aioredis.from_url(redis_url)
         replica = SimpleNamespace(
             replica=SimpleNamespace(name="Dep", app=SimpleNamespace(name="cancel-listener")),
-            ops=SimpleNamespace(redis=async_client(proxy.url())),
+            ops=SimpleNamespace(redis=async_client(through_proxy)),
             _running={},
         )
         replica._cancel_missed = MethodType(ReplicaServer._cancel_missed, replica)

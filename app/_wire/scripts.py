@@ -47,6 +47,16 @@ end
 """
 )
 
+# Call a variadic command (LPUSH, HSET, HDEL) on `key` with every value of `values`, in calls of at most 1,000
+# (Lua's unpack has a stack limit). Returns the last call's reply. Lets a script write once per key, not per item.
+_EACH = """
+local function call_with_all(command, key, values)
+  local reply
+  for i = 1, #values, 1000 do reply = redis.call(command, key, unpack(values, i, math.min(i + 999, #values))) end
+  return reply
+end
+"""
+
 # Enqueues several requests in one call (the gateway sends the submits that arrive together in one batch).
 # ARGV[1]: how many requests. Then, per request, its keys and arguments in turn:
 # KEYS: job hash, idempotency key (any name when unused), then one queue per message.
@@ -56,7 +66,9 @@ end
 # Returns one {queue length, job id} per request: {-1, ''} when a queue is full (nothing written for it);
 # {0, existing id} when the idempotency key already names a job; {-2, job id} when the job already exists
 # (this very enqueue ran before: redis-py retried it after the connection closed before the answer came).
-ENQUEUE = """
+ENQUEUE = (
+    _EACH
+    + """
 -- messages wait here per queue and go in one LPUSH per queue at the end (in order: as LPUSHes one by one)
 local pending, order, last = {}, {}, {}
 local function enqueue(j, k, a, q)
@@ -101,15 +113,11 @@ for j = 1, tonumber(ARGV[1]) do
   a = a + 12 + q
 end
 local length = {}
-for _, queue in ipairs(order) do
-  local messages = pending[queue]
-  for i = 1, #messages, 1000 do
-    length[queue] = redis.call('LPUSH', queue, unpack(messages, i, math.min(i + 999, #messages)))
-  end
-end
+for _, queue in ipairs(order) do length[queue] = call_with_all('LPUSH', queue, pending[queue]) end
 for j, at in pairs(last) do out[j][1] = length[at[1]] - (#pending[at[1]] - at[2]) end
 return out
 """
+)
 
 # KEYS: queue, claim list (unused; kept for the call's shape), in-flight hash. ARGV: max messages, token
 # prefix, now. Takes up to max messages from the queue, records each in the in-flight hash under a fresh
@@ -121,6 +129,7 @@ return out
 # path where latency matters. RESTORE returns both the in-flight hash and the claim list.
 DRAIN = (
     _TASK_ID
+    + _EACH
     + """
 local out = {}
 local n = 0
@@ -137,7 +146,7 @@ end
 local ms = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
 if ms then for _, m in ipairs(ms) do take(m) end end
 -- everything taken goes into the in-flight hash in one call (token, message pairs: `out` itself)
-for i = 1, #out, 1000 do redis.call('HSET', KEYS[3], unpack(out, i, math.min(i + 999, #out))) end
+call_with_all('HSET', KEYS[3], out)
 return out
 """
 )
@@ -162,6 +171,7 @@ end
 # request answered before it was marked running), and acknowledges the message.
 COMPLETE = (
     _ACK
+    + _EACH
     + f"local JOB_PREFIX = '{_keys.JOB_PREFIX}'\n"
     + """
 local reply_ttl = tonumber(ARGV[2])
@@ -198,11 +208,10 @@ for i = 3, #ARGV, 7 do
   if tok ~= '' and string.sub(tok, 1, 1) ~= '@' then tokens[#tokens + 1] = tok else ack(tok) end
 end
 for _, reply in ipairs(order) do
-  local records = replies[reply]
-  for i = 1, #records, 1000 do redis.call('LPUSH', reply, unpack(records, i, math.min(i + 999, #records))) end
+  call_with_all('LPUSH', reply, replies[reply])
   redis.call('EXPIRE', reply, reply_ttl)
 end
-for i = 1, #tokens, 1000 do redis.call('HDEL', KEYS[1], unpack(tokens, i, math.min(i + 999, #tokens))) end
+call_with_all('HDEL', KEYS[1], tokens)
 return stored
 """
 )

@@ -73,17 +73,6 @@ def recent(raw: dict[Any, Any]) -> list[Stopped]:
     return [entry for entry in found if entry is not None and entry.recent]
 
 
-def for_path(notes: list[Stopped], path: str) -> Stopped | None:
-    """The stopped application whose route prefix serves `path` (the longest prefix wins, as in routing)."""
-    best: Stopped | None = None
-    for entry in notes:
-        prefix = entry.route_prefix
-        if prefix and (prefix == "/" or path == prefix or path.startswith(prefix + "/")):
-            if best is None or len(prefix) > len(best.route_prefix):
-                best = entry
-    return best
-
-
 def for_deployment(notes: list[Stopped], name: str, app: str | None = None) -> Stopped | None:
     """The stopped application that had a deployment (or was a pipeline) named `name`."""
     return next(
