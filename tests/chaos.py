@@ -273,10 +273,12 @@ class Ledger:
         """Submit jobs from `threads` threads until `finish()`."""
 
         def loop() -> None:
-            with self.stack.http(timeout=15) as http:
-                while not self.stop.is_set():
-                    self.submit(http, deployment, uuid.uuid4().hex, **kwargs)
-                    time.sleep(interval_s)
+            while not self.stop.is_set():
+                url = self.stack.gateway_url  # a gateway started again (on a new port) takes the load from then on
+                with self.stack.http(timeout=15) as http:
+                    while not self.stop.is_set() and self.stack.gateway_url == url:
+                        self.submit(http, deployment, uuid.uuid4().hex, **kwargs)
+                        time.sleep(interval_s)
 
         for _ in range(threads):
             thread = threading.Thread(target=loop, daemon=True)

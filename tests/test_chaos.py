@@ -22,6 +22,8 @@ from celery_serve._runtime.launcher import flower_command, free_port
 from tests.chaos import Ledger, Report, Stack
 from tests.conftest import start_gateway, wait_until
 
+PARTITION_S = 20  # how long the partition lasts: the fault under test, not a wait for something
+
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(400)]
 
 
@@ -74,13 +76,13 @@ def test_a_whole_worker_killed_and_started_again(stack: Stack) -> None:
 def test_the_gateway_killed_and_started_again(stack: Stack) -> None:
     ledger = Ledger(stack)
     ledger.load("Echo", threads=2, interval_s=0.1, sleep_s=0.2)
-    time.sleep(2)
+    ledger.await_accepted(20)
     gateway = next(p for p in stack.group.processes if p.name == "gateway")
     gateway.proc.kill()
     gateway.proc.wait()
     stack.group.processes.remove(gateway)
     stack.gateway_url = start_gateway(stack.group, stack.url, stack.child_env)
-    time.sleep(2)
+    ledger.await_accepted(20)  # served by the new gateway
     ledger.finish()
     report = ledger.check(grace_s=60)
     _all_served(report)
@@ -90,9 +92,9 @@ def test_the_gateway_killed_and_started_again(stack: Stack) -> None:
 def test_redis_restarted_with_persistence_under_load(stack: Stack) -> None:
     ledger = Ledger(stack)
     ledger.load("Echo", threads=3)
-    time.sleep(3)
+    ledger.await_accepted(30)
     stack.restart_redis(down_s=1.0)
-    time.sleep(4)
+    ledger.await_accepted(30)  # accepted again after the restart
     ledger.finish()
     report = ledger.check(grace_s=90)
     _all_served(report)
@@ -101,9 +103,9 @@ def test_redis_restarted_with_persistence_under_load(stack: Stack) -> None:
 def test_redis_paused_under_load(stack: Stack) -> None:
     ledger = Ledger(stack)
     ledger.load("Echo", threads=3)
-    time.sleep(2)
+    ledger.await_accepted(20)
     stack.pause_redis(5)
-    time.sleep(8)
+    ledger.await_accepted(20)  # accepted again once the pause is over
     ledger.finish()
     report = ledger.check(grace_s=60)
     assert report.refused > 0, report  # answered 503 while paused, never left hanging
@@ -113,13 +115,14 @@ def test_redis_paused_under_load(stack: Stack) -> None:
 def test_redis_out_of_memory_then_relieved(stack: Stack) -> None:
     ledger = Ledger(stack)
     ledger.load("Echo", threads=3)
-    time.sleep(2)
+    ledger.await_accepted(20)
     used = int(stack.redis.info("memory")["used_memory"])
     stack.redis.config_set("maxmemory-policy", "noeviction")
     stack.redis.config_set("maxmemory", used)  # full: every write is refused (OOM)
-    time.sleep(4)
+    refused = ledger.refused
+    wait_until(lambda: ledger.refused >= refused + 10, 30, what="submits refused while Redis is full")
     stack.redis.config_set("maxmemory", 0)
-    time.sleep(3)
+    ledger.await_accepted(20)  # accepted again once relieved
     ledger.finish()
     report = ledger.check(grace_s=90)
     assert report.refused > 0, report
@@ -132,11 +135,11 @@ def test_a_partition_of_twenty_seconds_then_healed(stack: Stack) -> None:
     assert stack.tcp is not None
     ledger = Ledger(stack)
     ledger.load("Echo", threads=3)
-    time.sleep(3)
+    ledger.await_accepted(30)
     stack.tcp.black_hole()
-    time.sleep(20)
+    time.sleep(PARTITION_S)  # the fault itself: the hosts stay cut off this long
     stack.tcp.heal()
-    time.sleep(5)
+    ledger.await_accepted(20, timeout_s=90)  # accepted again once healed
     ledger.finish()
     report = ledger.check(grace_s=120)
     assert not report.lost and not report.stuck and not report.wrong, report
@@ -151,8 +154,8 @@ def test_connections_flapping(stack: Stack) -> None:
     until = time.monotonic() + 10
     while time.monotonic() < until:
         stack.tcp.reset_all()
-        time.sleep(0.3)
-    time.sleep(2)
+        time.sleep(0.3)  # the fault's rhythm: every connection reset three times a second
+    ledger.await_accepted(20)
     ledger.finish()
     report = ledger.check(grace_s=90)
     _all_served(report)
@@ -164,10 +167,10 @@ def test_scaler_killed(tmp_path: Path) -> None:
     try:
         ledger = Ledger(built)
         ledger.load("Echo", threads=2)
-        time.sleep(2)
+        ledger.await_accepted(20)
         scaler = next(p for p in built.group.processes if p.name == "scaler")
         scaler.proc.kill()
-        time.sleep(3)
+        ledger.await_accepted(30)  # serving goes on without it
         ledger.finish()
         report = ledger.check(grace_s=60)
         _all_served(report)
@@ -191,14 +194,14 @@ def test_flower_stopped_then_killed(stack: Stack) -> None:
     wait_until(answers, 90, interval_s=0.5, what="Flower to answer")
     ledger = Ledger(stack)
     ledger.load("Echo", threads=3)
-    time.sleep(3)
+    ledger.await_accepted(30)
     os.kill(flower.proc.pid, signal.SIGSTOP)
-    time.sleep(6)
+    ledger.await_accepted(60)  # served while Flower is stopped and its event subscription backs up
     os.kill(flower.proc.pid, signal.SIGCONT)
-    time.sleep(2)
+    ledger.await_accepted(20)
     flower.proc.kill()
     flower.proc.wait()
-    time.sleep(3)
+    ledger.await_accepted(30)  # and after it is gone
     ledger.finish()
     report = ledger.check(grace_s=60)
     _all_served(report)
