@@ -14,6 +14,7 @@ the ratios (these / REV's) are printed: before and after on the same Redis in th
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import statistics
 import subprocess
@@ -72,6 +73,7 @@ def request_path(
 ) -> tuple[float, float, int]:
     """Redis CPU and script time per request (µs), and the message's size."""
     enqueue, drain, complete = (r.register_script(s) for s in (source.ENQUEUE, source.DRAIN, source.COMPLETE))
+    stride = int(re.search(r"for i = 3, #ARGV, (\d+) do", source.COMPLETE).group(1))  # type: ignore[union-attr]
     r.config_resetstat()
     cpu0 = cpu_s(r)
     for _ in range(0, requests, batch):
@@ -88,6 +90,7 @@ def request_path(
         done: list[str] = [str(time.time()), "60"]
         for i in range(0, len(taken), 2):
             done += [taken[i].decode(), ids[i // 2], REPLY, RECORD, "succeeded", "3600", ""]
+            done += [""] * (stride - 7)  # a later field (the stream tail, 8 since 2026-12-04): empty here
         complete(keys=[INFLIGHT, CLAIM], args=done)
         r.delete(REPLY)
     cpu = (cpu_s(r) - cpu0) / requests * 1e6

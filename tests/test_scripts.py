@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import orjson
 import pytest
 import redis
 
@@ -20,6 +22,7 @@ from celery_serve._runtime.spec import build_spec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
 from celery_serve._wire import scripts as _scripts
+from celery_serve._wire import streams as _streams
 from celery_serve._wire.delivery import DeploymentKeys, HandBack
 from celery_serve._wire.envelope import build_message, parse_message
 from celery_serve._wire.transport import QueueTransport
@@ -153,7 +156,7 @@ def test_complete_acknowledges_a_claimed_message_by_value(redis_client: redis.Re
     redis_client.hset(keys.inflight, "1:1", "drained")
     task_id = str(uuid.uuid4())
     record = _results.success(task_id, 1)
-    args = [time.time(), 60, b"@second", task_id, "", record, "succeeded", 60, "", "1:1", "", "", "", "", 0, ""]
+    args = [time.time(), 60, b"@second", task_id, "", record, "succeeded", 60, "", "", "1:1", "", "", "", "", 0, "", ""]
     complete(keys=[keys.inflight, keys.claim], args=args)
     assert redis_client.lrange(keys.claim, 0, -1) == [b"first"]
     assert redis_client.hlen(keys.inflight) == 0
@@ -164,7 +167,7 @@ def _complete(redis_client: redis.Redis, keys: Keys, *items: tuple[str, str, str
     complete = redis_client.register_script(_scripts.COMPLETE)
     args: list[object] = [time.time(), 60]  # now, reply list ttl
     for token, task_id, reply, record in items:
-        args.extend([token, task_id, reply, record, "succeeded" if task_id else "", 60, ""])
+        args.extend([token, task_id, reply, record, "succeeded" if task_id else "", 60, "", ""])
     return int(complete(keys=[keys.inflight, keys.claim], args=args))
 
 
@@ -231,8 +234,8 @@ def test_complete_records_when_a_request_never_marked_running_started(redis_clie
     redis_client.hset(_keys.job(slow), mapping={"status": "running", "created_at": 100, "started_at": 101})
     redis_client.hset(keys.inflight, mapping={"1:1": "a", "1:2": "b"})
     args: list[object] = [105, 60]
-    args += ["1:1", fast, "", _results.success(fast, 1), "succeeded", 60, 102.5]
-    args += ["1:2", slow, "", _results.success(slow, 2), "succeeded", 60, ""]
+    args += ["1:1", fast, "", _results.success(fast, 1), "succeeded", 60, 102.5, ""]
+    args += ["1:2", slow, "", _results.success(slow, 2), "succeeded", 60, "", ""]
     try:
         assert complete(keys=[keys.inflight, keys.claim], args=args) == 2
         assert redis_client.hmget(_keys.job(fast), "status", "started_at", "finished_at") == [
@@ -247,6 +250,47 @@ def test_complete_records_when_a_request_never_marked_running_started(redis_clie
         ]
     finally:
         redis_client.delete(_keys.job(fast), _keys.job(slow), _keys.result(fast), _keys.result(slow))
+
+
+def test_a_replicas_answer_has_the_shape_complete_reads() -> None:
+    """COMPLETE reads its arguments in groups of a fixed size; every answer (`Done`) is one group."""
+    from celery_serve.workers.replica_redis import Done, acknowledge_only
+
+    stride = re.search(r"for i = 3, #ARGV, (\d+) do", _scripts.COMPLETE)
+    assert stride is not None and len(Done._fields) == int(stride.group(1))
+    assert len(acknowledge_only("1:1")) == len(Done._fields)
+
+
+def test_complete_ends_a_stream_with_its_result_once_even_when_retried(redis_client: redis.Redis, keys: Keys) -> None:
+    """A streamed response's end (or error) entry is written by COMPLETE, with the result: whoever reads the
+    stream's end finds the job ended. A retried call (its answer lost) adds no second entry."""
+    complete = redis_client.register_script(_scripts.COMPLETE)
+    ok, bad = f"streamed-{keys.replica_id}", f"streamed-bad-{keys.replica_id}"
+    for job_id in (ok, bad):
+        redis_client.hset(_keys.job(job_id), mapping={"status": "running", "created_at": 100})
+        redis_client.xadd(_streams.key(job_id), {"k": "h", "d": "{}"}, id=_streams.HEAD_ID)
+        redis_client.xadd(_streams.key(job_id), {"k": "c", "t": "s", "d": "x"}, id=_streams.chunk_id(0))
+    error = {"exc_type": "ValueError", "exc_message": "café"}
+    end = _streams.tail(300, _streams.chunk_id(1), {"k": "e", "n": 1})
+    failed = _streams.tail(300, _streams.chunk_id(1), {"k": "x", "d": orjson.dumps(error).decode(), "s": 500})
+    args: list[object] = [105, 60]
+    args += ["", ok, "", _results.success(ok, {"chunks": 1}), "succeeded", 60, "", end]
+    args += ["", bad, "", _results.success(bad, None), "failed", 60, "", failed]
+    try:
+        assert complete(keys=[keys.inflight, keys.claim], args=args) == 2
+        assert complete(keys=[keys.inflight, keys.claim], args=args) == 0  # retried: nothing is written twice
+        entries = redis_client.xrange(_streams.key(ok))
+        assert [e[0] for e in entries] == [b"0-1", b"0-2", b"0-3"]
+        assert entries[-1][1] == {b"k": b"e", b"n": b"1"}
+        last = redis_client.xrange(_streams.key(bad))[-1]
+        assert last[0] == b"0-3" and last[1][b"k"] == b"x" and last[1][b"s"] == b"500"
+        assert orjson.loads(last[1][b"d"]) == error  # the message's bytes as they were (UTF-8 included)
+        assert len(redis_client.xrange(_streams.key(bad))) == 3
+        assert 0 < redis_client.ttl(_streams.key(ok)) <= 300
+        assert redis_client.hget(_keys.job(ok), "status") == b"succeeded"
+    finally:
+        for job_id in (ok, bad):
+            redis_client.delete(_keys.job(job_id), _keys.result(job_id), _streams.key(job_id))
 
 
 def test_complete_with_no_result_key_just_acknowledges(redis_client: redis.Redis, keys: Keys) -> None:

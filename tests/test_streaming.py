@@ -178,6 +178,22 @@ def test_an_error_mid_stream_is_an_sse_error_event_and_fails_the_job(apps: Apps)
         assert replay.text.startswith("id: 0\ndata: token 0\n\nid: 1\ndata: token 1\n\nevent: error")
 
 
+def test_a_client_that_read_a_stream_to_its_end_finds_its_job_ended(apps: Apps) -> None:
+    """A stream's last entry (its end, or its error) is written with the request's result, in one call: a
+    client that read the end and then asks for the job is never told "running" (it was, 9 times in 400
+    tries, when the end went out before the result)."""
+    with apps.http() as http:
+        for _ in range(40):
+            done = http.get("/sse", params={"n": 2})
+            assert http.get(f"/jobs/{done.headers['x-request-id']}").json()["status"] == "succeeded"
+            failed = http.get("/sse", params={"n": 2, "fail": "1"})
+            assert failed.text.split("\n\n")[2].startswith("event: error")
+            assert http.get(f"/jobs/{failed.headers['x-request-id']}").json()["status"] == "failed"
+            job = http.post("/jobs/Streamer/numbers", params={"app": "streams"}, json={"args": [2]}).json()
+            assert http.get(f"/jobs/{job['job_id']}/stream").text == "0\n1\n"
+            assert http.get(f"/jobs/{job['job_id']}").json()["status"] == "succeeded"
+
+
 def test_a_raw_stream_that_fails_is_cut_off_not_a_short_success(apps: Apps) -> None:
     with apps.http() as http:
         job = http.post("/jobs/Streamer/failing", params={"app": "streams"}, json={"args": [2]}).json()

@@ -38,7 +38,7 @@ from celery_serve.workers.batching import ArrivalRate, Outcome, wait_budget
 from celery_serve.workers.events import TaskEvents
 from celery_serve.workers.graceful import drain
 from celery_serve.workers.replica import Replica
-from celery_serve.workers.replica_redis import Done, Liveness, QueueOps, ReplicaStats, Token
+from celery_serve.workers.replica_redis import Done, Liveness, QueueOps, ReplicaStats, Token, acknowledge_only
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -387,7 +387,7 @@ class ReplicaServer:
                 "record a parallel branch", lambda: self.ops.chord_add(branch, value, env.retention_s)
             )
             if results is None:  # other branches still running: the last one to finish goes on
-                self._done.append((token, "", "", "", "", 0, ""))
+                self._done.append(acknowledge_only(token))
                 return
             value, fire_key = results, env.chord["key"]
         chain = env.chain
@@ -528,13 +528,14 @@ class ReplicaServer:
         self._slot.set()
         self._schedule_flush()
 
-    def _answer(self, token: Token, env: Envelope, record: str) -> None:
+    def _answer(self, token: Token, env: Envelope, record: str, stream_tail: str = "") -> None:
+        """Queue the result for the next COMPLETE call (with a streamed response's last entry: its tail)."""
         started = self.ops.marks.answered(env.job_id)
         reply = env.reply_to if env.reply_to and env.reply_to.startswith(_keys.REPLY_PREFIX) else ""
         status = _results.job_status(record)
         if status != "succeeded":
             self.stats.errors += 1
-        self._done.append((token, env.job_id, reply, record, status, env.retention_s, started))
+        self._done.append(Done(token, env.job_id, reply, record, status, env.retention_s, started, stream_tail))
 
     def _schedule_flush(self) -> None:
         if self._done and (self._flushing is None or self._flushing.done()):
@@ -554,7 +555,7 @@ class ReplicaServer:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
             for item in batch:
-                self._release(item[0])
+                self._release(item.token)
 
     async def _drain_ongoing(self, graceful: bool = False) -> None:
         """Wait for what runs; stopping (`graceful`), within the graceful-shutdown options (see `drain`)."""

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -31,8 +31,25 @@ from celery_serve.workers.running_marks import RunningMarks
 logger = logging.getLogger(__name__)
 
 Token = str | bytes  # how a taken message is acknowledged (see QueueOps.take)
-# (token, job id, reply list, record, job status, retention s, started at: epoch s, or '' when the job records it)
-Done = tuple[Token, str, str, str, str, int, float | str]
+
+
+class Done(NamedTuple):
+    """One answered (or only acknowledged) message, as the COMPLETE script takes it: its fields, in this order,
+    are one group of that script's arguments (see `celery_serve._wire.scripts.COMPLETE`)."""
+
+    token: Token
+    job_id: str  # '' to acknowledge only (nothing is stored)
+    reply: str  # the caller's reply list, or ''
+    record: str
+    status: str  # the job's terminal status
+    retention_s: int
+    started: float | str  # when it started (epoch s), or '' when the job records it
+    stream_tail: str = ""  # a streamed response's last entry (see `celery_serve.workers.streaming.StreamWriter.end`)
+
+
+def acknowledge_only(token: Token) -> Done:
+    return Done(token, "", "", "", "", 0, "")
+
 
 HEARTBEAT_S = 2.0
 ALIVE_TTL_S = 10  # a replica whose heartbeat is this old is stale: its work is handed back
@@ -205,17 +222,17 @@ class QueueOps:
         if self.cluster:
             elsewhere: dict[int, list[Done]] = {}
             for item in done:
-                if item[1] and key_slot(_keys.result(item[1])) != self.slot:
-                    elsewhere.setdefault(key_slot(_keys.result(item[1])), []).append(item)
+                if item.job_id and key_slot(_keys.result(item.job_id)) != self.slot:
+                    elsewhere.setdefault(key_slot(_keys.result(item.job_id)), []).append(item)
             for items in elsewhere.values():
                 args: list[Any] = [now, REPLY_TTL_S]
                 for item in items:
-                    args.extend(("", *item[1:]))  # no token: nothing to acknowledge in that slot
-                job_id = items[0][1]
+                    args.extend(item._replace(token=""))  # no token: nothing to acknowledge in that slot
+                job_id = items[0].job_id
                 await self._complete(keys=[_keys.job(job_id), _keys.result(job_id)], args=args)
             if elsewhere:
                 moved = {id(item) for items in elsewhere.values() for item in items}
-                done = [(item[0], "", "", "", "", 0, "") if id(item) in moved else item for item in done]
+                done = [acknowledge_only(item.token) if id(item) in moved else item for item in done]
         args = [now, REPLY_TTL_S]
         for item in done:
             args.extend(item)

@@ -3,7 +3,8 @@
 What streams: a sync or async generator (or any iterator) returned by a method, a Starlette
 `StreamingResponse`, and a FastAPI ingress route whose response body comes in several parts. The head
 (status and headers) goes out first, together with a `STREAMING` reply record that tells a waiting caller
-to follow the stream; then one entry per chunk; then an end or error entry (see `celery_serve._wire.streams`).
+to follow the stream; then one entry per chunk; then an end or error entry, written with the request's result
+in one call (see `celery_serve._wire.streams`).
 
 A stream runs as its own task, registered like a running async request, so `DELETE /jobs/{id}` and the
 gateway's cancel-on-disconnect stop it: the generator is closed (its `finally` runs) and the stream ends
@@ -25,7 +26,6 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-import redis.exceptions
 from redis.commands.core import AsyncScript
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message
@@ -227,6 +227,7 @@ class StreamWriter:
         self.ttl = int(env.retention_s + max((env.deadline or time.time()) - time.time(), 0) + 60)
         self.chunks = 0
         self.bytes = 0
+        self.tail = ""  # the stream's last entry, once it ended (see `end`)
         self._pending: list[tuple[str, dict[str, bytes]]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
@@ -303,21 +304,23 @@ class StreamWriter:
             await self._flush()
 
     async def end(self) -> None:
+        """Write the chunks still pending and make the end entry the stream's `tail`.
+
+        The tail is written by the replica's COMPLETE call, with the request's result, so a client that read
+        the stream to its end finds the job ended (and a Redis fault here is retried with the result)."""
         await self.drain()
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(self.key, {"k": _streams.END, "n": self.chunks}, id=_streams.chunk_id(self.chunks))
-        pipe.expire(self.key, self.ttl)
-        await pipe.execute()
+        self.tail = _streams.tail(
+            self.ttl, _streams.chunk_id(self.chunks), {"k": _streams.END.decode(), "n": self.chunks}
+        )
 
     async def error(self, error: dict[str, Any], status: int, *, opened: bool = True) -> None:
+        """As `end`, with an error entry: after the last chunk written; "*" when a previous attempt's stream is
+        there (its length is unknown)."""
         with contextlib.suppress(Exception):
             await self.drain()
-        entry = {"k": _streams.ERROR, "d": orjson.dumps(error), "s": status}
-        pipe = self.redis.pipeline(transaction=False)
-        # After the last chunk written; "*" when a previous attempt's stream is there (its length is unknown).
-        pipe.xadd(self.key, entry, id=_streams.chunk_id(self.chunks) if opened else "*")  # type: ignore[arg-type]
-        pipe.expire(self.key, self.ttl)
-        await pipe.execute()
+        entry_id = _streams.chunk_id(self.chunks) if opened else "*"
+        fields: dict[str, str | int] = {"k": _streams.ERROR.decode(), "d": orjson.dumps(error).decode(), "s": status}
+        self.tail = _streams.tail(self.ttl, entry_id, fields)
 
 
 def failure_of(record: str) -> tuple[dict[str, Any], int]:
@@ -379,10 +382,7 @@ async def _end_with(
     if aclose is not None:
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(aclose(), timeout=5)
-    try:
-        await writer.error(error, status, opened=opened)
-    except redis.exceptions.RedisError as exc:
-        logger.error("could not end stream %s with its error: %s", writer.key, exc)
+    await writer.error(error, status, opened=opened)
 
 
 class StreamRunner:
@@ -422,4 +422,4 @@ class StreamRunner:
             record = _results.cancelled(env.job_id)
         else:
             record = await server.replica.record(answered, outcome)
-        server._answer(token, answered, record)
+        server._answer(token, answered, record, stream_tail=writer.tail)

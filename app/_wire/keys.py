@@ -123,6 +123,8 @@ def replica_stats(app: str, deployment: str) -> str:
 # What a script prepends and appends to a request id to name its job hash (see `job`).
 JOB_PREFIX = "serve:job:{" + RESULT_PREFIX
 JOB_SUFFIX = "}"
+# ... and its streamed response's Redis Stream (see `celery_serve._wire.streams`).
+STREAM_PREFIX = "serve:stream:{" + RESULT_PREFIX
 
 
 def job(task_id: str) -> str:

@@ -165,22 +165,28 @@ end
 """
 
 # KEYS: in-flight hash, claim list. ARGV: now, reply ttl, then groups of (token, task id, reply list, record, job
-# status, retention s, started at ('' when the job already says)). Stores each result unless a terminal result is
-# already stored, publishes it on the result key's channel (Celery's redis backend and job long-polls listen
-# there), pushes it to the caller's reply list, records the job's terminal state (and when it started, for a
-# request answered before it was marked running), and acknowledges the message.
+# status, retention s, started at ('' when the job already says), stream tail ('' when the request did not
+# stream)). Stores each result unless a terminal result is already stored, publishes it on the result key's
+# channel (Celery's redis backend and job long-polls listen there), pushes it to the caller's reply list, records
+# the job's terminal state (and when it started, for a request answered before it was marked running), ends a
+# streamed response's stream, and acknowledges the message.
+#
+# A stream's last entry (its end, or its error) goes in here, with the result, not before it: a client that has
+# read a stream to its end finds the job ended. The tail is a JSON array [stream ttl, entry id, field, value, ...];
+# an entry id already taken (this very call retried after a lost answer) is skipped.
 COMPLETE = (
     _ACK
     + _EACH
     + f"local JOB_PREFIX = '{_keys.JOB_PREFIX}'\n"
+    + f"local STREAM_PREFIX = '{_keys.STREAM_PREFIX}'\n"
     + """
 local reply_ttl = tonumber(ARGV[2])
 local stored = 0
 local replies, order = {}, {}  -- reply list -> its records: one LPUSH and one EXPIRE per list, not per record
 local tokens = {}  -- in-flight hash fields to delete, in one HDEL
-for i = 3, #ARGV, 7 do
+for i = 3, #ARGV, 8 do
   local tok, id, reply, record, status, ttl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-  local started = ARGV[i + 6]
+  local started, tail = ARGV[i + 6], ARGV[i + 7]
   if id ~= '' then
     local rkey = 'celery-task-meta-' .. id
     if redis.call('SET', rkey, record, 'NX', 'EX', ttl) then
@@ -203,6 +209,12 @@ for i = 3, #ARGV, 7 do
         end
         redis.call('EXPIRE', job, ttl)
       end
+    end
+    if tail ~= '' then
+      local entry = cjson.decode(tail)
+      local skey = STREAM_PREFIX .. id .. '}'
+      redis.pcall('XADD', skey, unpack(entry, 2))
+      redis.call('EXPIRE', skey, entry[1])
     end
   end
   if tok ~= '' and string.sub(tok, 1, 1) ~= '@' then tokens[#tokens + 1] = tok else ack(tok) end

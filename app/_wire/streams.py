@@ -7,6 +7,9 @@ Layout of `serve:stream:<job id>` (entry ids are explicit, so an entry's id *is*
     0-(n+2)    end    {"k": "e", "n": n}                          the stream ended after n chunks
                error  {"k": "x", "d": JSON error dict, "s": HTTP status}   the stream ended with an error
 
+The end (or error) entry is written by the replica's COMPLETE script together with the request's result, so a
+reader that saw it finds the job ended too.
+
 Because ids are positions, "resume at chunk N" is `XREAD ... STREAMS key 0-(N+1)`, and a second producer for
 the same request (a redelivery after a replica died mid-stream) cannot interleave: its head is refused.
 The key expires with the request's retention. Producers are capped in chunks and bytes (`StreamLimits`):
@@ -44,7 +47,7 @@ from celery_serve.exceptions import DeploymentConfigError
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "serve:stream:{" + _keys.RESULT_PREFIX  # + job id + "}": in the request's slot (see `_wire.keys`)
+PREFIX = _keys.STREAM_PREFIX  # + job id + "}": in the request's slot (see `_wire.keys`)
 HEAD_ID = "0-1"
 START = "0-0"  # read from here to get the head first
 WAKE_PREFIX = "serve:stream-wake:"
@@ -60,6 +63,15 @@ STREAMING = "STREAMING"  # the status of the reply record that says "this respon
 
 def key(job_id: str) -> str:
     return PREFIX + job_id + "}"
+
+
+def tail(ttl: int, entry_id: str, fields: dict[str, str | int]) -> str:
+    """A stream's last entry (its end or its error) as the replica's COMPLETE call takes it, to write it
+    together with the request's result (see `celery_serve._wire.scripts.COMPLETE`)."""
+    flat: list[str | int] = [ttl, entry_id]
+    for name, value in fields.items():
+        flat.extend((name, str(value)))
+    return orjson.dumps(flat).decode()
 
 
 def readers_key(job_id: str) -> str:
