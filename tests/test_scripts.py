@@ -467,3 +467,39 @@ def test_stream_head_opens_a_stream_once_and_tells_the_waiting_caller(
     assert _streams.chunk_of_record(told[0]["first"]) == (_streams.TEXT, b"tok")
     assert redis_client.get(_streams.readers_key(job_id)) == b"1"
     redis_client.delete(_streams.key(job_id), _keys.job(job_id), reply, _streams.readers_key(job_id))
+
+
+def test_a_stream_head_marks_its_job_running_in_place_of_the_running_mark(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A request from the blocking pop waits for its running mark; when it streams, its head marks the job
+    (one call fewer, none from the mark thread while the head is on its way). A job that already says when it
+    started keeps that."""
+    from celery_serve._wire.connections import async_client
+    from celery_serve.workers.running_marks import RunningMarks
+    from celery_serve.workers.streaming import StreamWriter
+
+    marks = RunningMarks(redis_url)
+    fresh, marked = (f"stream-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    redis_client.hset(_keys.job(fresh), mapping={"status": "queued", "created_at": 100})
+    redis_client.hset(_keys.job(marked), mapping={"status": "running", "created_at": 100, "started_at": 101})
+    with marks._lock:  # pending, its thread not woken: as if the head came before the thread's turn
+        marks._pending.update({fresh: 102.5, marked: 103.0})
+
+    async def open_both() -> None:
+        client = async_client(redis_url)
+        try:
+            for job_id in (fresh, marked):
+                env = parse_message(build_message(task_id=job_id, app="scripts", deployment="Dep", method="m"))
+                assert await StreamWriter(client, env, _streams.StreamLimits(10, 1000), marks=marks).head({}, "a")
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(open_both())
+        assert redis_client.hmget(_keys.job(fresh), "status", "started_at") == [b"running", b"102.5"]
+        assert redis_client.hmget(_keys.job(marked), "status", "started_at") == [b"running", b"101"]
+        assert marks._pending == {}  # no mark left to send
+    finally:
+        marks.close()
+        redis_client.delete(*(k for j in (fresh, marked) for k in (_keys.job(j), _streams.key(j))))

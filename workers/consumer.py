@@ -143,6 +143,7 @@ class ReplicaServer:
                 await self._process(items)
             self._schedule_flush()
             await asyncio.sleep(0)  # let the results go out before the next take is sent
+            await self.streams.heads_out()  # and the heads of the streams this take started
 
     async def _take(self, limit: int, block_s: float) -> list[tuple[Token, bytes]]:
         """Take work; on any connection fault, reset the connections, pause briefly and report nothing taken

@@ -41,8 +41,8 @@ class RunningMarks:
         self._wake.set()
 
     def answered(self, job_id: str) -> float | str:
-        """Its answer records the job's final state: a mark not sent yet is dropped, and when the request
-        started is returned for the answer to record; '' when the mark went out (it recorded that)."""
+        """Its answer (or its stream's head) records the job's state: a mark not sent yet is dropped, and when
+        the request started is returned for that call to record; '' when the mark went out (it recorded that)."""
         with self._lock:
             return self._pending.pop(job_id, "")
 

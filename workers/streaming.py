@@ -40,6 +40,7 @@ from celery_serve.exceptions import JobCancelledError, ResultNotJSONError, Strea
 from celery_serve.workers.batching import Outcome
 from celery_serve.workers.generators import INFLIGHT, sync_items
 from celery_serve.workers.http import response_dict
+from celery_serve.workers.running_marks import RunningMarks
 
 logger = logging.getLogger(__name__)
 
@@ -218,9 +219,15 @@ class StreamWriter:
     """Writes one request's stream: head, chunks (pipelined, bounded), then its end or error."""
 
     def __init__(
-        self, client: aioredis.Redis, env: Envelope, limits: _streams.StreamLimits, opener: AsyncScript | None = None
+        self,
+        client: aioredis.Redis,
+        env: Envelope,
+        limits: _streams.StreamLimits,
+        opener: AsyncScript | None = None,
+        marks: RunningMarks | None = None,
     ) -> None:
         self.redis = client
+        self.marks = marks  # the replica's running marks: the head marks the job running instead
         self.env = env
         self.key = _streams.key(env.job_id)
         self.limits = limits
@@ -228,6 +235,7 @@ class StreamWriter:
         self.chunks = 0
         self.bytes = 0
         self.tail = ""  # the stream's last entry, once it ended (see `end`)
+        self.head_going = asyncio.Event()  # set as the head is sent (see `StreamRunner.heads_out`)
         self._pending: list[tuple[str, dict[str, bytes]]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
@@ -248,10 +256,13 @@ class StreamWriter:
         reply = self.env.reply_to if self.env.reply_to and self.env.reply_to.startswith(_keys.REPLY_PREFIX) else ""
         told = _results._record(self.env.job_id, _streams.STREAMING, head, **record) if reply else ""
         readers = _streams.readers_key(self.env.job_id)
+        started = self.marks.answered(self.env.job_id) if self.marks is not None else ""
+        # The call below writes the head before it first waits: the replica's next take goes out after it.
+        self.head_going.set()
         opened = await self._open(
             keys=[self.key, _keys.job(self.env.job_id), reply or self.key, readers],
             # the waiting HTTP client is the stream's first reader (see api.streaming)
-            args=[orjson.dumps(head), self.ttl, kind, data, told, 1 if self.env.http_reply else 0],
+            args=[orjson.dumps(head), self.ttl, kind, data, told, 1 if self.env.http_reply else 0, started],
             client=self.redis,
         )
         return bool(opened)
@@ -399,17 +410,30 @@ class StreamRunner:
         self.opener = server.ops.redis.register_script(_scripts.STREAM_HEAD)
         self.streams = 0
         self.chunks = 0
+        self._starting: list[asyncio.Event] = []  # streams started whose heads may not be out yet
 
     def start(self, token: Any, env: Envelope, value: Any) -> None:
         server = self.server
-        task = asyncio.create_task(self._run(token, env, value), name=f"stream {env.job_id}")
+        writer = StreamWriter(server.ops.redis, env, self.limits, self.opener, server.ops.marks)
+        task = asyncio.create_task(self._run(token, env, value, writer), name=f"stream {env.job_id}")
         server._ongoing.add(task)
         server._running[env.job_id] = task
         task.add_done_callback(server._finished)
+        task.add_done_callback(lambda _: writer.head_going.set())  # a stream that failed before its head
+        self._starting.append(writer.head_going)
 
-    async def _run(self, token: Any, env: Envelope, value: Any) -> None:
+    async def heads_out(self) -> None:
+        """Wait until the streams just started have sent their heads (at most `FIRST_CHUNK_WINDOW_S`), so that
+        the replica's next take does not go to Redis ahead of them: a head is what its client waits for."""
+        starting, self._starting = self._starting, []
+        pending = [asyncio.ensure_future(event.wait()) for event in starting if not event.is_set()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=FIRST_CHUNK_WINDOW_S)
+            for waiter in late:
+                waiter.cancel()
+
+    async def _run(self, token: Any, env: Envelope, value: Any, writer: StreamWriter) -> None:
         server = self.server
-        writer = StreamWriter(server.ops.redis, env, self.limits, self.opener)
         self.streams += 1
         try:
             outcome, opened = await stream(writer, value, lambda exc: failure_of(server.replica._failure(env, exc)))

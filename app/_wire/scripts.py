@@ -525,10 +525,11 @@ return 1
 
 # KEYS: the request's stream, its job hash, the caller's reply list (any name when none), the stream's readers
 # counter. ARGV: head entry (JSON), ttl s, first chunk's kind ('' when none), its data, the STREAMING reply record
-# ('' when nobody waits on a reply list), count the waiting HTTP client as a reader (0/1).
-# Opens a stream in one round trip: writes its head (and first chunk), marks the job as streamed and tells the
-# waiting caller to follow it. Returns 0 when the stream was already started (its head exists: a redelivery
-# after a replica died mid-stream, which cannot restart a stream), 1 when opened.
+# ('' when nobody waits on a reply list), count the waiting HTTP client as a reader (0/1), when the request started
+# ('' when its job already says: see MARK_RUNNING).
+# Opens a stream in one round trip: writes its head (and first chunk), marks the job as streamed (and running)
+# and tells the waiting caller to follow it. Returns 0 when the stream was already started (its head exists: a
+# redelivery after a replica died mid-stream, which cannot restart a stream), 1 when opened.
 STREAM_HEAD = """
 local opened = redis.pcall('XADD', KEYS[1], '0-1', 'k', 'h', 'd', ARGV[1])
 if type(opened) == 'table' and opened.err then return 0 end
@@ -536,6 +537,14 @@ if ARGV[3] ~= '' then redis.call('XADD', KEYS[1], '0-2', 'k', 'c', 't', ARGV[3],
 local ttl = tonumber(ARGV[2])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('HSET', KEYS[2], 'stream', 1)
+if ARGV[7] ~= '' then
+  local status = redis.call('HGET', KEYS[2], 'status')
+  if status == 'queued' then
+    redis.call('HSET', KEYS[2], 'status', 'running', 'started_at', ARGV[7])
+  elseif status then
+    redis.call('HSETNX', KEYS[2], 'started_at', ARGV[7])
+  end
+end
 if ARGV[5] ~= '' then
   redis.call('RPUSH', KEYS[3], ARGV[5])
   redis.call('EXPIRE', KEYS[3], 3600)
