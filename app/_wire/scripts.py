@@ -536,14 +536,12 @@ if type(opened) == 'table' and opened.err then return 0 end
 if ARGV[3] ~= '' then redis.call('XADD', KEYS[1], '0-2', 'k', 'c', 't', ARGV[3], 'd', ARGV[4]) end
 local ttl = tonumber(ARGV[2])
 redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('HSET', KEYS[2], 'stream', 1)
-if ARGV[7] ~= '' then
-  local status = redis.call('HGET', KEYS[2], 'status')
-  if status == 'queued' then
-    redis.call('HSET', KEYS[2], 'status', 'running', 'started_at', ARGV[7])
-  elseif status then
-    redis.call('HSETNX', KEYS[2], 'started_at', ARGV[7])
-  end
+local status = ARGV[7] ~= '' and redis.call('HGET', KEYS[2], 'status')
+if status == 'queued' then
+  redis.call('HSET', KEYS[2], 'stream', 1, 'status', 'running', 'started_at', ARGV[7])
+else
+  redis.call('HSET', KEYS[2], 'stream', 1)
+  if status then redis.call('HSETNX', KEYS[2], 'started_at', ARGV[7]) end
 end
 if ARGV[5] ~= '' then
   redis.call('RPUSH', KEYS[3], ARGV[5])
