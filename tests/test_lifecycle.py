@@ -420,6 +420,9 @@ def test_a_stopping_run_answers_503_retry_never_404_until_it_runs_again_or_is_de
             with serve.Client(**how, app=name) as client:
                 with pytest.raises(serve.ApplicationStoppedError, match="retry once it runs again"):
                     client.call("Slow")
+        stopped = app_status(name)  # and serve.status() / `celery-serve status` list it, not running
+        assert stopped is not None and stopped.status == ApplicationStatus.NOT_STARTED, stopped
+        assert "its run stopped" in stopped.message and "503" in stopped.message
 
         # running it again serves at once
         run = start()
@@ -429,6 +432,7 @@ def test_a_stopping_run_answers_503_retry_never_404_until_it_runs_again_or_is_de
         # deleting a stopped application is for good: 404 from then on
         serve.delete(name)
         wait_until(lambda: http.get(f"/{name}").status_code == 404, what="404 once deleted")
+        assert app_status(name) is None
         with pytest.raises(DeploymentNotFoundError):
             serve.delete(name)
     finally:

@@ -72,7 +72,21 @@ def serve_status(client: Any, snapshot: Snapshot | None = None) -> ServeStatus:
                 route_prefix=entry.get("route_prefix"),
             ),
         )
+    for stopped in _stopped_apps.recent(client.hgetall(_keys.STOPPED)):
+        if stopped.app not in result.applications:
+            result.applications[stopped.app] = _stopped_overview(client, stopped)
     return result
+
+
+def _stopped_overview(client: Any, stopped: _stopped_apps.Stopped) -> ApplicationStatusOverview:
+    """An application whose run stopped (not deleted): requests for it get 503 until it runs again. Ray has no
+    such state; NOT_STARTED is its value for an application that is not running."""
+    ago = max(time.time() - stopped.at, 0.0)
+    finishing = _live_replicas(client, stopped.app, list(stopped.deployments))
+    message = f"its run stopped {ago:.0f} s ago; requests get 503 until it runs again (serve.delete removes it)"
+    if finishing:
+        message += f"; {finishing} replicas are finishing what they took"
+    return ApplicationStatusOverview(ApplicationStatus.NOT_STARTED, message=message, route_prefix=stopped.route_prefix)
 
 
 def _deployment_overview(
