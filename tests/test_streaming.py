@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -401,6 +404,27 @@ def test_client_stream_over_http_and_over_redis(apps: Apps) -> None:
             return [w async for w in client.stream("Streamer.words", "p q r")]
 
     assert asyncio.run(use_async()) == ["p", "q", "r"]
+
+
+def test_a_client_left_mid_stream_exits_clean(apps: Apps) -> None:
+    """A script that leaves a stream early and closes its client exits without asyncio's complaints ("Task
+    was destroyed but it is pending!", "unclosed event loop"), which it used to print at exit."""
+    script = (
+        "import os, celery_serve as serve\n"
+        "for how in ({'redis_url': os.environ['TO_REDIS']}, {'url': os.environ['TO_GATEWAY']}):\n"
+        "    with serve.Client(**how, app='streams') as client:\n"
+        "        for item in client.stream('Streamer.numbers', 50):\n"
+        "            break\n"
+        "        assert list(client.stream('Streamer.numbers', 3)) == [0, 1, 2]\n"
+        "print('done')\n"
+    )
+    env = {**os.environ, "TO_REDIS": apps.redis_url, "TO_GATEWAY": apps.gateway_url}
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-3000:]
+    for complaint in ("Task was destroyed", "unclosed event loop", "Exception ignored"):
+        assert complaint not in done.stderr, done.stderr[-3000:]
 
 
 def test_http_client_stream_resumes_by_itself_after_its_connection_is_reset(apps: Apps, r: redis.Redis) -> None:
