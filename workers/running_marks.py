@@ -3,9 +3,9 @@
 A job reads `queued` until something marks it `running`; DRAIN marks what it takes in the same script, but a
 message from the blocking pop (the idle path, where latency matters) starts before any bookkeeping. Its mark
 goes out from a side thread: sync user code may hold the replica's event loop for as long as it runs, and its
-job must read `running` meanwhile. Marks go out 2 ms after the request started, and those that pile up go out
-together in one call; a request answered before its mark went out needs none (its answer records its final
-state, and when it started), nor does one whose stream's head went out (the head marks it).
+job must read `running` meanwhile (at once: code that has visibly started must not read `queued`). Marks that
+pile up go out together in one call; a request answered before its mark went out needs none (its answer records
+its final state, and when it started), nor does one whose stream's head went out first (the head marks it).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from celery_serve._wire.connections import REDIS_FAULTS, is_cluster, sync_client
 from celery_serve._wire.slots import key_slot
 
 logger = logging.getLogger(__name__)
-
-MARK_AFTER_S = 0.002  # how long a started request may read `queued` (its answer usually comes first)
 
 
 class RunningMarks:
@@ -57,9 +55,6 @@ class RunningMarks:
     def _run(self) -> None:
         while not self._closed:
             self._wake.wait()
-            # A request answered (or whose stream's head went out) within this needs no mark: the mark would
-            # only compete with it for the interpreter and for Redis while the caller waits.
-            time.sleep(MARK_AFTER_S)
             self._wake.clear()
             with self._lock:
                 ready, self._pending = list(self._pending.items()), {}

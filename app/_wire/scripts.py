@@ -443,18 +443,26 @@ return 1
 """
 )
 
-# KEYS: job hashes. ARGV: when each started (epoch s). Jobs a replica started straight from its blocking pop: mark
-# those still queued running; one that ended meanwhile keeps its state and gains its start time if it has none.
-MARK_RUNNING = """
-for i, job in ipairs(KEYS) do
+# Mark a job that started at `at` running if it is still queued; one that ended meanwhile keeps its state and
+# gains its start time if it has none.
+_MARK = """
+local function mark_running(job, at)
   local status = redis.call('HGET', job, 'status')
   if status == 'queued' then
-    redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[i])
+    redis.call('HSET', job, 'status', 'running', 'started_at', at)
   elseif status then
-    redis.call('HSETNX', job, 'started_at', ARGV[i])
+    redis.call('HSETNX', job, 'started_at', at)
   end
 end
 """
+
+# KEYS: job hashes. ARGV: when each started (epoch s). Jobs a replica started straight from its blocking pop.
+MARK_RUNNING = (
+    _MARK
+    + """
+for i, job in ipairs(KEYS) do mark_running(job, ARGV[i]) end
+"""
+)
 
 # KEYS: chord hash. ARGV: index, size, result (JSON), ttl.
 # Records one branch's result; returns every branch's result in order once all are in, else nil.
@@ -530,19 +538,16 @@ return 1
 # Opens a stream in one round trip: writes its head (and first chunk), marks the job as streamed (and running)
 # and tells the waiting caller to follow it. Returns 0 when the stream was already started (its head exists: a
 # redelivery after a replica died mid-stream, which cannot restart a stream), 1 when opened.
-STREAM_HEAD = """
+STREAM_HEAD = (
+    _MARK
+    + """
 local opened = redis.pcall('XADD', KEYS[1], '0-1', 'k', 'h', 'd', ARGV[1])
 if type(opened) == 'table' and opened.err then return 0 end
 if ARGV[3] ~= '' then redis.call('XADD', KEYS[1], '0-2', 'k', 'c', 't', ARGV[3], 'd', ARGV[4]) end
 local ttl = tonumber(ARGV[2])
 redis.call('EXPIRE', KEYS[1], ttl)
-local status = ARGV[7] ~= '' and redis.call('HGET', KEYS[2], 'status')
-if status == 'queued' then
-  redis.call('HSET', KEYS[2], 'stream', 1, 'status', 'running', 'started_at', ARGV[7])
-else
-  redis.call('HSET', KEYS[2], 'stream', 1)
-  if status then redis.call('HSETNX', KEYS[2], 'started_at', ARGV[7]) end
-end
+redis.call('HSET', KEYS[2], 'stream', 1)
+if ARGV[7] ~= '' then mark_running(KEYS[2], ARGV[7]) end
 if ARGV[5] ~= '' then
   redis.call('RPUSH', KEYS[3], ARGV[5])
   redis.call('EXPIRE', KEYS[3], 3600)
@@ -553,3 +558,4 @@ if ARGV[5] ~= '' then
 end
 return 1
 """
+)
