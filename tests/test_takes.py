@@ -1,6 +1,6 @@
 """How a replica takes work (workers.replica_redis.QueueOps.take), on a real Redis: a drain first, except right
-after a blocking pop that had to wait, when the replica goes straight back to the blocking pop (a drain would
-find nothing: one round trip less per request at low load)."""
+after a blocking pop that left the queue empty, when the replica goes straight back to the blocking pop (a drain
+would find nothing: one round trip less per request at low load)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class CountedOps:
         await self.ops.close()
 
 
-def test_a_replica_skips_the_drain_only_right_after_a_pop_that_waited(redis_url: str) -> None:
+def test_a_replica_skips_the_drain_only_right_after_a_pop_that_left_the_queue_empty(redis_url: str) -> None:
     async def scenario(c: CountedOps) -> None:
         ops = c.ops
         assert await ops.take(8, block_s=0.1) == []  # nothing queued: a drain, then a pop that times out
@@ -55,6 +55,25 @@ def test_a_replica_skips_the_drain_only_right_after_a_pop_that_waited(redis_url:
         assert await ops.take(8, block_s=0.1) == [] and c.drains == 2
         ops.batched = lambda: True  # a batch fills from drains, never pop by pop
         assert await ops.take(8, block_s=0.1) == [] and c.drains == 3
+
+    _run(redis_url, scenario)
+
+
+def test_a_pop_that_left_messages_waiting_is_followed_by_a_drain_and_one_that_did_not_is_not(redis_url: str) -> None:
+    """Whether the queue is empty is read in the pop's own round trip, not guessed from how long the pop took:
+    a pop answered at once may have taken the only message (no drain next), and one that waited may have been
+    answered with a burst behind it (a drain next)."""
+
+    async def scenario(c: CountedOps) -> None:
+        ops = c.ops
+        assert await ops.take(8, block_s=0.05) == [] and c.drains == 1  # idle: drain, then a pop that times out
+        c.r.lpush(ops.queue, b'{"m": 1}')
+        assert len(await ops.take(8, block_s=1.0)) == 1 and c.drains == 1  # the pop answers at once, queue empty
+        c.r.lpush(ops.queue, b'{"m": 2}')
+        assert len(await ops.take(8, block_s=1.0)) == 1 and c.drains == 1  # so this take pops again: no drain
+        threading.Timer(0.05, lambda: c.r.lpush(ops.queue, b'{"m": 3}', b'{"m": 4}', b'{"m": 5}')).start()
+        assert len(await ops.take(8, block_s=2.0)) == 1 and c.drains == 1  # a pop that waited, for a burst of 3
+        assert len(await ops.take(8, block_s=1.0)) == 2 and c.drains == 2  # two wait behind it: one drain
 
     _run(redis_url, scenario)
 

@@ -55,8 +55,7 @@ HEARTBEAT_S = 2.0
 ALIVE_TTL_S = 10  # a replica whose heartbeat is this old is stale: its work is handed back
 REAP_EVERY_S = 5.0
 REPLY_TTL_S = 3600
-IDLE_POP_S = 0.001  # a blocking pop that waited longer than this found the queue empty
-IDLE_FRESH_S = 0.005  # ... and a replica that took its next message within this time may skip the drain
+IDLE_FRESH_S = 0.005  # a replica whose blocking pop left the queue empty, back within this time, skips the drain
 
 
 class QueueOps:
@@ -85,7 +84,7 @@ class QueueOps:
         self._handback = self.redis.register_script(_scripts.HANDBACK)
         self._bury = self.redis.register_script(_scripts.BURY)
         self._takes = 0
-        self._idle = False  # the last blocking pop waited: nothing was queued (see take)
+        self._idle = False  # the last blocking pop left the queue empty (see take)
         self._popped_at = 0.0  # when it returned (monotonic)
         self.batched: Callable[[], bool] = lambda: False  # batched replicas always drain first (set by the consumer)
 
@@ -95,21 +94,24 @@ class QueueOps:
         A message from the blocking pop stays in the claim list and starts at once; its token is
         "@" + the message, which is how it is acknowledged (see `celery_serve._wire.scripts`), and the caller marks its
         job running with `mark_running` (DRAIN does that itself for what it takes)."""
-        # Straight to the blocking pop only right after one that waited: a replica that was busy longer may
-        # have requests waiting, some of them cancelled, which only a drain skips.
+        # Straight to the blocking pop only right after one that left the queue empty: a replica that was busy
+        # longer may have requests waiting, some of them cancelled, which only a drain skips.
         idle = self._idle and time.monotonic() - self._popped_at < IDLE_FRESH_S and not self.batched()
         if not idle or block_s < 0.001:
             items = await self._take_now(limit)
             if items or block_s < 0.001:  # Redis reads a timeout under 1 ms as 0: "block forever"
                 return items
-        started = time.monotonic()
+        # The queue's length right after the pop rides in the same round trip (Redis runs it once the pop
+        # returns): a pop that left the queue empty means the replica keeps up, and the next take goes straight
+        # to the blocking pop (a drain would find nothing: a round trip saved per request at low load); one that
+        # left messages waiting found a backlog, which the next take drains in one call.
+        pipe = self.blocking.pipeline(transaction=False)
         # Redis takes a fractional timeout (>= 6.0); redis-py's annotation says int.
-        moved = await self.blocking.blmove(self.queue, self.claim, block_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
-        # A pop that had to wait found the queue empty: the replica keeps up, and the next take goes straight to
-        # the blocking pop (a drain would find nothing: a round trip saved per request at low load). One answered
-        # at once found a backlog: the next take drains it in one call.
+        pipe.blmove(self.queue, self.claim, block_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
+        pipe.llen(self.queue)
+        moved, waiting = await pipe.execute()
         self._popped_at = time.monotonic()
-        self._idle = moved is None or self._popped_at - started > IDLE_POP_S
+        self._idle = moved is None or int(waiting) == 0
         if moved is None:
             return []
         moved = moved if isinstance(moved, bytes) else moved.encode()
