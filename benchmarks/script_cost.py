@@ -1,6 +1,7 @@
 """Where Redis CPU per request goes inside the hot-path scripts: message size against calls per script.
 
     python benchmarks/script_cost.py [--requests 3000] [--batch 8] [--rounds 3] [--no-aof] [--against REV]
+                                     [--per-script]
 
 Runs the request path's three scripts (ENQUEUE, DRAIN, COMPLETE: what a sync request costs Redis besides
 the reply listener's pop) straight against a private redis-server with AOF on, in batches as a loaded
@@ -9,6 +10,8 @@ Then a script that makes N `redis.call`s, to price one call from Lua. Prints Red
 script time (INFO commandstats) per request; rounds alternate the sizes, so quote the medians.
 With `--against REV` the scripts of git revision REV run too, alternating with these in every round, and
 the ratios (these / REV's) are printed: before and after on the same Redis in the same run.
+With `--per-script` it also splits the script time between ENQUEUE, DRAIN and COMPLETE (Redis's own count of
+EVALSHA time, read after every call).
 """
 
 from __future__ import annotations
@@ -115,6 +118,39 @@ def call_price(r: redis.Redis, calls: int, size: int, n: int = 3000) -> tuple[fl
     return usec, (cpu_s(r) - cpu0) / n * 1e6
 
 
+def per_script(r: redis.Redis, requests: int, batch: int) -> dict[str, float]:
+    """Each hot-path script's time per request (µs): Redis's own count of EVALSHA time, read after every call."""
+
+    def evalsha_usec() -> int:
+        return int(r.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0))
+
+    spent = {"ENQUEUE": 0, "DRAIN": 0, "COMPLETE": 0}
+    calls = {name: r.register_script(getattr(scripts, name)) for name in spent}
+    stride = int(re.search(r"for i = 3, #ARGV, (\d+) do", scripts.COMPLETE).group(1))  # type: ignore[union-attr]
+    for _ in range(0, requests, batch):
+        ids = [str(uuid.uuid4()) for _ in range(batch)]
+        keys: list[str] = []
+        argv: list[str] = [str(batch)]
+        for tid in ids:
+            keys += [f"serve:job:{{celery-task-meta-{tid}}}", "unused", QUEUE]
+            argv += ["1", "-1", tid, str(time.time()), "3600", "a", "B", "__call__", str(time.time() + 60), "0"]
+            argv += [REPLY, "sync", message(tid, 0)]
+        before = evalsha_usec()
+        calls["ENQUEUE"](keys=keys, args=argv)
+        after = evalsha_usec()
+        spent["ENQUEUE"] += after - before
+        taken = calls["DRAIN"](keys=[QUEUE, CLAIM, INFLIGHT], args=[str(batch), "t", str(time.time())])
+        before, after = after, evalsha_usec()
+        spent["DRAIN"] += after - before
+        done: list[str] = [str(time.time()), "60"]
+        for i in range(0, len(taken), 2):
+            done += [taken[i].decode(), ids[i // 2], REPLY, RECORD, "succeeded", "3600", ""] + [""] * (stride - 7)
+        calls["COMPLETE"](keys=[INFLIGHT, CLAIM], args=done)
+        spent["COMPLETE"] += evalsha_usec() - after
+        r.delete(REPLY)
+    return {name: total / requests for name, total in spent.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000)
@@ -122,6 +158,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-aof", action="store_true", help="run Redis without its append-only file")
     parser.add_argument("--against", metavar="REV", help="also run the scripts of this git revision (before/after)")
+    parser.add_argument("--per-script", action="store_true", help="split the script time between the three scripts")
     args = parser.parse_args()
     variants = {"this": scripts, **({args.against: scripts_at(args.against)} if args.against else {})}
     with tempfile.TemporaryDirectory() as folder:
@@ -172,6 +209,10 @@ def main() -> None:
                     print(
                         f"  Redis CPU this / {args.against}, message {length[pad]} B: {statistics.median(ratios):.2f} ({shown})"
                     )
+            if args.per_script:
+                split = per_script(r, args.requests, args.batch)
+                print(f"script time per request by script (batches of {args.batch}, message {length[0]} B):")
+                print("  " + ", ".join(f"{name} {us:.1f} us" for name, us in split.items()))
             print("one script making N redis.call (HSET):")
             for calls in (0, 8, 32):
                 for size in (10, 1000):
