@@ -1,4 +1,4 @@
-"""What one request costs Redis and the gateway: CPU, commands, round trips, and connections per process.
+"""What one request costs Redis and the gateway: CPU, commands, round trips, memory, and connections per process.
 
     python benchmarks/redis_cost.py [--requests 5000] [--concurrency 16] [--redis-url URL] [--json out.json]
 
@@ -6,8 +6,10 @@ Serves the no-op deployment (benchmarks/noop.py) and sends synchronous HTTP requ
 gateway. Redis's own counters give its CPU (INFO cpu, main thread and children) and every command it ran
 (INFO commandstats, commands called inside scripts included); a MONITOR sample of a few hundred requests
 at concurrency 1 separates round trips (commands a client sent) from commands run inside Lua scripts.
-Gateway and replica CPU come from their processes' CPU times. Connections per process are Redis's
-client list matched to local processes. Without --redis-url it starts a private redis-server.
+Gateway and replica CPU come from their processes' CPU times. Memory is Redis's `used_memory` grown per
+request (what each request leaves for its retention: its job record and its result; a real model's result
+adds its response's size), with the keys it added. Connections per process are Redis's client list matched
+to local processes. Without --redis-url it starts a private redis-server.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import collections
 import json
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -74,25 +77,56 @@ def monitor_sample(url: str, port: int, requests: int) -> tuple[float, float]:
     return sent / requests, scripted / requests
 
 
-def connections_by_process(client: redis.Redis, redis_port: int) -> dict[str, int]:
-    """Redis clients per local process (by its celery-serve role)."""
+def _role(pid: int) -> str:
+    """A local process's celery-serve role, from its command line."""
+    cmdline = " ".join(psutil.Process(pid).cmdline())
+    match = re.search(r"celery_serve(?:\.workers\.replica_main| (\w+))", cmdline)
+    if match and match.group(0).endswith("replica_main"):
+        return "replica"
+    return match.group(1) if match else "benchmark"
+
+
+def _unix_peers(path: str) -> list[int]:
+    """The pid at the other end of every connection to the unix socket `path` (one entry per connection): Linux
+    names only the server's end of a unix connection, so `ss` pairs the ends by inode and /proc names the owners."""
+    out = subprocess.run(["ss", "-xn"], capture_output=True, text=True, check=False).stdout.splitlines()
+    peers = set()
+    for line in out:
+        fields = line.split()
+        if len(fields) >= 8 and fields[4] == path:
+            peers.add(fields[7])  # the peer's inode
+    owners: list[int] = []
+    for proc in psutil.process_iter():
+        try:
+            for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+                target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in peers:
+                    owners.append(proc.pid)
+        except OSError:
+            continue
+    return owners
+
+
+def connections_by_process(client: redis.Redis, redis_port: int | None) -> dict[str, int]:
+    """Redis clients per local process (by its celery-serve role): over TCP, Redis's client list matched to local
+    sockets; over a unix socket (the embedded Redis), each process's sockets connected to that path."""
+    roles: collections.Counter[str] = collections.Counter()
+    path = client.connection_pool.connection_kwargs.get("path")
+    if path:
+        for pid in _unix_peers(path):
+            try:
+                roles[_role(pid)] += 1
+            except (psutil.AccessDenied, psutil.NoSuchProcess):
+                continue
+        return dict(roles)
     pids: dict[str, int] = {}
     for conn in psutil.net_connections(kind="tcp"):
         if conn.raddr and conn.raddr.port == redis_port and conn.pid:
             pids[f"{conn.laddr.ip}:{conn.laddr.port}"] = conn.pid
-    roles: collections.Counter[str] = collections.Counter()
     for entry in client.client_list():
-        pid = pids.get(entry["addr"])
-        if pid is None:
-            continue
-        cmdline = " ".join(psutil.Process(pid).cmdline())
-        match = re.search(r"celery_serve(?:\.workers\.replica_main| (\w+))", cmdline)
-        role = (
-            "replica"
-            if match and match.group(0).endswith("replica_main")
-            else (match.group(1) if match else "benchmark")
-        )
-        roles[role] += 1
+        owner = pids.get(entry["addr"])
+        if owner is not None:
+            roles[_role(owner)] += 1
     return dict(roles)
 
 
@@ -128,7 +162,8 @@ def main() -> None:
         assert runtime._session is not None
         url = runtime._session.redis_url
         client = redis.Redis.from_url(url)
-        redis_port = int(client.connection_pool.connection_kwargs.get("port", 6379))
+        port_kwarg = client.connection_pool.connection_kwargs.get("port")
+        redis_port = int(port_kwarg) if port_kwarg is not None else None
         raw = build_request("127.0.0.1", port, "/?name=bench")
         asyncio.run(
             run_load("warm-up", "127.0.0.1", port, raw, concurrency=args.concurrency, requests=500, max_seconds=30)
@@ -136,6 +171,7 @@ def main() -> None:
         connections = connections_by_process(client, redis_port)
 
         client.config_resetstat()
+        memory0, keys0 = int(client.info("memory")["used_memory"]), int(client.dbsize())
         cpu0, gw0, rep0 = cpu_s(client), role_cpu("gateway"), role_cpu("replica")
         load = asyncio.run(
             run_load(
@@ -147,6 +183,7 @@ def main() -> None:
         calls = command_calls(client)
         usec = command_usec(client)
         n = load.ok
+        memory, keys = int(client.info("memory")["used_memory"]) - memory0, int(client.dbsize()) - keys0
         round_trips, scripted = monitor_sample(url, port, args.sample)
     finally:
         serve.shutdown()
@@ -165,6 +202,8 @@ def main() -> None:
         "redis_commands_per_request": round(commands / n, 2),
         "round_trips_per_request": round(round_trips, 2),
         "commands_in_scripts_per_request": round(scripted, 2),
+        "redis_memory_bytes_per_request": round(memory / n),
+        "redis_keys_per_request": round(keys / n, 2),
         "connections_by_process": connections,
         "commands": {k: round(v / n, 3) for k, v in top},
         "command_usec_per_request": {k: round(v / n, 2) for k, v in costly},
@@ -181,6 +220,8 @@ def main() -> None:
         "redis_commands_per_request",
         "round_trips_per_request",
         "commands_in_scripts_per_request",
+        "redis_memory_bytes_per_request",
+        "redis_keys_per_request",
     ):
         print(f"  {key:<36} {report[key]}")
     print(f"  connections by process (idle pools, after warm-up): {connections}")
