@@ -5,7 +5,8 @@
 Serves the no-op deployment (benchmarks/noop.py) and sends synchronous HTTP requests through the
 gateway. Redis's own counters give its CPU (INFO cpu, main thread and children) and every command it ran
 (INFO commandstats, commands called inside scripts included); a MONITOR sample of a few hundred requests
-at concurrency 1 separates round trips (commands a client sent) from commands run inside Lua scripts.
+at concurrency 1 separates round trips (commands a client sent; a pipelined pair, like the blocking take and its
+LLEN, counts as two) from commands run inside Lua scripts.
 Gateway and replica CPU come from their processes' CPU times. Memory is Redis's `used_memory` grown per
 request (what each request leaves for its retention: its job record and its result; a real model's result
 adds its response's size), with the keys it added. Connections per process are Redis's client list matched
