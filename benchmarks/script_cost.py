@@ -72,11 +72,29 @@ def scripts_at(rev: str) -> types.ModuleType:
 
 
 def request_path(
-    r: redis.Redis, pad: int, requests: int, batch: int, source: types.ModuleType = scripts
+    r: redis.Redis,
+    pad: int,
+    requests: int,
+    batch: int,
+    source: types.ModuleType = scripts,
+    split: dict[str, float] | None = None,
 ) -> tuple[float, float, int]:
-    """Redis CPU and script time per request (µs), and the message's size."""
+    """Redis CPU and script time per request (µs), and the message's size. With `split`, each script's time per
+    request goes into it too (Redis's EVALSHA time, read after every call: the CPU figure then includes those reads)."""
     enqueue, drain, complete = (r.register_script(s) for s in (source.ENQUEUE, source.DRAIN, source.COMPLETE))
     stride = int(re.search(r"for i = 3, #ARGV, (\d+) do", source.COMPLETE).group(1))  # type: ignore[union-attr]
+    spent = dict.fromkeys(("ENQUEUE", "DRAIN", "COMPLETE"), 0)
+    last = 0
+
+    def measured(name: str) -> None:
+        """Charge the EVALSHA time since the last reading to `name` ('' for none)."""
+        nonlocal last
+        if split is not None:
+            now = evalsha_usec(r)
+            if name:
+                spent[name] += now - last
+            last = now
+
     r.config_resetstat()
     cpu0 = cpu_s(r)
     for _ in range(0, requests, batch):
@@ -88,17 +106,28 @@ def request_path(
             deadline = str(time.time() + 60)
             argv += ["1", "-1", tid, str(time.time()), "3600", "a", "B", "__call__", deadline, "0", REPLY, "sync"]
             argv.append(message(tid, pad))
+        measured("")
         enqueue(keys=keys, args=argv)
+        measured("ENQUEUE")
         taken = drain(keys=[QUEUE, CLAIM, INFLIGHT], args=[str(batch), "t", str(time.time())])
+        measured("DRAIN")
         done: list[str] = [str(time.time()), "60"]
         for i in range(0, len(taken), 2):
             done += [taken[i].decode(), ids[i // 2], REPLY, RECORD, "succeeded", "3600", ""]
             done += [""] * (stride - 7)  # a later field (the stream tail, 8 since 2026-12-04): empty here
         complete(keys=[INFLIGHT, CLAIM], args=done)
+        measured("COMPLETE")
         r.delete(REPLY)
     cpu = (cpu_s(r) - cpu0) / requests * 1e6
-    script_us = sum(v["usec"] for k, v in r.info("commandstats").items() if k == "cmdstat_evalsha") / requests
+    script_us = evalsha_usec(r) / requests
+    if split is not None:
+        split.update({name: total / requests for name, total in spent.items()})
     return cpu, script_us, len(message(str(uuid.uuid4()), pad))
+
+
+def evalsha_usec(r: redis.Redis) -> int:
+    """Microseconds Redis has spent in EVALSHA since its statistics were reset."""
+    return int(r.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0))
 
 
 def call_price(r: redis.Redis, calls: int, size: int, n: int = 3000) -> tuple[float, float]:
@@ -120,35 +149,9 @@ def call_price(r: redis.Redis, calls: int, size: int, n: int = 3000) -> tuple[fl
 
 def per_script(r: redis.Redis, requests: int, batch: int) -> dict[str, float]:
     """Each hot-path script's time per request (µs): Redis's own count of EVALSHA time, read after every call."""
-
-    def evalsha_usec() -> int:
-        return int(r.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0))
-
-    spent = {"ENQUEUE": 0, "DRAIN": 0, "COMPLETE": 0}
-    calls = {name: r.register_script(getattr(scripts, name)) for name in spent}
-    stride = int(re.search(r"for i = 3, #ARGV, (\d+) do", scripts.COMPLETE).group(1))  # type: ignore[union-attr]
-    for _ in range(0, requests, batch):
-        ids = [str(uuid.uuid4()) for _ in range(batch)]
-        keys: list[str] = []
-        argv: list[str] = [str(batch)]
-        for tid in ids:
-            keys += [f"serve:job:{{celery-task-meta-{tid}}}", "unused", QUEUE]
-            argv += ["1", "-1", tid, str(time.time()), "3600", "a", "B", "__call__", str(time.time() + 60), "0"]
-            argv += [REPLY, "sync", message(tid, 0)]
-        before = evalsha_usec()
-        calls["ENQUEUE"](keys=keys, args=argv)
-        after = evalsha_usec()
-        spent["ENQUEUE"] += after - before
-        taken = calls["DRAIN"](keys=[QUEUE, CLAIM, INFLIGHT], args=[str(batch), "t", str(time.time())])
-        before, after = after, evalsha_usec()
-        spent["DRAIN"] += after - before
-        done: list[str] = [str(time.time()), "60"]
-        for i in range(0, len(taken), 2):
-            done += [taken[i].decode(), ids[i // 2], REPLY, RECORD, "succeeded", "3600", ""] + [""] * (stride - 7)
-        calls["COMPLETE"](keys=[INFLIGHT, CLAIM], args=done)
-        spent["COMPLETE"] += evalsha_usec() - after
-        r.delete(REPLY)
-    return {name: total / requests for name, total in spent.items()}
+    split: dict[str, float] = {}
+    request_path(r, 0, requests, batch, split=split)
+    return split
 
 
 def main() -> None:
