@@ -503,3 +503,50 @@ def test_a_stream_head_marks_its_job_running_in_place_of_the_running_mark(
     finally:
         marks.close()
         redis_client.delete(*(k for j in (fresh, marked) for k in (_keys.job(j), _streams.key(j))))
+
+
+def test_a_stream_head_that_fails_or_cannot_open_leaves_its_start_to_the_running_mark(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """The head takes the pending running mark's start time to record it; when the head's call fails (a Redis
+    fault) or cannot open the stream (a redelivery of a stream that already started), the mark goes out after
+    all, with the time the request really started: the job reads running, and says when it started."""
+    from celery_serve._wire.connections import async_client
+    from celery_serve.workers.running_marks import RunningMarks
+    from celery_serve.workers.streaming import StreamWriter
+    from tests.conftest import wait_until
+
+    failed, reopened = (f"stream-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for job_id in (failed, reopened):
+        redis_client.hset(_keys.job(job_id), mapping={"status": "queued", "created_at": 100})
+    redis_client.xadd(_streams.key(reopened), {"k": "h", "d": "{}"}, id=_streams.HEAD_ID)  # its first delivery's
+    marks = RunningMarks(redis_url)
+    with marks._lock:  # pending, its thread not woken: as if the head came before the thread's turn
+        marks._pending.update({failed: 102.5, reopened: 103.5})
+
+    async def broken(**_: object) -> int:
+        raise redis.ConnectionError("connection reset while the head was on its way")
+
+    async def open_both() -> None:
+        client = async_client(redis_url)
+        try:
+            env = parse_message(build_message(task_id=failed, app="scripts", deployment="Dep", method="m"))
+            with pytest.raises(redis.ConnectionError):
+                await StreamWriter(client, env, _streams.StreamLimits(10, 1000), opener=broken, marks=marks).head({})
+            env = parse_message(build_message(task_id=reopened, app="scripts", deployment="Dep", method="m"))
+            assert not await StreamWriter(client, env, _streams.StreamLimits(10, 1000), marks=marks).head({}, "a")
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(open_both())
+        for job_id, at in ((failed, b"102.5"), (reopened, b"103.5")):
+            wait_until(
+                lambda job_id=job_id: redis_client.hget(_keys.job(job_id), "status") == b"running",
+                5,
+                what=f"{job_id} marked running",
+            )
+            assert redis_client.hget(_keys.job(job_id), "started_at") == at
+    finally:
+        marks.close()
+        redis_client.delete(*(k for j in (failed, reopened) for k in (_keys.job(j), _streams.key(j))))

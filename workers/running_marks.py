@@ -47,6 +47,15 @@ class RunningMarks:
         with self._lock:
             return self._pending.pop(job_id, "")
 
+    def restore(self, job_id: str, at: float | str) -> None:
+        """A call that took `answered`'s start time failed to record it (a stream head that failed or could not
+        open): the job's mark, with the time it really started, goes out after all, unless one is pending."""
+        if at == "":
+            return
+        with self._lock:
+            self._pending.setdefault(job_id, float(at))
+        self._wake.set()
+
     def close(self) -> None:
         self._closed = True
         self._wake.set()
