@@ -266,7 +266,8 @@ def test_complete_ends_a_stream_with_its_result_once_even_when_retried(redis_cli
     stream's end finds the job ended. A retried call (its answer lost) adds no second entry."""
     complete = redis_client.register_script(_scripts.COMPLETE)
     ok, bad = f"streamed-{keys.replica_id}", f"streamed-bad-{keys.replica_id}"
-    for job_id in (ok, bad):
+    again = f"streamed-again-{keys.replica_id}"  # a redelivered stream: its error goes in with id '*'
+    for job_id in (ok, bad, again):
         redis_client.hset(_keys.job(job_id), mapping={"status": "running", "created_at": 100})
         redis_client.xadd(_streams.key(job_id), {"k": "h", "d": "{}"}, id=_streams.HEAD_ID)
         redis_client.xadd(_streams.key(job_id), {"k": "c", "t": "s", "d": "x"}, id=_streams.chunk_id(0))
@@ -276,8 +277,10 @@ def test_complete_ends_a_stream_with_its_result_once_even_when_retried(redis_cli
     args: list[object] = [105, 60]
     args += ["", ok, "", _results.success(ok, {"chunks": 1}), "succeeded", 60, "", end]
     args += ["", bad, "", _results.success(bad, None), "failed", 60, "", failed]
+    unknown = _streams.tail(300, "*", {"k": "x", "d": orjson.dumps(error).decode(), "s": 500})
+    args += ["", again, "", _results.success(again, None), "failed", 60, "", unknown]
     try:
-        assert complete(keys=[keys.inflight, keys.claim], args=args) == 2
+        assert complete(keys=[keys.inflight, keys.claim], args=args) == 3
         assert complete(keys=[keys.inflight, keys.claim], args=args) == 0  # retried: nothing is written twice
         entries = redis_client.xrange(_streams.key(ok))
         assert [e[0] for e in entries] == [b"0-1", b"0-2", b"0-3"]
@@ -286,10 +289,12 @@ def test_complete_ends_a_stream_with_its_result_once_even_when_retried(redis_cli
         assert last[0] == b"0-3" and last[1][b"k"] == b"x" and last[1][b"s"] == b"500"
         assert orjson.loads(last[1][b"d"]) == error  # the message's bytes as they were (UTF-8 included)
         assert len(redis_client.xrange(_streams.key(bad))) == 3
+        redelivered = redis_client.xrange(_streams.key(again))
+        assert len(redelivered) == 3 and redelivered[-1][1][b"k"] == b"x"  # one error entry, after the chunk
         assert 0 < redis_client.ttl(_streams.key(ok)) <= 300
         assert redis_client.hget(_keys.job(ok), "status") == b"succeeded"
     finally:
-        for job_id in (ok, bad):
+        for job_id in (ok, bad, again):
             redis_client.delete(_keys.job(job_id), _keys.result(job_id), _streams.key(job_id))
 
 

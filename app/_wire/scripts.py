@@ -173,13 +173,19 @@ end
 #
 # A stream's last entry (its end, or its error) goes in here, with the result, not before it: a client that has
 # read a stream to its end finds the job ended. The tail is a JSON array [stream ttl, entry id, field, value, ...];
-# an entry id already taken (this very call retried after a lost answer) is skipped.
+# an entry id already taken (this very call retried after a lost answer) is skipped, and so is an entry with id '*'
+# (the error of a redelivered stream, whose length the replica does not know) once the stream has ended.
 COMPLETE = (
     _ACK
     + _EACH
     + f"local JOB_PREFIX = '{_keys.JOB_PREFIX}'\n"
     + f"local STREAM_PREFIX = '{_keys.STREAM_PREFIX}'\n"
     + """
+-- a stream whose last entry is its end or its error (entries start with their kind: 'k')
+local function stream_ended(skey)
+  local last = redis.call('XREVRANGE', skey, '+', '-', 'COUNT', 1)[1]
+  return last ~= nil and last[2][1] == 'k' and (last[2][2] == 'e' or last[2][2] == 'x')
+end
 local reply_ttl = tonumber(ARGV[2])
 local stored = 0
 local replies, order = {}, {}  -- reply list -> its records: one LPUSH and one EXPIRE per list, not per record
@@ -213,7 +219,7 @@ for i = 3, #ARGV, 8 do
     if tail ~= '' then
       local entry = cjson.decode(tail)
       local skey = STREAM_PREFIX .. id .. '}'
-      redis.pcall('XADD', skey, unpack(entry, 2))
+      if entry[2] ~= '*' or not stream_ended(skey) then redis.pcall('XADD', skey, unpack(entry, 2)) end
       redis.call('EXPIRE', skey, entry[1])
     end
   end
