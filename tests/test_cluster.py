@@ -173,7 +173,7 @@ def test_request_ids_land_in_their_deployments_slot() -> None:
 def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_path: Path) -> None:
     (tmp_path / "svc.py").write_text(SERVICE)
     (tmp_path / "serve.yaml").write_text(CONFIG)
-    run = CliProcess.serve("serve.yaml", cluster.url, tmp_path, SERVE_MACHINE_CPUS="16")
+    run = CliProcess.serve("serve.yaml", cluster.url, tmp_path, SERVE_MACHINE_CPUS="16", FLOWER_BASIC_AUTH="f:cluster")
     base = run.base_url
     try:
         run.wait_for_line(READY_LINE, 180)
@@ -239,6 +239,23 @@ def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_pa
         )
         assert status.returncode == 0 and '"Echo"' in status.stdout and '"combine"' in status.stdout, status.stderr
         assert httpx.get(f"http://127.0.0.1:{run.flower_port}/healthcheck", timeout=5).status_code in (200, 401)
+        # Flower's Broker view knows no cluster: celery-serve's Flower reads the deployments' queues in their slots
+        flower, auth = f"http://127.0.0.1:{run.flower_port}", ("f", "cluster")
+        wait_until(
+            lambda: any(
+                name.startswith("echo.Echo.")
+                for name in httpx.get(f"{flower}/api/workers", params={"refresh": "1"}, auth=auth, timeout=20).json()
+            ),
+            timeout_s=60,
+            interval_s=0.5,
+            what="Flower to list the workers",
+        )
+        queues = httpx.get(f"{flower}/api/queues/length", auth=auth, timeout=20)
+        assert queues.status_code == 200, queues.text
+        depths = {q["name"]: q["messages"] for q in queues.json()["active_queues"]}
+        assert depths.get(_keys.queue("echo", "Echo")) == 0, depths
+        broker_page = httpx.get(f"{flower}/broker", auth=auth, timeout=20)
+        assert broker_page.status_code == 200 and _keys.queue("echo", "Echo") in broker_page.text
 
         # the deployments' keys are spread over the shards, each with its requests' keys
         owners = {
