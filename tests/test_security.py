@@ -180,3 +180,30 @@ def test_an_embedded_redis_removes_its_folder_and_password_when_it_stops(tmp_pat
         group.stop()
     assert not folder.exists()
     assert (tmp_path / "mine" / "redis.conf").exists()
+
+
+def test_a_killed_embedded_redis_leaves_a_folder_the_next_start_removes() -> None:
+    """A run killed with SIGKILL cannot remove its Redis's folder (its config holds the password). The next
+    embedded start removes the folders whose redis-server is gone, and only those: a live server's stays, and
+    so does a folder too young to judge (its server may be starting)."""
+    killed, alive = ProcessGroup(), ProcessGroup()
+    try:
+        dead = Path(str(embedded_redis.start(killed).socket_path)).parent
+        live = Path(str(embedded_redis.start(alive).socket_path)).parent
+        pid = int((dead / "redis.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10, what="kill")
+        killed.scratch.clear()  # as if the run itself had been killed: nothing cleans up after it
+        for folder in (dead, live):
+            os.utime(folder, (os.path.getmtime(folder) - 120,) * 2)  # over the minute a start may take
+        stale_young = Path(embedded_redis.tempfile.mkdtemp(prefix="celery-serve-redis-"))
+        (stale_young / "redis.pid").write_text(str(pid))  # dead, but created a moment ago
+        assert embedded_redis.sweep_stale_folders() >= 1
+        assert not dead.exists()
+        assert live.exists() and (live / "redis.conf").exists()
+        assert stale_young.exists()
+        stale_young.joinpath("redis.pid").unlink()
+        stale_young.rmdir()
+    finally:
+        killed.stop()
+        alive.stop()

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -126,12 +127,47 @@ class _Starter(Protocol):
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> Any: ...
 
 
+_FOLDER_PREFIX = "celery-serve-redis-"
+_SWEEP_AFTER_S = 60.0  # a folder younger than this may belong to a Redis still starting
+
+
+def _serves(pidfile: Path) -> bool:
+    """Whether the pid in a Redis pid file is a running redis-server."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+
+
+def sweep_stale_folders(parent: str | None = None) -> int:
+    """Remove the folders (config and password included) of embedded Redis servers that were killed, so that
+    nothing could clean up after them (SIGKILL, a machine's OOM killer). A folder is stale when it is ours, over
+    a minute old, and the redis-server its pid file names is gone. Returns how many were removed."""
+    removed = 0
+    for folder in Path(parent or tempfile.gettempdir()).glob(_FOLDER_PREFIX + "*"):
+        try:
+            info = folder.stat()
+            pidfile = folder / "redis.pid"
+            if info.st_uid != os.getuid() or time.time() - info.st_mtime < _SWEEP_AFTER_S or not pidfile.exists():
+                continue
+            if not _serves(pidfile):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        except OSError:
+            continue
+    if removed:
+        logger.info("removed %d folders of embedded Redis servers that had been killed", removed)
+    return removed
+
+
 def start(group: _Starter, port: int | None = None, data_dir: str | None = None) -> EmbeddedRedis:
     """Start a private redis-server in `group` (a `ProcessGroup`) and return it once it answers PING."""
     from celery_serve._wire.connections import wait_for_redis
 
     binary = find_binary()
-    directory = Path(data_dir or tempfile.mkdtemp(prefix="celery-serve-redis-"))  # mkdtemp makes it 0700
+    sweep_stale_folders()
+    directory = Path(data_dir or tempfile.mkdtemp(prefix=_FOLDER_PREFIX))  # mkdtemp makes it 0700
     if data_dir is None:  # ours: removed (with the password in its config) when the group stops
         group.scratch.append(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -145,6 +181,7 @@ def start(group: _Starter, port: int | None = None, data_dir: str | None = None)
         'save ""',  # an embedded Redis is for one machine's development; production points REDIS_URL elsewhere
         "appendonly no",
         "daemonize no",
+        f'pidfile "{directory / "redis.pid"}"',  # how a later start tells a killed server's folder (see sweep)
         "loglevel warning",
         f"requirepass {password}",
         "protected-mode yes",
