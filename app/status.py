@@ -165,11 +165,12 @@ def _reader(now: float) -> Generator[list[Command], list[Any], Snapshot]:
         status.dead_letters = int(dead)
         ids = sorted(_text(r) for r in ids)
         replica_ids.append(ids)
+        # every replica's heartbeat (alive until when) in one read; its in-flight counts are its own keys
+        commands.append(("zrange", (_keys.heartbeats(status.app, status.deployment), 0, -1, False, True)))
         for rid in ids:
             commands += [
                 ("hlen", (_keys.replica_inflight(status.app, status.deployment, rid),)),
                 ("llen", (_keys.replica_claim(status.app, status.deployment, rid),)),
-                ("zscore", (_keys.heartbeats(status.app, status.deployment), rid)),
             ]
         per_replica = {_text(k): json.loads(v) for k, v in stats_raw.items()}
         stats[(status.app, status.deployment)] = per_replica
@@ -182,10 +183,13 @@ def _reader(now: float) -> Generator[list[Command], list[Any], Snapshot]:
 
     pos = 0
     for status, ids, history in zip(deployments, replica_ids, histories, strict=True):
+        beats = {_text(rid): float(score) for rid, score in replies[pos]}
+        pos += 1
         for rid in ids:
-            inflight, claimed, alive_until = replies[pos : pos + 3]
-            pos += 3
-            if alive_until is not None and float(alive_until) > now:
+            inflight, claimed = replies[pos : pos + 2]
+            pos += 2
+            alive_until = beats.get(rid)
+            if alive_until is not None and alive_until > now:
                 status.ready += 1
                 status.replica_ids.append(rid)
             status.in_flight += int(inflight) + int(claimed)

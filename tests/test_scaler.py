@@ -232,3 +232,46 @@ def test_run_restarts_a_dead_scaler_and_serves_on_without_flower(redis_url: str)
         assert scaler.proc.args == scaler_command()
     finally:
         group.stop()
+
+
+def test_the_status_read_costs_no_heartbeat_command_per_replica(redis_url: str, redis_client: redis.Redis) -> None:
+    """The scaler reads every deployment's status each second, and `/metrics` on every scrape: its replicas'
+    heartbeats come in one read per deployment (not one per replica), and still tell the live ones."""
+    from celery_serve import deployment
+    from celery_serve._runtime.spec import build_spec
+
+    @deployment(num_replicas=5)
+    class Counted:
+        """Only its spec is used."""
+
+    name = f"status-{uuid.uuid4().hex[:8]}"
+    spec = build_spec(Counted.bind(), name, None)
+    beats, replicas = _keys.heartbeats(name, "Counted"), _keys.replicas(name, "Counted")
+    now = float(redis_client.time()[0])
+    ids = [f"r{i}" for i in range(5)]
+    redis_client.hset(_keys.APPS, name, spec.to_json())
+    for i, rid in enumerate(ids):
+        redis_client.hset(replicas, rid, "{}")
+        redis_client.zadd(beats, {rid: now + (30 if i < 3 else -30)})  # three alive, two whose heartbeat ran out
+    sent: list[str] = []
+
+    class Counting:
+        def __init__(self, pipe: Any) -> None:
+            self.pipe = pipe
+
+        def __getattr__(self, command: str) -> Any:
+            sent.append(command)
+            return getattr(self.pipe, command)
+
+    class Client:
+        def pipeline(self, transaction: bool = False) -> Counting:
+            return Counting(redis_client.pipeline(transaction=transaction))
+
+    try:
+        found = read_snapshot(Client(), now=now).find(name, "Counted")
+        assert found is not None and found.ready == 3 and sorted(found.replica_ids) == ids[:3]
+        assert "zscore" not in sent and sent.count("zrange") == sent.count("hkeys")  # one per deployment read
+        assert sent.count("hlen") >= len(ids)  # in-flight counts: each replica's own keys
+    finally:
+        redis_client.hdel(_keys.APPS, name)
+        redis_client.delete(beats, replicas)

@@ -65,15 +65,15 @@ class FreezeWatch:
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.time()
-            for replica_id in ids:
-                pipe.zscore(self.key, replica_id)
-            seconds, *scores = pipe.execute()
+            pipe.zrange(self.key, 0, -1, withscores=True)  # every replica's heartbeat in one read
+            seconds, beats = pipe.execute()
         except REDIS_FAULTS as exc:
             logger.debug("cannot read heartbeats now: %r", exc)
             return []
         redis_now = self._redis_now = float(seconds[0]) + float(seconds[1]) / 1e6
+        alive_until = {(rid.decode() if isinstance(rid, bytes) else str(rid)): float(score) for rid, score in beats}
         found = []
-        for replica_id, score in zip(ids, scores, strict=True):
+        for replica_id, score in ((rid, alive_until.get(rid)) for rid in ids):
             if score is not None:  # a score is the time until which it is known alive: it beat ALIVE_TTL_S before
                 beat = float(score) - ALIVE_TTL_S
                 self._last_beat[replica_id] = max(self._last_beat.get(replica_id, 0.0), beat)
