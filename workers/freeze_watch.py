@@ -75,7 +75,7 @@ class FreezeWatch:
         found = []
         for replica_id, score in ((rid, alive_until.get(rid)) for rid in ids):
             if score is not None:  # a score is the time until which it is known alive: it beat ALIVE_TTL_S before
-                beat = float(score) - ALIVE_TTL_S
+                beat = score - ALIVE_TTL_S
                 self._last_beat[replica_id] = max(self._last_beat.get(replica_id, 0.0), beat)
                 self._first_beat.setdefault(replica_id, beat)
             last = self._last_beat.get(replica_id)

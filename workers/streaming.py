@@ -259,20 +259,21 @@ class StreamWriter:
         started = self.marks.answered(self.env.job_id) if self.marks is not None else ""
         # The call below writes the head before it first waits: the replica's next take goes out after it.
         self.head_going.set()
+        opened = False
         try:
-            opened = await self._open(
-                keys=[self.key, _keys.job(self.env.job_id), reply or self.key, readers],
-                # the waiting HTTP client is the stream's first reader (see api.streaming)
-                args=[orjson.dumps(head), self.ttl, kind, data, told, 1 if self.env.http_reply else 0, started],
-                client=self.redis,
+            opened = bool(
+                await self._open(
+                    keys=[self.key, _keys.job(self.env.job_id), reply or self.key, readers],
+                    # the waiting HTTP client is the stream's first reader (see api.streaming)
+                    args=[orjson.dumps(head), self.ttl, kind, data, told, 1 if self.env.http_reply else 0, started],
+                    client=self.redis,
+                )
             )
-        except BaseException:
-            if self.marks is not None:  # the head did not record when the request started: its mark will
+        finally:
+            # a head that failed, or could not open (a stream that cannot restart), recorded no start: the mark will
+            if not opened and self.marks is not None:
                 self.marks.restore(self.env.job_id, started)
-            raise
-        if not opened and self.marks is not None:  # a stream that cannot restart records nothing either
-            self.marks.restore(self.env.job_id, started)
-        return bool(opened)
+        return opened
 
     def _admit(self, value: Any) -> tuple[bytes, bytes]:
         """Encode one chunk and count it against the caps (`StreamLimitError` past them)."""
