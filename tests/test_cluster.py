@@ -8,10 +8,12 @@ Celery's remote control) and the CLI all work, and the deployments' keys land on
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,13 +21,19 @@ import redis
 
 from celery_serve import Client
 from celery_serve._runtime.launcher import ProcessGroup, free_port
+from celery_serve._runtime.spec import build_spec
 from celery_serve._wire import keys as _keys
+from celery_serve._wire import results as _results
 from celery_serve._wire.connections import sync_client, wait_for_redis
+from celery_serve._wire.envelope import build_message, parse_message
+from celery_serve._wire.jobs import describe
 from celery_serve._wire.slots import key_slot, task_id_for
+from celery_serve._wire.transport import QueueTransport
 from celery_serve._wire.urls import parse_redis_url
-from celery_serve.exceptions import DeploymentConfigError, ServeError
+from celery_serve.exceptions import DeploymentConfigError, ServeError, ServiceUnavailableError
 from celery_serve.status import read_snapshot
 from celery_serve.workers.celery_app import kombu_url
+from tests import pipeline_deployments as pd
 from tests.conftest import wait_until
 from tests.redis_cluster import ClusterSet, start_cluster
 from tests.test_examples import READY_LINE, CliProcess, cli_command
@@ -194,9 +202,14 @@ def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_pa
                 assert client.call("upper >> exclaim", "abc") == "ABC!"
             with Client(redis_url=cluster.url, app="fan") as client:
                 assert client.call("upper >> parallel(length, reverse) >> combine", "abc") == {"parts": [3, "CBA"]}
-            # a pipeline that starts with a parallel step cannot be enqueued atomically on a cluster: said so
-            refused = http.post("/fanfirst", json="abc")
-            assert refused.status_code == 400 and "parallel step" in refused.json()["message"], refused.text
+            # a pipeline that starts with a parallel step: its job and first branch in one slot, the other branch
+            # in its own (queued once the job is accepted): a call and a job from the client over Redis
+            slots = {key_slot(_keys.deployment_slot_key("fanfirst", name)) for name in ("length", "reverse")}
+            assert len(slots) == 2, slots
+            with Client(redis_url=cluster.url, app="fanfirst") as client:
+                assert client.call("parallel(length, reverse) >> combine", "abc") == {"parts": [3, "cba"]}
+                fanned = client.submit("parallel(length, reverse) >> combine", "abcd")
+                assert fanned.result(timeout_s=30) == {"parts": [4, "dcba"]} and fanned.status() == "succeeded"
             # a request id chosen by the client cannot be honoured (it fixes the slot): said so, nothing queued
             chosen = http.post("/echo", json=1, headers={"X-Request-ID": "my-own-id-1"})
             assert chosen.status_code == 400 and "X-Request-ID" in chosen.json()["message"], chosen.text
@@ -222,6 +235,31 @@ def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_pa
             )
             assert job.status() == "cancelled"
             assert client.call("After.count") == 0, "the cancelled chain's second step ran"  # queued behind it
+            # a next step already queued when its chain was cancelled (a cancel between the hand-on and the
+            # take): its job is in another slot, so the take cannot see it ended; the replica reads it, drops the
+            # step and acknowledges it
+            after_queue = _keys.queue("paused", "After")
+            late = build_message(
+                task_id=task_id_for("paused", "After"),
+                app="paused",
+                deployment="After",
+                method="__call__",
+                args=["late"],
+                job_id=job.id,
+                retention_s=600,
+                job_elsewhere=True,
+            )
+            watcher.lpush(after_queue, late)
+            wait_until(
+                lambda: (
+                    watcher.llen(after_queue) == 0
+                    and (found := read_snapshot(watcher).find("paused", "After")) is not None
+                    and found.in_flight == 0
+                ),
+                timeout_s=30,
+                what="the late step to be taken and acknowledged",
+            )
+            assert client.call("After.count") == 0, "a step of a cancelled chain ran"
             assert client.call("pause >> After", "y") == "y" and client.call("After.count") == 1
         # autoscaling: the scaler grows a pool through Celery's remote control on the cluster's broker node
         with Client(redis_url=cluster.url, app="slow") as client:
@@ -268,3 +306,72 @@ def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_pa
         assert sum(1 for size in sizes.values() if size > 0) >= 2, sizes
     finally:
         run.stop()
+
+
+def test_a_parallel_first_step_whose_branches_cannot_be_queued_ends_its_job(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a cluster a parallel first step's other branches are queued after its job is accepted, in their own
+    slots. When that fails, the submit fails with 503 and the job ends cancelled with the reason: it must not
+    read `queued` forever for a branch that never runs. (A transport in cluster mode on one real Redis: the
+    slots are the same computation, and the failure is injected at the branches' push.)"""
+    spec = build_spec(pd.fan_first_app, f"fanfirst-{free_port()}", None)
+    first, second = (spec.deployments[name] for name in spec.pipeline[0])
+    direct = redis.Redis.from_url(redis_url)
+
+    def read_job(job_id: str) -> dict[str, object]:
+        raw = direct.get(_keys.result(job_id))
+        return describe(job_id, direct.hgetall(_keys.job(job_id)), _results.decode(raw) if raw else None)
+
+    async def submit(fail: bool) -> str:
+        transport = QueueTransport(redis_url)
+        transport.cluster = True
+        await transport.start()
+        try:
+            if fail:  # the branches' LPUSHes fail (the queue-room check before them passes)
+                real = transport.redis.pipeline
+
+                def breaking_pipeline(*args: Any, **kwargs: Any) -> Any:
+                    pipe = real(*args, **kwargs)
+                    execute = pipe.execute
+
+                    async def checked(*a: Any, **k: Any) -> Any:
+                        if any(command[0][0] == "LPUSH" for command in pipe.command_stack):
+                            raise redis.exceptions.ConnectionError("the shard of the second branch is gone")
+                        return await execute(*a, **k)
+
+                    pipe.execute = checked
+                    return pipe
+
+                monkeypatch.setattr(transport.redis, "pipeline", breaking_pipeline)
+            sub = await transport.submit(spec, args=["abc"], expect_reply=False, job=True)
+            return sub.task_id
+        finally:
+            monkeypatch.undo()
+            await transport.close()
+
+    try:
+        job_id = asyncio.run(submit(fail=False))  # both branches queued, each naming the job as elsewhere
+        queued = [parse_message(direct.rpop(d.queue)) for d in (first, second)]
+        assert [m.job_id for m in queued] == [job_id, job_id]
+        assert [m.headers["serve_job"] for m in queued] == [m.task_id for m in queued]
+        assert read_job(job_id)["status"] == "queued"
+
+        with pytest.raises(ServiceUnavailableError, match="parallel first step could not be queued"):
+            asyncio.run(submit(fail=True))
+        assert direct.llen(second.queue) == 0 and direct.llen(first.queue) == 1
+        orphan = parse_message(direct.rpop(first.queue))
+        ended = read_job(orphan.job_id)
+        assert ended["status"] == "cancelled", ended
+        assert (
+            ended["error"]
+            == {  # type: ignore[comparison-overlap]
+                "type": "ServiceUnavailableError",
+                "message": ended["error"]["message"],  # type: ignore[index]
+            }
+            and "could not be queued on every Redis Cluster shard" in ended["error"]["message"]
+        ), ended  # type: ignore[index]
+        assert _results.decode(direct.get(_keys.result(orphan.job_id)))["http_status"] == 503
+    finally:
+        direct.delete(first.queue, second.queue)
+        direct.close()

@@ -222,7 +222,7 @@ class ReplicaServer:
         groups: dict[str, list[tuple[Token, Envelope]]] = {}
         started = time.perf_counter()
         inline = 0
-        for token, env in self._admit(items):
+        for token, env in await self._admit(items):
             batch = self.replica.batch_config(env)
             if batch is not None:
                 groups.setdefault(env.method, []).append((token, env))
@@ -234,9 +234,10 @@ class ReplicaServer:
             await self._fill(method, group)
             await self._run_batch(group)
 
-    def _admit(self, items: list[tuple[Token, bytes]]) -> list[tuple[Token, Envelope]]:
-        """Parse what was taken; answer unreadable and expired requests at once."""
-        admitted = []
+    async def _admit(self, items: list[tuple[Token, bytes]]) -> list[tuple[Token, Envelope]]:
+        """Parse what was taken; answer unreadable and expired requests at once, and drop the steps of
+        pipelines that already ended."""
+        parsed = []
         now = time.time()
         for token, raw in items:
             try:
@@ -245,13 +246,34 @@ class ReplicaServer:
                 logger.error("dead-lettering an unreadable message from %s: %s", self.ops.queue, exc)
                 self._bury_later(token, f"a replica of '{self.replica.name}' cannot read the message: {exc}")
                 continue
-            if self._skip_if_expired(token, env, now):
+            if not self._skip_if_expired(token, env, now):
+                parsed.append((token, env))
+        ended = await self._ended_elsewhere(parsed)
+        admitted = []
+        for token, env in parsed:
+            if env.job_id in ended:
+                logger.info("dropping %s %s: its pipeline %s already ended", env.task_name, env.task_id, env.job_id)
+                self._done.append(acknowledge_only(token))
                 continue
             if isinstance(token, bytes):  # straight from the blocking pop: DRAIN did not mark its job
                 self.ops.mark_running(env.job_id)
             admitted.append((token, env))
             self.events.received(env)
         return admitted
+
+    async def _ended_elsewhere(self, taken: list[tuple[Token, Envelope]]) -> set[str]:
+        """The ended jobs among those taken steps name in another cluster slot. On one Redis the take itself
+        drops a cancelled job's message (it reads the job in the same script); a step whose job is in another
+        slot cannot, so its job is read here, one pipelined round trip per take that has such steps. A fault
+        reading them runs the steps (the step's hand-on reads the job again)."""
+        elsewhere = {env.job_id for _, env in taken if "serve_chain_job" in env.headers}
+        if not elsewhere:
+            return set()
+        try:
+            return await self.ops.ended_jobs(elsewhere)
+        except REDIS_FAULTS as exc:
+            logger.warning("could not read the status of %d pipelines (%r): running their steps", len(elsewhere), exc)
+            return set()
 
     def _bury_later(self, token: Token, reason: str) -> None:
         task = asyncio.create_task(self._bury(token, reason))
@@ -295,7 +317,7 @@ class ReplicaServer:
             if self._stopping.is_set() or any(SUSPECT_MARK in raw for _, raw in more):
                 await self._hand_back([t for t, _ in more], "not joining a batch")
                 break
-            for token, env in self._admit(more):
+            for token, env in await self._admit(more):
                 if env.method == method:
                     group.append((token, env))
                 else:

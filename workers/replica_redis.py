@@ -129,6 +129,18 @@ class QueueOps:
         )
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
+    async def ended_jobs(self, job_ids: set[str]) -> set[str]:
+        """Which of these jobs already ended (cancelled, expired, failed in another branch): one pipelined read
+        of their statuses (on a cluster, of the jobs a pipeline's later steps name in other slots)."""
+        if not job_ids:
+            return set()
+        ordered = sorted(job_ids)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ordered:
+                pipe.hget(_keys.job(job_id), "status")
+            statuses = await pipe.execute()
+        return {job_id for job_id, raw in zip(ordered, statuses, strict=True) if raw and raw.decode() in TERMINAL}
+
     async def hand_back(self, tokens: list[Token]) -> int:
         """Put taken messages back on the queue, to be taken next, without counting a delivery."""
         if not tokens:

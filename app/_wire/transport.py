@@ -219,14 +219,10 @@ def _pipeline_messages(
     """The first step's message(s) of a pipeline request, each carrying the rest of the chain.
 
     On a cluster each later step's task id is in its own deployment's slot: a replica of that step then
-    touches only its own slot in one script call (see `celery_serve.workers.chain_steps`)."""
+    touches only its own slot in one script call (see `ReplicaRedis.forward`), and a parallel first step's
+    branches name the job as one in another slot (`job_elsewhere`), as a forwarded step's do."""
     stages: list[dict[str, Any]] = []
     for stage in spec.pipeline or []:
-        if cluster and len(stage) > 1 and not stages:
-            raise BadRequestError(
-                f"pipeline '{spec.ingress}' starts with a parallel step, which Redis Cluster cannot enqueue in one "
-                "atomic step yet; start it with a single deployment (A >> (B | C)) or use one Redis or Sentinel"
-            )
 
         def step_id(name: str) -> str:
             return task_id_for(spec.name, name) if cluster else new_task_id()
@@ -263,6 +259,7 @@ def _pipeline_messages(
                 job_id=job_id,
                 chain=chain,
                 chord={"key": key, "index": index, "size": len(first["tasks"])},
+                job_elsewhere=cluster,
                 **common,
             ),
         )
@@ -404,6 +401,11 @@ class QueueTransport:
                 )
             ]
             name = target.name
+        # On a cluster a parallel first step's other branches are in other slots: queued once the job is accepted.
+        later = messages[1:] if self.cluster else []
+        if later:
+            messages = messages[:1]
+            await self._check_room(later, limit, name)
         fut = self.waiter.expect(job_id) if expect_reply else asyncio.get_running_loop().create_future()
         if not idempotency_key:
             idem_key = _keys.job(job_id)
@@ -435,9 +437,55 @@ class QueueTransport:
                 f"deployment '{name}' already has {limit} requests waiting; "
                 "retry shortly or raise max_queued_requests / num_replicas"
             )
+        if later:
+            await self._queue_other_branches(job_id, name, later, retention)
         if isinstance(target, DeploymentSpec) and messages[0][0] != target.queue:  # on a model's queue
             await self.affinity.announce(target.queue, multiplexed_model_id)
         return Submitted(job_id, fut, deadline)
+
+    async def _check_room(self, queued: list[tuple[str, str]], limit: int, name: str) -> None:
+        """Refuse a request whose parallel first step would overfill a branch's queue in another slot (read just
+        before the enqueue, so a burst may overshoot by a few: each queue's own slot is checked atomically)."""
+        if limit < 0:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue, _ in queued:
+                pipe.llen(queue)
+            depths = await pipe.execute()
+        if any(int(depth) >= limit for depth in depths):
+            raise BackpressureError(
+                f"deployment '{name}' already has {limit} requests waiting; "
+                "retry shortly or raise max_queued_requests / num_replicas"
+            )
+
+    async def _queue_other_branches(
+        self, job_id: str, name: str, queued: list[tuple[str, str]], retention: int
+    ) -> None:
+        """Queue a parallel first step's branches in other cluster slots, after its job (with the first branch)
+        was accepted in its own. If they cannot be queued, the job is ended (its first branch then goes no
+        further) and the submit fails as Redis being unavailable (503): an accepted job never waits forever for
+        a branch that was never queued. A gateway that dies in between leaves the job to its deadline."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for queue, message in queued:
+                    pipe.lpush(queue, message)
+                await pipe.execute()
+        except REDIS_FAULTS as exc:
+            self.waiter.discard(job_id)
+            error = {
+                "exc_type": "ServiceUnavailableError",
+                "exc_message": f"request to '{name}' was not accepted: its parallel first step could not be queued "
+                f"on every Redis Cluster shard ({exc!r}); retry it",
+                "exc_module": "celery_serve.exceptions",
+            }
+            try:
+                await self._finish(
+                    keys=[_keys.job(job_id), _keys.result(job_id)],
+                    args=[time.time(), _results.failure(job_id, error, 503), retention, "cancelled", 0],
+                )
+            except REDIS_FAULTS as again:
+                logger.warning("could not end job %s whose branches were not queued: %r", job_id, again)
+            raise ServiceUnavailableError(error["exc_message"]) from exc
 
     def new_id(self, target: DeploymentSpec | AppSpec) -> str:
         """A new request id for `target` (on a cluster, one whose keys fall in the target's slot)."""
