@@ -80,6 +80,23 @@ class ClusterSet:
         self.nodes[port].proc.kill()
         self.nodes[port].proc.wait()
 
+    def restart(self, port: int) -> None:
+        """Start a killed node again, as it was: it rejoins the cluster (a failed-over primary, as its new
+        primary's replica)."""
+        self.nodes[port] = self.group.start(f"redis-cluster-{port}", list(self.nodes[port].proc.args), quiet=True)
+
+    def wait_for_replica(self, primary: int, timeout_s: float = 60.0) -> None:
+        """Wait until `primary` has a replica in sync (online: one that counts for WAIT)."""
+        wait_until(
+            lambda: (
+                redis.Redis(port=primary, socket_timeout=1).info("replication").get("slave0", {}).get("state")
+                == "online"
+            ),
+            timeout_s,
+            0.1,
+            what=f"a replica of {primary} in sync",
+        )
+
     def wait_for_failover(self, slot: int, old_primary: int, timeout_s: float = 60.0) -> int:
         """Wait until a replica owns `slot` in place of the killed `old_primary`, as every live node sees it."""
         live = [p for p in [*self.ports, *self.replica_ports] if p != old_primary]

@@ -5,14 +5,16 @@ Real processes: three primaries with a replica each (cluster-enabled redis-serve
 deployment's slot (or Celery's) is killed; Redis Cluster promotes its replica, and every part follows by
 itself: the gateway answers 503 until then, replicas and workers reconnect, remote control works again.
 
-Replication in a cluster is asynchronous (WAIT is not offered on a cluster: see docs/scaling.md), so a job
-accepted in the last moment before the kill may be gone with the dead primary. Such a job must then say so
-(404: no such job), never read `queued` or `running` forever; every other accepted job must succeed once,
-with its own result.
+Replication in a cluster is asynchronous, so a job accepted in the last moment before the kill may be gone
+with the dead primary. Such a job must then say so (404: no such job), never read `queued` or `running`
+forever; every other accepted job must succeed once, with its own result. With `SERVE_REDIS_WAIT_REPLICAS=1`
+a job counts as accepted only once the shard's replica holds it, and then none may be gone.
 """
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -20,13 +22,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from celery_serve._runtime.launcher import ProcessGroup
+from celery_serve._runtime.spec import build_spec
 from celery_serve._wire import keys as _keys
+from celery_serve._wire.envelope import parse_message
 from celery_serve._wire.slots import key_slot
+from celery_serve._wire.transport import QueueTransport
 from celery_serve.workers.celery_app import make_celery
 from celery_serve.workers.cluster_broker import CELERY_SLOT_TAG
 from tests.conftest import wait_until
+from tests.deployments import probe_app
 from tests.redis_cluster import ClusterSet, start_cluster
 from tests.test_examples import READY_LINE, CliProcess
 from tests.test_sentinel import SERVICE, Ledger
@@ -45,12 +52,20 @@ def cluster() -> Iterator[ClusterSet]:
         group.stop()
 
 
-@pytest.mark.parametrize("victim", ["deployment", "celery"])
-def test_a_shard_failover_needs_no_one_and_strands_no_request(cluster: ClusterSet, tmp_path: Path, victim: str) -> None:
+@pytest.mark.parametrize(
+    ("victim", "replica_wait"),
+    [("deployment", 0), ("celery", 0), ("deployment", 1)],
+    ids=["deployment", "celery", "deployment-with-replica-wait"],
+)
+def test_a_shard_failover_needs_no_one_and_strands_no_request(
+    cluster: ClusterSet, tmp_path: Path, victim: str, replica_wait: int
+) -> None:
     """`victim`: the shard that dies owns the deployment's slot (its queue, its jobs), or Celery's (the
-    workers' control queues and remote control, which kombu reaches through one node)."""
+    workers' control queues and remote control, which kombu reaches through one node). With `replica_wait`,
+    the dead primary comes back (as the new primary's replica: requests need one to be accepted)."""
     (tmp_path / "svc.py").write_text(SERVICE)
-    run = CliProcess.serve("svc:app", cluster.url, tmp_path)
+    wait_env = {"SERVE_REDIS_WAIT_REPLICAS": str(replica_wait)} if replica_wait else {}
+    run = CliProcess.serve("svc:app", cluster.url, tmp_path, **wait_env)
     base = run.base_url
     ledger, stop = Ledger(), threading.Event()
     try:
@@ -65,6 +80,9 @@ def test_a_shard_failover_needs_no_one_and_strands_no_request(cluster: ClusterSe
         killed_at = time.monotonic()
         cluster.kill(old_primary)
         new_primary = cluster.wait_for_failover(slot, old_primary)
+        if replica_wait:
+            cluster.restart(old_primary)
+            cluster.wait_for_replica(new_primary)
         ledger.await_accepted(30)  # serving on the promoted replica (or on by the other shards), no one stepping in
         stop.set()
         for loader in loaders:
@@ -96,10 +114,39 @@ def test_a_shard_failover_needs_no_one_and_strands_no_request(cluster: ClusterSe
                     wrong.append((job_id, job))
         assert len(ledger.accepted) > 20
         assert stranded == [] and wrong == [], (len(stranded), stranded[:3], wrong[:3])
-        assert len(gone) <= 3, gone
+        assert len(gone) <= (0 if replica_wait else 3), gone  # with the wait, every accepted job survives
     except BaseException:
         print(run.output[-20000:])  # what the gateway, workers and scaler said, for the failure report
         raise
     finally:
         stop.set()
         run.stop()
+
+
+def test_the_replica_wait_is_confirmed_by_the_shard_that_owns_the_request(cluster: ClusterSet) -> None:
+    """`WAIT` must run on the connection that wrote the request, on the primary that owns its slot: accepted
+    while that shard's replica is in sync, refused (and taken off the queue) while it is stopped."""
+    spec = build_spec(probe_app, "waited", "/waited")
+    deployment = spec.deployments[spec.ingress]
+    primary = cluster.node_for_slot(key_slot(_keys.deployment_slot_key(deployment.app, deployment.name)))
+    cluster.wait_for_replica(primary)
+    follower = int(redis.Redis(port=primary).info("replication")["slave0"]["port"])
+
+    async def submit() -> str:
+        transport = QueueTransport(cluster.url, wait_replicas=1, wait_timeout_ms=300)
+        await transport.start()
+        try:
+            return (await transport.submit(deployment, args=[1], expect_reply=False, job=True)).task_id
+        finally:
+            await transport.close()
+
+    accepted = asyncio.run(submit())
+    cluster.nodes[follower].proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError, match="only 0 of the 1 Redis replicas"):
+            asyncio.run(submit())
+    finally:
+        cluster.nodes[follower].proc.send_signal(signal.SIGCONT)
+    owner = redis.Redis(port=primary)
+    assert [parse_message(m).task_id for m in owner.lrange(deployment.queue, 0, -1)] == [accepted]  # withdrawn
+    assert owner.hget(_keys.job(accepted), "status") == b"queued"

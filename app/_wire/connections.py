@@ -32,6 +32,7 @@ __all__ = [
     "command_timeout",
     "interrupt",
     "is_cluster",
+    "node_client",
     "redacted",
     "sync_client",
     "wait_for_redis",
@@ -187,6 +188,26 @@ def async_client(url: str, *, single_connection: bool = False) -> aioredis.Redis
         client.auto_close_connection_pool = True
         return client
     pool = _BlockingSentinelPool(target.master, sentinel, max_connections=max_connections(), timeout=timeout, **common)
+    return aioredis.Redis.from_pool(pool)
+
+
+def node_client(url: str, host: str, port: int) -> aioredis.Redis:
+    """A plain asyncio client of one node of the cluster `url` names (its credentials and timeouts), for
+    commands that must share one connection with a keyed command, which redis-py's cluster client does not
+    promise (`WAIT` after a request's enqueue). A pipeline on it runs on one connection."""
+    target = _target(url)
+    timeout = command_timeout()
+    pool = aioredis.BlockingConnectionPool(
+        host=host,
+        port=port,
+        max_connections=max_connections(),
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=_async_retry(),
+        health_check_interval=30,
+        **_node_kwargs(target),
+    )
     return aioredis.Redis.from_pool(pool)
 
 

@@ -73,11 +73,20 @@ ENQUEUE = (
 local pending, order, last = {}, {}, {}
 local function enqueue(j, k, a, q)
   local job, idem = KEYS[k], KEYS[k + 1]
+  -- A request found already there (a repeated idempotency key, or this very enqueue retried) rewrites what it
+  -- found: a WAIT after this call counts the replicas that hold this connection's last write, and a call that
+  -- wrote nothing would let it answer at once, before the first call's write reached any replica.
   if ARGV[a + 8] == '1' then
     local existing = redis.call('GET', idem)
-    if existing then return {0, existing} end
+    if existing then
+      redis.call('SET', idem, existing, 'KEEPTTL')
+      return {0, existing}
+    end
   end
-  if redis.call('EXISTS', job) == 1 then return {-2, ARGV[a + 1]} end
+  if redis.call('EXISTS', job) == 1 then
+    redis.call('HSET', job, 'created_at', redis.call('HGET', job, 'created_at') or ARGV[a + 2])
+    return {-2, ARGV[a + 1]}
+  end
   local limit = tonumber(ARGV[a])
   if limit >= 0 then
     for i = k + 2, k + 1 + q do

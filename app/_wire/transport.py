@@ -25,7 +25,7 @@ from celery_serve._wire import results as _results
 from celery_serve._wire import scripts as _scripts
 from celery_serve._wire import stopped_apps as _stopped_apps
 from celery_serve._wire.affinity import AffinityRouter, model_id_from_http
-from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, async_client, interrupt, is_cluster
+from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, async_client, interrupt, is_cluster, node_client
 from celery_serve._wire.envelope import build_message, new_task_id, parallel_signature, signature
 from celery_serve._wire.slots import key_slot, task_id_for
 from celery_serve._wire.streams import stream_hub
@@ -290,11 +290,7 @@ class QueueTransport:
         self.wait_replicas, self.wait_timeout_ms = durability.replicas, durability.timeout_ms
         self.cluster = is_cluster(url)
         self._slot_batchers: dict[int, EnqueueBatcher] = {}
-        if self.cluster and self.wait_replicas:
-            raise DeploymentConfigError(
-                "SERVE_REDIS_WAIT_REPLICAS is not supported on Redis Cluster yet (WAIT must reach the node that "
-                "holds each request); use Sentinel for replica-confirmed requests, or set it to 0"
-            )
+        self._node_clients: dict[str, Any] = {}  # on a cluster, with a replica wait: a plain client per node
 
     async def start(self) -> None:
         await self.waiter.start()
@@ -302,6 +298,8 @@ class QueueTransport:
     async def close(self) -> None:
         await self.waiter.close()
         await self.streams.close()
+        for client in self._node_clients.values():
+            await client.aclose()
         await self.redis.aclose()
 
     async def app_spec(self, app: str, *, refresh: bool = False) -> AppSpec:
@@ -466,10 +464,14 @@ class QueueTransport:
         further) and the submit fails as Redis being unavailable (503): an accepted job never waits forever for
         a branch that was never queued. A gateway that dies in between leaves the job to its deadline."""
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            if self.wait_replicas:  # each branch confirmed by its own shard's replicas, as the job was
                 for queue, message in queued:
-                    pipe.lpush(queue, message)
-                await pipe.execute()
+                    await self._push_replicated(queue, message)
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for queue, message in queued:
+                        pipe.lpush(queue, message)
+                    await pipe.execute()
         except REDIS_FAULTS as exc:
             self.waiter.discard(job_id)
             error = {
@@ -516,29 +518,78 @@ class QueueTransport:
     async def _enqueue_replicated(
         self, job_id: str, name: str, keys: list[str], args: list[Any], retention: int
     ) -> tuple[int, bytes]:
-        """ENQUEUE, then WAIT on the same connection until `wait_replicas` replicas hold the write."""
+        """ENQUEUE, then WAIT on the same connection until `wait_replicas` replicas hold the write.
+
+        WAIT counts the replicas that hold its connection's last write, so both go in one pipeline on one
+        connection: the client's own on one Redis or Sentinel; on a cluster, a plain client's of the node that
+        owns the request's slot (redis-py's cluster client may send WAIT elsewhere, or on another connection).
+        A request that was already there (this enqueue retried after a lost answer, or a repeated idempotency
+        key) is confirmed too: the script rewrites what it found, so the WAIT covers it."""
+        conn = await self._primary_for(keys[0]) if self.cluster else self.redis
         for attempt in (1, 2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(self._enqueue.sha, len(keys), *keys, 1, len(keys) - 2, *args)  # a batch of one
-                pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-                enqueued, replicated = await pipe.execute(raise_on_error=False)
+            try:
+                async with conn.pipeline(transaction=False) as pipe:
+                    pipe.evalsha(self._enqueue.sha, len(keys), *keys, 1, len(keys) - 2, *args)  # a batch of one
+                    pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+                    enqueued, replicated = await pipe.execute(raise_on_error=False)
+            except REDIS_FAULTS:
+                if self.cluster:  # the node may be gone (a failover): the next request asks the cluster again
+                    await self._forget_nodes()
+                raise
             if isinstance(enqueued, redis.exceptions.NoScriptError) and attempt == 1:
-                await self.redis.script_load(_scripts.ENQUEUE)  # a restarted or promoted Redis: load it, retry
+                await conn.script_load(_scripts.ENQUEUE)  # a restarted or promoted Redis: load it, retry
+                continue
+            if isinstance(enqueued, redis.exceptions.MovedError) and self.cluster and attempt == 1:
+                await self._forget_nodes()  # the slot moved (a failover, a resharding): to its new owner, once
+                conn = self._node_client(enqueued.host, int(enqueued.port))
                 continue
             if isinstance(enqueued, Exception):
                 raise enqueued
             if isinstance(replicated, Exception):
                 raise replicated
             depth, existing = enqueued[0]
-            if depth > 0 and int(replicated) < self.wait_replicas:
-                queued = list(zip(keys[2:], args[11:], strict=True))
-                await self._withdraw(job_id, name, int(replicated), retention, queued)
+            if depth != -1 and int(replicated) < self.wait_replicas:
+                if depth != 0:  # ours (new, or our own retried enqueue): withdrawn; an earlier job is not ours
+                    queued = list(zip(keys[2:], args[11:], strict=True))
+                    await self._withdraw(job_id, name, int(replicated), retention, queued)
                 raise redis.exceptions.ConnectionError(
                     f"only {int(replicated)} of the {self.wait_replicas} Redis replicas SERVE_REDIS_WAIT_REPLICAS "
                     f"asks for confirmed the request within {self.wait_timeout_ms} ms; it was not accepted"
                 )
             return int(depth), existing
         raise redis.exceptions.NoScriptError("the enqueue script could not be loaded")
+
+    async def _push_replicated(self, queue: str, message: str) -> None:
+        """LPUSH, then WAIT on the same connection of the queue's primary (see `_enqueue_replicated`)."""
+        conn = await self._primary_for(queue)
+        async with conn.pipeline(transaction=False) as pipe:
+            pipe.lpush(queue, message)
+            pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+            _, confirmed = await pipe.execute()
+        if int(confirmed) < self.wait_replicas:
+            raise redis.exceptions.ConnectionError(
+                f"only {int(confirmed)} of the {self.wait_replicas} Redis replicas confirmed a parallel branch"
+            )
+
+    async def _primary_for(self, key: str) -> Any:
+        """A plain client of the cluster node that owns `key`'s slot (as the cluster client knows it)."""
+        await self.redis.initialize()
+        node = self.redis.get_node_from_key(key)  # type: ignore[attr-defined]
+        return self._node_client(node.host, int(node.port))
+
+    def _node_client(self, host: str, port: int) -> Any:
+        name = f"{host}:{port}"
+        client = self._node_clients.get(name)
+        if client is None:
+            client = self._node_clients[name] = node_client(self.url, host, port)
+        return client
+
+    async def _forget_nodes(self) -> None:
+        """Have the cluster client read the slots' owners again (best effort: it also does on its own errors)."""
+        try:
+            await self.redis.nodes_manager.initialize()  # type: ignore[attr-defined]
+        except REDIS_FAULTS as exc:
+            logger.debug("could not refresh the cluster's slot owners: %r", exc)
 
     async def _withdraw(
         self, job_id: str, name: str, replicated: int, retention: int, queued: list[tuple[str, str]]
