@@ -193,6 +193,8 @@ def main() -> None:
     top = sorted(calls.items(), key=lambda kv: kv[1], reverse=True)[:12]
     # time in the command itself: evalsha includes the commands its script ran (counted again under their own names)
     costly = sorted(((k, v) for k, v in usec.items() if k not in ("eval", "evalsha")), key=lambda kv: -kv[1])[:8]
+    commands_per_request = {k: round(v / n, 3) for k, v in top}
+    executing = {k: round(v / n, 2) for k, v in costly}
     report = {
         "requests": n,
         "errors": load.errors,
@@ -206,8 +208,8 @@ def main() -> None:
         "redis_memory_bytes_per_request": round(memory / n),
         "redis_keys_per_request": round(keys / n, 2),
         "connections_by_process": connections,
-        "commands": {k: round(v / n, 3) for k, v in top},
-        "command_usec_per_request": {k: round(v / n, 2) for k, v in costly},
+        "commands": commands_per_request,
+        "command_usec_per_request": executing,
         "scripts_usec_per_request": round(sum(usec.get(k, 0) for k in ("eval", "evalsha")) / n, 2),
         "executing_usec_per_request": round(
             (sum(usec.values()) - sum(v for k, v in usec.items() if k in ("eval", "evalsha")) + 0.0) / n, 2
@@ -226,10 +228,10 @@ def main() -> None:
     ):
         print(f"  {key:<36} {report[key]}")
     print(f"  connections by process (idle pools, after warm-up): {connections}")
-    print("  commands per request: " + ", ".join(f"{k} {v}" for k, v in report["commands"].items()))
+    print("  commands per request: " + ", ".join(f"{k} {v}" for k, v in commands_per_request.items()))
     print(
         "  executing commands (not scripts' own overhead): "
-        + ", ".join(f"{k} {v} us" for k, v in report["command_usec_per_request"].items())
+        + ", ".join(f"{k} {v} us" for k, v in executing.items())
         + f"; scripts in all {report['scripts_usec_per_request']} us"
     )
     if args.json:
