@@ -133,6 +133,20 @@ def _node_kwargs(target: RedisTarget) -> dict[str, Any]:
     return {"db": target.db, "username": target.username, "password": target.password}
 
 
+def _blocking_pool(timeout: float) -> dict[str, Any]:
+    """A blocking pool's options: with thousands of requests in flight, a command waits for a free connection
+    instead of failing with "Too many connections" (redis-py's plain pool raises at its limit); it waits no
+    longer than a command may take, so a hung Redis is reported within that time."""
+    return {
+        "max_connections": max_connections(),
+        "timeout": timeout,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": _async_retry(),
+        "health_check_interval": 30,
+    }
+
+
 def async_client(url: str, *, single_connection: bool = False) -> aioredis.Redis:
     """An asyncio client; `single_connection` for a listener that blocks on BLPOP/BLMOVE/XREAD."""
     target = _target(url)
@@ -157,19 +171,7 @@ def async_client(url: str, *, single_connection: bool = False) -> aioredis.Redis
                 retry=_async_retry(),
                 health_check_interval=30,  # detect half-open connections on long-idle blocking pops
             )
-        # A blocking pool: with thousands of requests in flight, a command waits for a free connection
-        # instead of failing with "Too many connections" (redis-py's plain pool raises at its limit); it waits
-        # no longer than a command may take, so a hung Redis is reported within that time.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections(),
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=_async_retry(),
-            health_check_interval=30,
-        )
-        return aioredis.Redis.from_pool(pool)
+        return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(url, **_blocking_pool(timeout)))
     # Sentinel: each new connection asks a Sentinel where the master is; after a failover, connections to
     # the old master fail (or read READONLY) and reconnect to the promoted replica.
     sentinel = aiosentinel.Sentinel(target.hosts, sentinel_kwargs=_sentinel_kwargs(target, socket_timeout))
@@ -195,18 +197,8 @@ def node_client(url: str, host: str, port: int) -> aioredis.Redis:
     """A plain asyncio client of one node of the cluster `url` names (its credentials and timeouts), for
     commands that must share one connection with a keyed command, which redis-py's cluster client does not
     promise (`WAIT` after a request's enqueue). A pipeline on it runs on one connection."""
-    target = _target(url)
-    timeout = command_timeout()
     pool = aioredis.BlockingConnectionPool(
-        host=host,
-        port=port,
-        max_connections=max_connections(),
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=_async_retry(),
-        health_check_interval=30,
-        **_node_kwargs(target),
+        host=host, port=port, **_blocking_pool(command_timeout()), **_node_kwargs(_target(url))
     )
     return aioredis.Redis.from_pool(pool)
 
