@@ -512,3 +512,20 @@ applications:
                 serve.delete(name)
             except DeploymentNotFoundError:
                 pass
+
+
+def test_a_replica_that_starts_while_redis_is_away_says_so_in_one_line_and_records_no_failure() -> None:
+    """A Redis restart or failover while a replica starts is not the deployment's fault: one warning, no
+    traceback, and an exit code that is not the constructor-failure code (which counts toward
+    DEPLOY_FAILED); its pool starts it again."""
+    port = free_port()  # nothing listens there
+    started = subprocess.run(
+        [sys.executable, "-m", "celery_serve.workers.replica_main", "--app", "away", "--deployment", "Echo"],
+        env={**os.environ, "REDIS_URL": f"redis://127.0.0.1:{port}/0", "SERVE_REDIS_TIMEOUT_S": "0.5"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 1, (started.returncode, started.stderr)
+    assert "Traceback" not in started.stderr, started.stderr
+    assert "could not start: Redis did not answer" in started.stderr and "its pool starts it again" in started.stderr

@@ -17,6 +17,8 @@ import sys
 import traceback
 from typing import Any
 
+import redis
+
 from celery_serve._runtime import context as _context
 from celery_serve._runtime import logs
 from celery_serve._runtime.spec import AppSpec
@@ -31,6 +33,9 @@ from celery_serve.workers.updates import UpdateFollower
 logger = logging.getLogger("celery_serve.workers.replica")
 
 EXIT_CONFIG = lifecycle.EXIT_CONSTRUCTOR
+EXIT_REDIS_AWAY = 1  # Redis did not answer while the replica started: restarted with backoff, no failure recorded
+# Redis away (refused, reset, timed out, still loading after a restart), not a command it refused
+_REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 def _load_spec(url: str, app: str) -> AppSpec:
@@ -186,6 +191,14 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.run(run)
         except ImportError:
             asyncio.run(run)
+    except _REDIS_AWAY as exc:  # a Redis restart or failover while starting: not the deployment's fault
+        logger.warning(
+            "replica of %s.%s could not start: Redis did not answer (%s); its pool starts it again",
+            args.app,
+            args.deployment,
+            exc,
+        )
+        return EXIT_REDIS_AWAY
     except Exception as exc:  # noqa: BLE001 - report why the replica could not start, then exit
         logger.error("replica of %s.%s failed: %s", args.app, args.deployment, traceback.format_exc())
         cause = exc.__cause__ if isinstance(exc, _ConstructorFailed) and exc.__cause__ is not None else exc
