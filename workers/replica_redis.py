@@ -192,13 +192,10 @@ class QueueOps:
         A pipeline whose job already ended (cancelled, expired, or failed in another branch) goes no further:
         on a single Redis the next step's take drops it (the take reads the job's status); here the next step's
         message names a job key in its own slot, so the pipeline's job is read before queueing (one round trip)."""
-        if job_id:
-            raw = await self.redis.hget(_keys.job(job_id), "status")
-            status = raw.decode() if isinstance(raw, bytes) else raw
-            if status in TERMINAL:
-                logger.info("pipeline %s is %s: its next step is not queued", job_id, status)
-                await self._acknowledge(token)
-                return False
+        if job_id and await self.ended_jobs({job_id}):
+            logger.info("pipeline %s ended: its next step is not queued", job_id)
+            await self._acknowledge(token)
+            return False
         if fire_key:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hsetnx(fire_key, "fired", task_id or "1")

@@ -205,6 +205,13 @@ def _queue_limit(configs: list[dict[str, Any]]) -> int:
     return min(bounded) if bounded else -1
 
 
+def _queue_full(name: str, limit: int) -> BackpressureError:
+    return BackpressureError(
+        f"deployment '{name}' already has {limit} requests waiting; "
+        "retry shortly or raise max_queued_requests / num_replicas"
+    )
+
+
 def slot_of(target: DeploymentSpec | AppSpec) -> tuple[str, str]:
     """(application, deployment) whose hash slot a request for `target` lives in: the deployment's own, or a
     pipeline's first step's (its first message goes there, and its job's keys go with it)."""
@@ -431,10 +438,7 @@ class QueueTransport:
         # depth == -2: our own enqueue already ran (a retry after a reset connection): it is queued once.
         if depth == -1:
             self.waiter.discard(job_id)
-            raise BackpressureError(
-                f"deployment '{name}' already has {limit} requests waiting; "
-                "retry shortly or raise max_queued_requests / num_replicas"
-            )
+            raise _queue_full(name, limit)
         if later:
             await self._queue_other_branches(job_id, name, later, retention)
         if isinstance(target, DeploymentSpec) and messages[0][0] != target.queue:  # on a model's queue
@@ -451,10 +455,7 @@ class QueueTransport:
                 pipe.llen(queue)
             depths = await pipe.execute()
         if any(int(depth) >= limit for depth in depths):
-            raise BackpressureError(
-                f"deployment '{name}' already has {limit} requests waiting; "
-                "retry shortly or raise max_queued_requests / num_replicas"
-            )
+            raise _queue_full(name, limit)
 
     async def _queue_other_branches(
         self, job_id: str, name: str, queued: list[tuple[str, str]], retention: int
