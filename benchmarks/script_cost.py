@@ -1,7 +1,7 @@
 """Where Redis CPU per request goes inside the hot-path scripts: message size against calls per script.
 
     python benchmarks/script_cost.py [--requests 3000] [--batch 8] [--rounds 3] [--no-aof] [--against REV]
-                                     [--per-script]
+                                     [--per-script] [--floor]
 
 Runs the request path's three scripts (ENQUEUE, DRAIN, COMPLETE: what a sync request costs Redis besides
 the reply listener's pop) straight against a private redis-server with AOF on, in batches as a loaded
@@ -12,6 +12,11 @@ With `--against REV` the scripts of git revision REV run too, alternating with t
 the ratios (these / REV's) are printed: before and after on the same Redis in the same run.
 With `--per-script` it also splits the script time between ENQUEUE, DRAIN and COMPLETE (Redis's own count of
 EVALSHA time, read after every call).
+With `--floor` two stripped versions of the scripts run too, alternating, as bounds on what any rework of the
+scripts could save while a Redis queue stays between gateway and replica: "no-records" keeps the queue, the
+in-flight copy and the reply list but writes no job hash, no result key and no running mark (no GET /jobs, no
+cancel, no first-answer-wins); "bare-queue" is only LPUSH, RPOP and the reply's LPUSH (at-most-once). Their Redis
+CPU is printed as a fraction of these scripts'.
 """
 
 from __future__ import annotations
@@ -125,6 +130,56 @@ def request_path(
     return cpu, script_us, len(message(str(uuid.uuid4()), pad))
 
 
+def floors() -> dict[str, types.ModuleType]:
+    """The stripped scripts of `--floor`: same keys and arguments as the real ones, less work per request."""
+    enqueue = (
+        scripts._EACH
+        + """
+local pending, order, out = {}, {}, {}
+local k, a = 1, 2
+for j = 1, tonumber(ARGV[1]) do
+  local q = tonumber(ARGV[a])
+  local queue = KEYS[k + 2]
+  if not pending[queue] then pending[queue] = {}; order[#order + 1] = queue end
+  local messages = pending[queue]
+  messages[#messages + 1] = ARGV[a + 12]
+  out[j] = {0, ARGV[a + 2]}
+  k, a = k + 2 + q, a + 12 + q
+end
+for _, queue in ipairs(order) do call_with_all('LPUSH', queue, pending[queue]) end
+return out
+"""
+    )
+    take = """
+local out = {}
+local ms = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
+if ms then for n, m in ipairs(ms) do out[#out + 1] = ARGV[2] .. n; out[#out + 1] = m end end
+"""
+    reply = """
+local replies, order, tokens = {}, {}, {}
+for i = 3, #ARGV, 8 do
+  local list = ARGV[i + 2]
+  if not replies[list] then replies[list] = {}; order[#order + 1] = list end
+  local records = replies[list]
+  records[#records + 1] = ARGV[i + 3]
+  tokens[#tokens + 1] = ARGV[i]
+end
+for _, list in ipairs(order) do
+  call_with_all('LPUSH', list, replies[list])
+  redis.call('EXPIRE', list, tonumber(ARGV[2]))
+end
+"""
+    no_records = types.ModuleType("no-records")
+    no_records.ENQUEUE = enqueue  # type: ignore[attr-defined]
+    no_records.DRAIN = scripts._EACH + take + "call_with_all('HSET', KEYS[3], out)\nreturn out\n"  # type: ignore[attr-defined]
+    no_records.COMPLETE = scripts._EACH + reply + "call_with_all('HDEL', KEYS[1], tokens)\nreturn 1\n"  # type: ignore[attr-defined]
+    bare = types.ModuleType("bare-queue")
+    bare.ENQUEUE = enqueue  # type: ignore[attr-defined]
+    bare.DRAIN = take + "return out\n"  # type: ignore[attr-defined]
+    bare.COMPLETE = scripts._EACH + reply + "return 1\n"  # type: ignore[attr-defined]
+    return {"no-records": no_records, "bare-queue": bare}
+
+
 def evalsha_usec(r: redis.Redis) -> int:
     """Microseconds Redis has spent in EVALSHA since its statistics were reset."""
     return int(r.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0))
@@ -162,8 +217,11 @@ def main() -> None:
     parser.add_argument("--no-aof", action="store_true", help="run Redis without its append-only file")
     parser.add_argument("--against", metavar="REV", help="also run the scripts of this git revision (before/after)")
     parser.add_argument("--per-script", action="store_true", help="split the script time between the three scripts")
+    parser.add_argument("--floor", action="store_true", help="also run stripped scripts: bounds on any rework")
     args = parser.parse_args()
     variants = {"this": scripts, **({args.against: scripts_at(args.against)} if args.against else {})}
+    if args.floor:
+        variants.update(floors())
     with tempfile.TemporaryDirectory() as folder:
         port = free_port()
         proc = subprocess.Popen(
@@ -211,6 +269,13 @@ def main() -> None:
                     shown = ", ".join(f"{x:.2f}" for x in ratios)
                     print(
                         f"  Redis CPU this / {args.against}, message {length[pad]} B: {statistics.median(ratios):.2f} ({shown})"
+                    )
+            for name in ("no-records", "bare-queue") if args.floor else ():
+                for pad in (0, 400, 1400):
+                    ratios = [a[0] / b[0] for a, b in zip(sizes[(name, pad)], sizes[("this", pad)], strict=True)]
+                    shown = ", ".join(f"{x:.2f}" for x in ratios)
+                    print(
+                        f"  Redis CPU {name} / this, message {length[pad]} B: {statistics.median(ratios):.2f} ({shown})"
                     )
             if args.per_script:
                 split = per_script(r, args.requests, args.batch)
