@@ -120,7 +120,7 @@ def jobs_router(
             return _error(exc)
         except REDIS_FAULTS as exc:
             return _unavailable(exc)
-        payload, headers = accepted_payload(sub.task_id)
+        payload, headers = accepted_payload(sub.request_id)
         response_headers = {k.decode(): v.decode() for k, v in headers}
         if sub.existing:
             response_headers["Idempotent-Replayed"] = "true"

@@ -19,6 +19,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from redis.asyncio import RedisCluster
 from starlette.types import Receive, Scope, Send
 
 from celery_serve._runtime.spec import AppSpec, DeploymentSpec
@@ -169,12 +170,17 @@ async def claim_request_id(redis: Any, chosen: bytes | str | None) -> str | None
     then chooses one: on a Redis Cluster, one in the request's hash slot).
 
     A caller that chose its id knows it before any byte of the answer, so after a lost connection it can still
-    `GET /jobs/{id}`. An id that already names a job is refused (409): it would read someone else's result.
+    `GET /jobs/{id}`. An id that already names a job is refused (409): it would read someone else's result. (On
+    a cluster the request is usually stored under another id, which the chosen one leads to: `keys.alias`; the
+    transport claims that atomically, and refuses a race's loser with 409 too.)
     """
     if chosen is None:
         return None
     task_id = client_request_id(chosen)
-    if await redis.exists(_keys.job(task_id)):
+    taken = await redis.exists(_keys.job(task_id))
+    if not taken and isinstance(redis, RedisCluster):  # the keys are in different slots: one EXISTS each
+        taken = await redis.exists(_keys.alias(task_id))
+    if taken:
         raise RequestIdInUseError(
             f"request id '{task_id}' already names a job; choose a new X-Request-ID "
             f"(GET /jobs/{task_id} reads the existing one)"
@@ -285,12 +291,12 @@ class Proxy:
             await self._accepted(send, sub)
             return
         if record.get("status") == STREAMING and self.streams is not None and receive is not None:
-            await self.streams.live(send, receive, record, started)
+            await self.streams.live(send, receive, record, started, request_id=task_id)
             return
         await send_record(send, record, id_header, target_name(dep))
 
     async def _accepted(self, send: Send, sub: Submitted) -> None:
-        payload, headers = accepted_payload(sub.task_id)
+        payload, headers = accepted_payload(sub.request_id)
         del payload["status"]  # queued or already running: GET the status_url to know
         await send_json(send, 202, payload, headers)
 

@@ -172,8 +172,11 @@ class StreamRelay:
         self.stats = StreamStats()
         self._timers: set[asyncio.Task[None]] = set()
 
-    async def live(self, send: Send, receive: Receive, record: dict[str, Any], started: float) -> None:
-        """Answer a request whose replica began streaming (`record` is its STREAMING reply)."""
+    async def live(
+        self, send: Send, receive: Receive, record: dict[str, Any], started: float, request_id: str | None = None
+    ) -> None:
+        """Answer a request whose replica began streaming (`record` is its STREAMING reply); `request_id` is the
+        id its caller knows it by, when not the one it is stored under (a chosen id on a cluster)."""
         job_id = record["task_id"]
         head = record.get("result") or {}
         framing = Framing.choose(head, wants_sse=False)
@@ -183,15 +186,27 @@ class StreamRelay:
             first = _streams.Event(_streams.CHUNK, 0, kind, data)
         follower = self.hub.follow(_streams.key(job_id), _streams.chunk_id(0) if first else _streams.HEAD_ID)
         # counted as a reader by the replica when it opened the stream (no extra round trip here)
-        await self._relay(send, receive, job_id, head, follower, framing, started, first=first, counted=True)
+        await self._relay(
+            send, receive, job_id, head, follower, framing, started, first=first, counted=True, request_id=request_id
+        )
 
     async def replay(
-        self, send: Send, receive: Receive, job_id: str, start: int, wants_sse: bool, head: _streams.Event, items: bool
+        self,
+        send: Send,
+        receive: Receive,
+        job_id: str,
+        start: int,
+        wants_sse: bool,
+        head: _streams.Event,
+        items: bool,
+        request_id: str | None = None,
     ) -> None:
         framing = Framing.choose(head.head, wants_sse, items)
         follower = self.hub.follow(_streams.key(job_id), _streams.after_chunk(start - 1))
         extra = [(b"x-stream-from", str(start).encode())]
-        await self._relay(send, receive, job_id, head.head, follower, framing, time.perf_counter(), extra)
+        await self._relay(
+            send, receive, job_id, head.head, follower, framing, time.perf_counter(), extra, request_id=request_id
+        )
 
     async def _relay(
         self,
@@ -205,6 +220,7 @@ class StreamRelay:
         extra: list[tuple[bytes, bytes]] | None = None,
         first: _streams.Event | None = None,
         counted: bool = False,
+        request_id: str | None = None,
     ) -> None:
         headers = [
             (k.encode("latin-1"), v.encode("latin-1"))
@@ -218,7 +234,7 @@ class StreamRelay:
             headers = [(b"content-type", b"application/x-ndjson")]
         if framing.sse:
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-        headers += [(b"x-request-id", job_id.encode()), *(extra or [])]
+        headers += [(b"x-request-id", (request_id or job_id).encode()), *(extra or [])]
         status = int(head.get("status_code", 200))
         main = asyncio.current_task()
         gone = asyncio.Event()
@@ -337,9 +353,16 @@ class _RelayResponse(Response):
     """The response that replays a stream (returned from the FastAPI route, which then sends it as is)."""
 
     def __init__(
-        self, relay: StreamRelay, job_id: str, start: int, wants_sse: bool, head: _streams.Event, items: bool
+        self,
+        relay: StreamRelay,
+        job_id: str,
+        start: int,
+        wants_sse: bool,
+        head: _streams.Event,
+        items: bool,
+        request_id: str,
     ) -> None:
-        self.args = (job_id, start, wants_sse, head, items)
+        self.args = (job_id, start, wants_sse, head, items, request_id)
         self.relay = relay
         self.background = None
 
@@ -369,7 +392,8 @@ def stream_router(relay: StreamRelay) -> APIRouter:
         ),
     ) -> Any:
         try:
-            job_id = check_job_id(job_id)
+            request_id = check_job_id(job_id)
+            job_id = await relay.jobs.resolve(request_id)  # on a cluster a chosen id may lead to another
             if last_event_id not in (None, ""):
                 try:
                     start = int(last_event_id) + 1
@@ -388,7 +412,7 @@ def stream_router(relay: StreamRelay) -> APIRouter:
             return _error(exc.http_status, type(exc).__name__, exc.message)
         except redis.exceptions.RedisError as exc:
             return _error(503, "ServeError", f"the queue service (Redis) is unavailable: {exc}; retry shortly")
-        return _RelayResponse(relay, job_id, start, wants_sse, head, format == "items")
+        return _RelayResponse(relay, job_id, start, wants_sse, head, format == "items", request_id)
 
     return router
 

@@ -9,6 +9,7 @@ Celery's remote control) and the CLI all work, and the deployments' keys land on
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import textwrap
 from collections.abc import Iterator
@@ -26,11 +27,17 @@ from celery_serve._wire import keys as _keys
 from celery_serve._wire import results as _results
 from celery_serve._wire.connections import sync_client, wait_for_redis
 from celery_serve._wire.envelope import build_message, parse_message
-from celery_serve._wire.jobs import describe
+from celery_serve._wire.jobs import JobStore, describe
 from celery_serve._wire.slots import key_slot, task_id_for
 from celery_serve._wire.transport import QueueTransport
 from celery_serve._wire.urls import parse_redis_url
-from celery_serve.exceptions import DeploymentConfigError, ServeError, ServiceUnavailableError
+from celery_serve.exceptions import (
+    BackpressureError,
+    DeploymentConfigError,
+    RequestIdInUseError,
+    ServeError,
+    ServiceUnavailableError,
+)
 from celery_serve.status import read_snapshot
 from celery_serve.workers.celery_app import kombu_url
 from tests import pipeline_deployments as pd
@@ -210,10 +217,34 @@ def test_applications_serve_on_a_three_shard_cluster(cluster: ClusterSet, tmp_pa
                 assert client.call("parallel(length, reverse) >> combine", "abc") == {"parts": [3, "cba"]}
                 fanned = client.submit("parallel(length, reverse) >> combine", "abcd")
                 assert fanned.result(timeout_s=30) == {"parts": [4, "dcba"]} and fanned.status() == "succeeded"
-            # a request id chosen by the client cannot be honoured (it fixes the slot): said so, nothing queued
+            # a request id chosen by the client (as Envoy and nginx set X-Request-ID on every request): its slot is
+            # not its deployment's, so the job is stored under an id in the right slot, which the chosen one leads
+            # to; every read by the chosen id finds it, and the id names one job only
             chosen = http.post("/echo", json=1, headers={"X-Request-ID": "my-own-id-1"})
-            assert chosen.status_code == 400 and "X-Request-ID" in chosen.json()["message"], chosen.text
-            assert http.get("/jobs/my-own-id-1").status_code == 404
+            assert chosen.status_code == 200 and chosen.json()["echo"]["path"] == "/echo", chosen.text
+            assert chosen.headers["x-request-id"] == "my-own-id-1"
+            with sync_client(cluster.url) as reader:
+                stored = reader.get(_keys.alias("my-own-id-1"))
+            echo_slot = key_slot(_keys.deployment_slot_key("echo", "Echo"))
+            assert key_slot(_keys.result("my-own-id-1")) != echo_slot  # so it must lead elsewhere
+            assert stored and key_slot(_keys.result(stored.decode())) == echo_slot, stored
+            job = http.get("/jobs/my-own-id-1").json()
+            assert job["job_id"] == "my-own-id-1" and job["status"] == "succeeded", job
+            assert job["result"] == chosen.json(), job
+            again = http.post("/echo", json=2, headers={"X-Request-ID": "my-own-id-1"})
+            assert again.status_code == 409 and "already names a job" in again.json()["message"], again.text
+            accepted = http.post("/jobs/Counter/numbers", json=4, headers={"X-Request-ID": "my-own-job-1"})
+            assert accepted.status_code == 202 and accepted.json()["job_id"] == "my-own-job-1", accepted.text
+            streamed = http.get("/jobs/my-own-job-1/stream", params={"format": "items"})
+            assert streamed.status_code == 200 and streamed.headers["x-request-id"] == "my-own-job-1", streamed.text
+            lines = [json.loads(line) for line in streamed.text.splitlines()]
+            assert [line["v"] for line in lines[:-1]] == [0, 1, 2, 3] and lines[-1] == {"end": 4}, lines
+            job = http.get("/jobs/my-own-job-1", params={"wait": 30}).json()
+            assert job["status"] == "succeeded" and job["stream_url"] == "/jobs/my-own-job-1/stream", job
+            waiting = http.post("/jobs/pause", json=2, headers={"X-Request-ID": "my-own-job-2"})
+            assert waiting.status_code == 202, waiting.text
+            cancelled = http.delete("/jobs/my-own-job-2").json()
+            assert cancelled["job_id"] == "my-own-job-2" and cancelled["status"] == "cancelled", cancelled
         # the Python client straight over Redis: calls, jobs and streams
         with Client(redis_url=cluster.url, app="echo") as client:
             assert client.call("Echo", "direct") == {"echo": "direct"}
@@ -374,4 +405,57 @@ def test_a_parallel_first_step_whose_branches_cannot_be_queued_ends_its_job(
         assert _results.decode(direct.get(_keys.result(orphan.job_id)))["http_status"] == 503
     finally:
         direct.delete(first.queue, second.queue)
+        direct.close()
+
+
+def test_a_chosen_request_id_on_a_cluster_names_one_job_and_is_freed_when_not_accepted(redis_url: str) -> None:
+    """On a cluster a caller-chosen id (`X-Request-ID`) leads to a job stored under an id in its deployment's slot.
+    The id is claimed before the enqueue, so it names one job even when two requests race for it; a request
+    refused (its queue full) frees it for the caller's retry. (A transport in cluster mode on one real Redis:
+    the slots are the same computation.)"""
+    spec = build_spec(pd.upper.options(max_queued_requests=1).bind(), f"chosen-{free_port()}", None)
+    dep = spec.deployments["upper"]
+    slot = key_slot(_keys.deployment_slot_key(dep.app, dep.name))
+    direct = redis.Redis.from_url(redis_url)
+
+    async def scenario() -> None:
+        transport = QueueTransport(redis_url)
+        transport.cluster = True
+        jobs = JobStore(transport.redis)
+        jobs._cluster = True
+        await transport.start()
+        try:
+            first = await transport.submit(dep, args=["a"], task_id="chosen-1", expect_reply=False, job=True)
+            assert first.request_id == "chosen-1" and key_slot(_keys.result(first.task_id)) == slot, first
+            job = await jobs.get("chosen-1")
+            assert job["job_id"] == "chosen-1" and job["status"] == "queued", job
+            with pytest.raises(RequestIdInUseError, match="already names a job"):
+                await transport.submit(dep, args=["b"], task_id="chosen-1", expect_reply=False, job=True)
+            assert direct.llen(dep.queue) == 1
+            # refused (the queue holds its one allowed request): the id is free again for the retry
+            with pytest.raises(BackpressureError):
+                await transport.submit(dep, args=["c"], task_id="chosen-2", expect_reply=False, job=True)
+            assert direct.get(_keys.alias("chosen-2")) is None
+            direct.delete(dep.queue)
+            retried = await transport.submit(dep, args=["c"], task_id="chosen-2", expect_reply=False, job=True)
+            assert retried.request_id == "chosen-2"
+            cancelled = await jobs.cancel("chosen-2")
+            assert cancelled["job_id"] == "chosen-2" and cancelled["status"] == "cancelled", cancelled
+            assert (await jobs.wait("chosen-2", 1.0))["status"] == "cancelled"
+            # two requests racing for one new id: one is accepted, the other refused, one message queued
+            direct.delete(dep.queue)
+            raced = await asyncio.gather(
+                *(transport.submit(dep, args=[i], task_id="chosen-3", expect_reply=False, job=True) for i in range(2)),
+                return_exceptions=True,
+            )
+            assert sorted(type(r).__name__ for r in raced) == ["RequestIdInUseError", "Submitted"], raced
+            assert direct.llen(dep.queue) == 1
+        finally:
+            await jobs.close()
+            await transport.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        direct.delete(dep.queue)
         direct.close()

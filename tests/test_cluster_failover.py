@@ -150,3 +150,34 @@ def test_the_replica_wait_is_confirmed_by_the_shard_that_owns_the_request(cluste
     owner = redis.Redis(port=primary)
     assert [parse_message(m).task_id for m in owner.lrange(deployment.queue, 0, -1)] == [accepted]  # withdrawn
     assert owner.hget(_keys.job(accepted), "status") == b"queued"
+
+    # a caller-chosen id leads to its job through a key in the id's own slot, on another shard here: that shard's
+    # replica confirms it too, or the request is refused before it is queued and the id is left free
+    chosen = next(
+        f"picked-{i}" for i in range(1000) if cluster.node_for_slot(key_slot(_keys.alias(f"picked-{i}"))) != primary
+    )
+    alias_primary = cluster.node_for_slot(key_slot(_keys.alias(chosen)))
+    cluster.wait_for_replica(alias_primary)
+    alias_follower = int(redis.Redis(port=alias_primary).info("replication")["slave0"]["port"])
+
+    async def submit_chosen() -> str:
+        transport = QueueTransport(cluster.url, wait_replicas=1, wait_timeout_ms=300)
+        await transport.start()
+        try:
+            sub = await transport.submit(deployment, args=[2], expect_reply=False, job=True, task_id=chosen)
+            assert sub.request_id == chosen
+            return sub.task_id
+        finally:
+            await transport.close()
+
+    cluster.nodes[alias_follower].proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError, match=f"confirmed request id '{chosen}'"):
+            asyncio.run(submit_chosen())
+    finally:
+        cluster.nodes[alias_follower].proc.send_signal(signal.SIGCONT)
+    assert redis.Redis(port=alias_primary).get(_keys.alias(chosen)) is None
+    assert owner.llen(deployment.queue) == 1  # nothing queued for it
+    stored = asyncio.run(submit_chosen())  # the retry, with the replica back
+    assert redis.Redis(port=alias_primary).get(_keys.alias(chosen)) == stored.encode()
+    assert owner.llen(deployment.queue) == 2

@@ -129,6 +129,7 @@ class JobStore:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
+        self._cluster = isinstance(client, aioredis.RedisCluster)
         self._finish = client.register_script(_scripts.FINISH)
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
         self._pubsub: Any = None
@@ -141,12 +142,24 @@ class JobStore:
         if self._pubsub is not None:
             await self._pubsub.aclose()
 
+    async def resolve(self, request_id: str) -> str:
+        """The id a job is stored under: on a cluster a caller-chosen id may lead to another (`keys.alias`)."""
+        request_id = check_job_id(request_id)
+        if not self._cluster:
+            return request_id
+        stored = await self.redis.get(_keys.alias(request_id))
+        return (stored.decode() if isinstance(stored, bytes) else str(stored)) if stored else request_id
+
     async def get(self, job_id: str) -> dict[str, Any]:
-        job_id = check_job_id(job_id)
+        public = check_job_id(job_id)
+        return await self._get(public, await self.resolve(public))
+
+    async def _get(self, public: str, job_id: str) -> dict[str, Any]:
+        """The job stored under `job_id`, described under the id its caller knows it by (`public`)."""
         fields, raw = await self._read(job_id)
         if not fields and raw is None:
             raise DeploymentNotFoundError(
-                f"no job {job_id}: it never existed, it finished longer ago than its retention period, or Redis "
+                f"no job {public}: it never existed, it finished longer ago than its retention period, or Redis "
                 "lost its data (a restart without persistence) before it finished"
             )
         status = _text(fields.get(b"status"))
@@ -159,7 +172,7 @@ class JobStore:
             # deadline): it must not read queued or running forever.
             await self.finish(job_id, "expired", only_if_queued=status == "queued", fields=fields)
             fields, raw = await self._read(job_id)
-        return describe(job_id, fields, _results.decode(raw) if raw is not None else None)
+        return describe(public, fields, _results.decode(raw) if raw is not None else None)
 
     async def _read(self, job_id: str) -> tuple[dict[bytes, bytes], bytes | None]:
         pipe = self.redis.pipeline(transaction=False)
@@ -188,11 +201,12 @@ class JobStore:
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a job: unstarted work never runs; running async work is asked to stop."""
-        job_id = check_job_id(job_id)
+        public = check_job_id(job_id)
+        job_id = await self.resolve(public)
         before = await self.finish(job_id, "cancelled")
         if before == "missing":
-            raise DeploymentNotFoundError(f"no job {job_id} to cancel (unknown, or past its retention period)")
-        job = await self.get(job_id)
+            raise DeploymentNotFoundError(f"no job {public} to cancel (unknown, or past its retention period)")
+        job = await self._get(public, job_id)
         job["was"] = before
         return job
 
@@ -202,23 +216,24 @@ class JobStore:
         A job still queued at its deadline is read again then (nothing is published when a job
         expires in the queue), so it reads `expired` at its deadline, not when `timeout_s` ends.
         """
-        job = await self.get(job_id)
+        public = check_job_id(job_id)
+        job_id = await self.resolve(public)
+        job = await self._get(public, job_id)
         if job["status"] in TERMINAL or timeout_s <= 0:  # most fetches: nothing to subscribe to
             return job
-        job_id = job["job_id"]
         until = time.monotonic() + timeout_s
         channel = _keys.result(job_id)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self._subscribe(channel, fut)
         try:
-            job = await self.get(job_id)  # again once subscribed: a result published meanwhile is seen
+            job = await self._get(public, job_id)  # again once subscribed: a result published meanwhile is seen
             while job["status"] not in TERMINAL and (remaining := until - time.monotonic()) > 0:
                 if fut.done():  # the result was published after the read above: read it
-                    return await self.get(job_id)
+                    return await self._get(public, job_id)
                 if job["status"] == "queued" and job["deadline"] is not None:
                     remaining = min(remaining, max(job["deadline"] - time.time(), 0.0) + 0.05)
                 await asyncio.wait([fut], timeout=remaining)
-                job = await self.get(job_id)
+                job = await self._get(public, job_id)
             return job
         finally:
             await self._unsubscribe(channel, fut)

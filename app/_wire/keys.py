@@ -132,6 +132,15 @@ def job(task_id: str) -> str:
     return f"serve:job:{_request_tag(task_id)}"
 
 
+def alias(request_id: str) -> str:
+    """On a Redis Cluster: a caller-chosen request id (`X-Request-ID`) -> the id its job is stored under.
+
+    A request's keys must be in its deployment's slot, and a chosen id fixes the slot of keys named after it, so
+    there the request is stored under an id the gateway chooses in the right slot, and this key (in the chosen
+    id's own slot) leads reads of the chosen id to it. Unused on a single Redis."""
+    return "serve:alias:{" + request_id + "}"
+
+
 def idempotency(app: str, deployment: str, key: str) -> str:
     return f"serve:idem:{_tag(app, deployment)}:{key}"
 

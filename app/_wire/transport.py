@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import time
@@ -27,14 +28,15 @@ from celery_serve._wire import stopped_apps as _stopped_apps
 from celery_serve._wire.affinity import AffinityRouter, model_id_from_http
 from celery_serve._wire.connections import BLOCK_S, REDIS_FAULTS, async_client, interrupt, is_cluster, node_client
 from celery_serve._wire.envelope import build_message, new_task_id, parallel_signature, signature
+from celery_serve._wire.jobs import expiry_grace_s
 from celery_serve._wire.slots import key_slot, task_id_for
 from celery_serve._wire.streams import stream_hub
 from celery_serve._wire.submit_batches import EnqueueBatcher
 from celery_serve.exceptions import (
     BackpressureError,
-    BadRequestError,
     DeploymentConfigError,
     DeploymentNotFoundError,
+    RequestIdInUseError,
     RequestTimeoutError,
     ServiceUnavailableError,
 )
@@ -186,6 +188,12 @@ class Submitted:
     future: asyncio.Future[dict[str, Any]]
     deadline: float
     existing: bool = False  # an idempotency key matched an earlier job; nothing new was queued
+    alias: str | None = None  # on a cluster, the caller's chosen id when the job is stored under `task_id`
+
+    @property
+    def request_id(self) -> str:
+        """The id the caller knows the request by (and reads its job with): its chosen one, if it chose one."""
+        return self.alias or self.task_id
 
 
 def target_name(target: DeploymentSpec | AppSpec) -> str:
@@ -372,9 +380,12 @@ class QueueTransport:
         retention = max(int(c.get("job_retention_s" if job else "request_retention_s") or 86400) for c in configs)
         limit = _queue_limit(configs)
         app, slot_deployment = slot_of(target)
-        job_id = self._checked_id(task_id, target) if task_id else self.new_id(target)
+        job_id = task_id if task_id and self._in_slot(task_id, target) else self.new_id(target)
+        alias = task_id if task_id and task_id != job_id else None
         now = time.time()
         deadline = now + timeout
+        if alias:  # a chosen id on a cluster: it leads to the job, for as long as the job can be
+            await self._claim_alias(alias, job_id, math.ceil(timeout + expiry_grace_s()) + retention)
         reply = self.waiter.reply_key(app, slot_deployment) if expect_reply else None
         common: dict[str, Any] = {
             "args": args,
@@ -431,19 +442,22 @@ class QueueTransport:
                 depth, existing = await self._batcher_for(app, slot_deployment).enqueue(keys, args)
         except BaseException:
             self.waiter.discard(job_id)
+            await self._drop_alias(alias)  # not accepted (or not known to be): the chosen id is free again
             raise
         if depth == 0:
             self.waiter.discard(job_id)
+            await self._drop_alias(alias)  # the earlier job's id answers, as on a single Redis
             return Submitted(existing.decode(), fut, deadline, existing=True)
         # depth == -2: our own enqueue already ran (a retry after a reset connection): it is queued once.
         if depth == -1:
             self.waiter.discard(job_id)
+            await self._drop_alias(alias)
             raise _queue_full(name, limit)
         if later:
             await self._queue_other_branches(job_id, name, later, retention)
         if isinstance(target, DeploymentSpec) and messages[0][0] != target.queue:  # on a model's queue
             await self.affinity.announce(target.queue, multiplexed_model_id)
-        return Submitted(job_id, fut, deadline)
+        return Submitted(job_id, fut, deadline, alias=alias)
 
     async def _check_room(self, queued: list[tuple[str, str]], limit: int, name: str) -> None:
         """Refuse a request whose parallel first step would overfill a branch's queue in another slot (read just
@@ -496,15 +510,46 @@ class QueueTransport:
             return new_task_id()
         return task_id_for(*slot_of(target))
 
-    def _checked_id(self, task_id: str, target: DeploymentSpec | AppSpec) -> str:
-        """A caller-chosen request id; on a cluster it must hash to the target's slot (the gateway's own do)."""
-        if self.cluster and key_slot(_keys.result(task_id)) != key_slot(_keys.deployment_slot_key(*slot_of(target))):
-            raise BadRequestError(
-                f"request id '{task_id}' cannot be used on this Redis Cluster: a request's keys must share its "
-                "deployment's hash slot, so the gateway chooses request ids here; send the request without "
-                "X-Request-ID and read the id it answers with"
+    def _in_slot(self, task_id: str, target: DeploymentSpec | AppSpec) -> bool:
+        """Whether a request stored under `task_id` has its keys in `target`'s slot (always, on one Redis)."""
+        return not self.cluster or key_slot(_keys.result(task_id)) == key_slot(
+            _keys.deployment_slot_key(*slot_of(target))
+        )
+
+    async def _claim_alias(self, request_id: str, job_id: str, ttl_s: int) -> None:
+        """Let a caller-chosen id lead to the job stored under `job_id` (on a cluster, where the chosen id's
+        slot is not its deployment's). Claimed before the enqueue, so a chosen id names one job only: taken
+        already, `RequestIdInUseError` (409). With SERVE_REDIS_WAIT_REPLICAS, confirmed by its shard's replicas,
+        as the job is, so a failover cannot lose the way to an accepted job."""
+        key = _keys.alias(request_id)
+        if self.wait_replicas:
+            conn = await self._primary_for(key)
+            async with conn.pipeline(transaction=False) as pipe:
+                pipe.set(key, job_id, nx=True, ex=ttl_s)
+                pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+                claimed, confirmed = await pipe.execute()
+            if claimed and int(confirmed) < self.wait_replicas:
+                await self._drop_alias(request_id)
+                raise redis.exceptions.ConnectionError(
+                    f"only {int(confirmed)} of the {self.wait_replicas} Redis replicas confirmed request id "
+                    f"'{request_id}' within {self.wait_timeout_ms} ms; it was not accepted"
+                )
+        else:
+            claimed = await self.redis.set(key, job_id, nx=True, ex=ttl_s)
+        if not claimed:
+            raise RequestIdInUseError(
+                f"request id '{request_id}' already names a job; choose a new X-Request-ID "
+                f"(GET /jobs/{request_id} reads the existing one)"
             )
-        return task_id
+
+    async def _drop_alias(self, request_id: str | None) -> None:
+        """Free a chosen id whose request was not accepted (best effort: at worst it expires with its TTL)."""
+        if request_id is None:
+            return
+        try:
+            await self.redis.delete(_keys.alias(request_id))
+        except REDIS_FAULTS as exc:
+            logger.warning("could not free request id %s of a request that was not accepted: %r", request_id, exc)
 
     def _batcher_for(self, app: str, deployment: str) -> EnqueueBatcher:
         """On a cluster, submits go together only with submits for the same slot (one script call, one slot)."""
@@ -629,7 +674,7 @@ class QueueTransport:
                 return None
             await self._expire(sub.task_id, dep)
             raise RequestTimeoutError(
-                f"no result from deployment '{dep}' within its request timeout (request {sub.task_id})"
+                f"no result from deployment '{dep}' within its request timeout (request {sub.request_id})"
             ) from None
         finally:
             self.waiter.discard(sub.task_id)
@@ -676,5 +721,5 @@ class QueueTransport:
         sub = await self.submit(dep, method, args, kwargs, **options)
         record = await self.wait(sub, target_name(dep))
         if record is None:  # unreachable without timeout_s; keeps the type checker honest
-            raise RequestTimeoutError(f"no result from deployment '{target_name(dep)}' (request {sub.task_id})")
+            raise RequestTimeoutError(f"no result from deployment '{target_name(dep)}' (request {sub.request_id})")
         return record
