@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import os
+import random
 import socket
 import time
 import uuid
@@ -72,6 +73,10 @@ class ReplicaWait:
 
 _DRAIN = 512
 _SPEC_TTL_S = 2.0
+# How often a process looks for the requests it waits on whose job Redis no longer has, and how long a request
+# waits before it is looked at: most are answered well within this, and the look costs one EXISTS per request.
+_LOST_SWEEP_S = 2.0
+_LOST_SWEEP_MAX = 256  # requests looked at per sweep, at most (a random sample of a long backlog): bounded cost
 
 
 class ResultWaiter:
@@ -87,6 +92,7 @@ class ResultWaiter:
         self._plain_key = _keys.reply(self.id)
         self._url = url
         self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._accepted_at: dict[str, float] = {}  # when each awaited request was known to be queued
         self._listeners: dict[str, asyncio.Task[None]] = {}
         self._conn: Any = None
         self._closing = False
@@ -121,19 +127,32 @@ class ResultWaiter:
         for fut in self._futures.values():
             fut.cancel()
         self._futures.clear()
+        self._accepted_at.clear()
 
     def expect(self, task_id: str) -> asyncio.Future[dict[str, Any]]:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._futures[task_id] = fut
         return fut
 
+    def accepted(self, task_id: str) -> None:
+        """The awaited request is queued (its job exists from now on, until it ends and its retention passes)."""
+        if task_id in self._futures:
+            self._accepted_at[task_id] = time.monotonic()
+
     def discard(self, task_id: str) -> None:
         self._futures.pop(task_id, None)
+        self._accepted_at.pop(task_id, None)
 
     def pending_ids(self) -> list[str]:
         return list(self._futures)
 
+    def accepted_before(self, seconds_ago: float) -> list[str]:
+        """The awaited requests queued more than `seconds_ago` seconds ago."""
+        until = time.monotonic() - seconds_ago
+        return [task_id for task_id, at in self._accepted_at.items() if at <= until]
+
     def fail(self, task_id: str, record: dict[str, Any]) -> None:
+        self._accepted_at.pop(task_id, None)
         fut = self._futures.pop(task_id, None)
         if fut is not None and not fut.done():
             fut.set_result(record)
@@ -175,6 +194,7 @@ class ResultWaiter:
 
     def _resolve(self, raw: Any) -> None:
         record = _results.decode(raw)  # wide integers exact
+        self._accepted_at.pop(record.get("task_id") or "", None)
         fut = self._futures.pop(record.get("task_id") or "", None)
         if fut is not None and not fut.done():
             fut.set_result(record)
@@ -306,11 +326,16 @@ class QueueTransport:
         self.cluster = is_cluster(url)
         self._slot_batchers: dict[int, EnqueueBatcher] = {}
         self._node_clients: dict[str, Any] = {}  # on a cluster, with a replica wait: a plain client per node
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.waiter.start()
+        self._sweeper = asyncio.create_task(self._sweep_lost(), name="lost-requests")
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.wait([self._sweeper], timeout=1.0)
         await self.waiter.close()
         await self.streams.close()
         for client in self._node_clients.values():
@@ -455,6 +480,7 @@ class QueueTransport:
             raise _queue_full(name, limit)
         if later:
             await self._queue_other_branches(job_id, name, later, retention)
+        self.waiter.accepted(job_id)
         if isinstance(target, DeploymentSpec) and messages[0][0] != target.queue:  # on a model's queue
             await self.affinity.announce(target.queue, multiplexed_model_id)
         return Submitted(job_id, fut, deadline, alias=alias)
@@ -690,24 +716,49 @@ class QueueTransport:
         except REDIS_FAULTS as exc:  # a later read of the job expires it lazily (see _wire.jobs)
             logger.debug("could not expire job %s: %r", job_id, exc)
 
-    async def lost_requests(self) -> int:
-        """After Redis lost its data: fail every request this process waits for whose job Redis no longer
-        has (it was lost with the data and will never be answered). Returns how many."""
-        pending = list(self.waiter.pending_ids())
+    async def _sweep_lost(self) -> None:
+        """Fail the awaited requests whose job Redis lost, every `_LOST_SWEEP_S`, instead of at their deadline.
+
+        The data-loss marker (`keys.EPOCH`) catches a single Redis restarted empty. This catches what it cannot:
+        on a cluster, a shard other than the applications' restarted without its data; anywhere, job and queue
+        keys evicted (a `maxmemory-policy` that evicts any key) or deleted by hand."""
+        while True:
+            await asyncio.sleep(_LOST_SWEEP_S)
+            waiting = self.waiter.accepted_before(_LOST_SWEEP_S)
+            if not waiting:
+                continue
+            if len(waiting) > _LOST_SWEEP_MAX:  # an overload's backlog: every one is looked at within a few sweeps
+                waiting = random.sample(waiting, _LOST_SWEEP_MAX)
+            try:
+                await self.lost_requests(waiting)
+            except REDIS_FAULTS as exc:  # Redis away: the requests' own deadlines and the data-loss check go on
+                logger.debug("could not look for lost requests: %r", exc)
+
+    async def lost_requests(self, candidates: list[str] | None = None) -> int:
+        """Fail every request this process waits for (or those of `candidates` it still waits for) whose job and
+        result Redis no longer has: lost with Redis's data, it will never be answered. Returns how many."""
+        pending = self.waiter.pending_ids() if candidates is None else candidates
         if not pending:
             return 0
         pipe = self.redis.pipeline(transaction=False)
         for job_id in pending:
-            pipe.exists(_keys.job(job_id))
-        lost = [job_id for job_id, exists in zip(pending, await pipe.execute(), strict=True) if not exists]
+            pipe.exists(_keys.job(job_id), _keys.result(job_id))  # one slot: a request's keys share its tag
+        found = await pipe.execute()
+        waiting = set(self.waiter.pending_ids())  # answered while we looked: not lost
+        lost = [job_id for job_id, exists in zip(pending, found, strict=True) if not exists and job_id in waiting]
         for job_id in lost:
             error = ServiceUnavailableError(
-                f"request {job_id} was lost: Redis lost its data (a restart without persistence) before it was "
-                "answered; it may or may not have run. Retry it."
+                f"request {job_id} was lost: Redis no longer has it (a restart without persistence, a failover to a "
+                "replica that had not received it, or its keys evicted or deleted) and it was not answered; it may "
+                "or may not have run. Retry it."
             )
             self.waiter.fail(job_id, orjson.loads(_results.failure(job_id, error.to_dict(), http_status=503)))
         if lost:
-            logger.error("%d waiting requests were lost with Redis's data", len(lost))
+            logger.error(
+                "%d waiting requests were lost: Redis no longer has their jobs (lost data, or keys evicted or "
+                "deleted); their callers get 503",
+                len(lost),
+            )
         return len(lost)
 
     async def call(
