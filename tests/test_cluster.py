@@ -459,3 +459,38 @@ def test_a_chosen_request_id_on_a_cluster_names_one_job_and_is_freed_when_not_ac
     finally:
         direct.delete(dep.queue)
         direct.close()
+
+
+def test_a_request_lost_with_a_shard_that_restarted_empty_fails_with_503_before_its_deadline(
+    cluster: ClusterSet,
+) -> None:
+    """A shard other than the applications' restarts without its data (no persistence): the data-loss marker is
+    on another shard and cannot see it. A caller waiting on a request that shard held must still hear that it was
+    lost (503, retry) within seconds, not a 504 at its deadline. (Last in this module: it empties a shard.)"""
+    apps_node = cluster.node_for_slot(key_slot(_keys.APPS))
+    shard = next(port for port in cluster.ports if port != apps_node)
+    app = next(f"lost-{i}" for i in range(10_000) if cluster.node_for_slot(
+        key_slot(_keys.deployment_slot_key(f"lost-{i}", "upper"))) == shard)  # fmt: skip
+    dep = build_spec(pd.upper.options(request_timeout_s=120).bind(), app, None).deployments["upper"]
+
+    async def scenario() -> dict[str, Any] | None:
+        transport = QueueTransport(cluster.url)
+        await transport.start()
+        try:
+            sub = await transport.submit(dep, args=["never served"])  # nothing serves it: it waits, queued
+            assert redis.Redis(port=shard).llen(dep.queue) == 1
+            cluster.kill(shard)
+            cluster.restart(shard)  # back with its slots (nodes.conf), without its data
+            wait_until(
+                lambda: b"cluster_state:ok" in redis.Redis(port=shard).execute_command("CLUSTER", "INFO"),
+                timeout_s=30,
+                what="the restarted shard to serve its slots",
+            )
+            assert redis.Redis(port=shard).llen(dep.queue) == 0
+            return await asyncio.wait_for(transport.wait(sub, dep.name), timeout=60)
+        finally:
+            await transport.close()
+
+    record = asyncio.run(scenario())
+    assert record is not None and record["http_status"] == 503, record
+    assert "was lost" in record["result"]["exc_message"], record
