@@ -450,6 +450,29 @@ def test_a_chosen_request_id_on_a_cluster_names_one_job_and_is_freed_when_not_ac
             )
             assert sorted(type(r).__name__ for r in raced) == ["RequestIdInUseError", "Submitted"], raced
             assert direct.llen(dep.queue) == 1
+            # a Redis fault with the outcome unknown: the id is freed only if the request is not there. Its answer
+            # lost after the enqueue ran: the id keeps leading to the job (as on a single Redis, the retry is 409
+            # and GET /jobs/<id> finds it); lost before it ran: the id is free for the retry
+            direct.delete(dep.queue)
+            batcher = transport._batcher_for(dep.app, dep.name)
+            real = batcher.enqueue
+
+            async def answer_lost(keys: list[str], args: list[Any]) -> Any:
+                await real(keys, args)
+                raise redis.exceptions.ConnectionError("connection reset after the enqueue")
+
+            async def never_sent(keys: list[str], args: list[Any]) -> Any:
+                raise redis.exceptions.ConnectionError("connection refused")
+
+            for fault, chosen, kept in ((answer_lost, "chosen-4", True), (never_sent, "chosen-5", False)):
+                batcher.enqueue = fault  # type: ignore[method-assign]
+                with pytest.raises(redis.exceptions.ConnectionError):
+                    await transport.submit(dep, args=["d"], task_id=chosen, expect_reply=False, job=True)
+                batcher.enqueue = real  # type: ignore[method-assign]
+                assert (direct.get(_keys.alias(chosen)) is not None) is kept, chosen
+            assert (await jobs.get("chosen-4"))["status"] == "queued"
+            direct.delete(dep.queue)
+            assert (await transport.submit(dep, args=["e"], task_id="chosen-5", expect_reply=False)).request_id
         finally:
             await jobs.close()
             await transport.close()

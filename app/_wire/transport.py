@@ -467,7 +467,9 @@ class QueueTransport:
                 depth, existing = await self._batcher_for(app, slot_deployment).enqueue(keys, args)
         except BaseException:
             self.waiter.discard(job_id)
-            await self._drop_alias(alias)  # not accepted (or not known to be): the chosen id is free again
+            # not known to be accepted (refused, a Redis fault, the caller gone): the chosen id is free again, unless
+            # the job is there after all, which the id must then keep leading to, as it would on a single Redis
+            await self._drop_alias(alias, unless_job=job_id)
             raise
         if depth == 0:
             self.waiter.discard(job_id)
@@ -568,11 +570,14 @@ class QueueTransport:
                 f"(GET /jobs/{request_id} reads the existing one)"
             )
 
-    async def _drop_alias(self, request_id: str | None) -> None:
-        """Free a chosen id whose request was not accepted (best effort: at worst it expires with its TTL)."""
+    async def _drop_alias(self, request_id: str | None, unless_job: str | None = None) -> None:
+        """Free a chosen id whose request was not accepted; with `unless_job`, only if that job does not exist
+        (best effort: at worst the id stays taken until its TTL)."""
         if request_id is None:
             return
         try:
+            if unless_job is not None and await self.redis.exists(_keys.job(unless_job)):
+                return
             await self.redis.delete(_keys.alias(request_id))
         except REDIS_FAULTS as exc:
             logger.warning("could not free request id %s of a request that was not accepted: %r", request_id, exc)
