@@ -15,6 +15,7 @@ from celery_serve._runtime.spec import DeploymentSpec, build_spec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire.envelope import parse_message
 from celery_serve._wire.transport import QueueTransport
+from celery_serve.exceptions import RequestIdInUseError
 
 
 @deployment
@@ -131,3 +132,53 @@ def test_a_failed_call_fails_every_submit_in_it_and_the_next_submit_goes_through
         assert redis_client.hget(_keys.job(after), "status") == b"queued"
     finally:
         redis_client.delete(spec.queue, _keys.job(after))
+
+
+def test_one_chosen_request_id_sent_twice_at_once_is_one_job_and_one_refusal(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Two requests that choose the same id (X-Request-ID) at the same moment both find it free before either is
+    queued. The enqueue must tell the second from its own call resent after a lost answer (which is queued once
+    and answered): the second is refused (409), never taken for the first, whose answer it would then read or
+    steal. Through two gateways (two transports), one gateway's sync requests, and one gateway's jobs (which go
+    in one ENQUEUE call)."""
+    spec = _spec()
+
+    async def main() -> list[list[Any]]:
+        first, second = QueueTransport(redis_url), QueueTransport(redis_url)
+        await first.start()
+        await second.start()
+        try:
+            rounds = []
+            for name, transports, reply in (
+                ("gateways", (first, second), False),
+                ("sync", (first, first), True),
+                ("jobs", (first, first), False),
+            ):
+                chosen = f"chosen-{name}-{uuid.uuid4().hex[:8]}"
+                outcomes = await asyncio.gather(
+                    *(
+                        t.submit(spec, "m", [i], task_id=chosen, expect_reply=reply, job=not reply)
+                        for i, t in enumerate(transports)
+                    ),
+                    return_exceptions=True,
+                )
+                rounds.append([chosen, *outcomes])
+            return rounds
+        finally:
+            await first.close()
+            await second.close()
+
+    rounds = asyncio.run(main())
+    try:
+        queued = [parse_message(m) for m in redis_client.lrange(spec.queue, 0, -1)]
+        for chosen, *outcomes in rounds:
+            kinds = sorted(type(o).__name__ for o in outcomes)
+            assert kinds == ["RequestIdInUseError", "Submitted"], (chosen, outcomes)
+            refused = next(o for o in outcomes if isinstance(o, RequestIdInUseError))
+            assert f"request id '{chosen}' already names a job" in str(refused)
+            accepted = outcomes.index(next(o for o in outcomes if not isinstance(o, Exception)))
+            mine = [m for m in queued if m.task_id == chosen]
+            assert [m.args for m in mine] == [[accepted]], (chosen, mine)  # queued once, with its own argument
+    finally:
+        redis_client.delete(spec.queue)

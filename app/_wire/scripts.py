@@ -65,7 +65,9 @@ end
 #       (one per queue: a parallel first pipeline step starts several).
 # Returns one {queue length, job id} per request: {-1, ''} when a queue is full (nothing written for it);
 # {0, existing id} when the idempotency key already names a job; {-2, job id} when the job already exists
-# (this very enqueue ran before: redis-py retried it after the connection closed before the answer came).
+# and this very enqueue made it (redis-py retried it after the connection closed before the answer came: the
+# job's created_at is this call's); {-3, job id} when another request made it (a client-chosen id sent twice
+# at once: nothing is written for this one).
 ENQUEUE = (
     _EACH
     + """
@@ -84,7 +86,10 @@ local function enqueue(j, k, a, q)
     end
   end
   if redis.call('EXISTS', job) == 1 then
-    redis.call('HSET', job, 'created_at', redis.call('HGET', job, 'created_at') or ARGV[a + 2])
+    local created = redis.call('HGET', job, 'created_at')
+    redis.call('HSET', job, 'created_at', created or ARGV[a + 2])
+    -- this very enqueue resent has the same arguments; another request that chose the same id has its own time
+    if created and created ~= ARGV[a + 2] then return {-3, ARGV[a + 1]} end
     return {-2, ARGV[a + 1]}
   end
   local limit = tonumber(ARGV[a])

@@ -146,6 +146,9 @@ class ResultWaiter:
     def pending_ids(self) -> list[str]:
         return list(self._futures)
 
+    def awaits(self, task_id: str) -> bool:
+        return task_id in self._futures
+
     def accepted_before(self, seconds_ago: float) -> list[str]:
         """The awaited requests queued more than `seconds_ago` seconds ago."""
         until = time.monotonic() - seconds_ago
@@ -214,6 +217,13 @@ class Submitted:
     def request_id(self) -> str:
         """The id the caller knows the request by (and reads its job with): its chosen one, if it chose one."""
         return self.alias or self.task_id
+
+
+def _id_in_use(request_id: str) -> RequestIdInUseError:
+    return RequestIdInUseError(
+        f"request id '{request_id}' already names a job; choose a new X-Request-ID "
+        f"(GET /jobs/{request_id} reads the existing one)"
+    )
 
 
 def target_name(target: DeploymentSpec | AppSpec) -> str:
@@ -447,6 +457,9 @@ class QueueTransport:
         if later:
             messages = messages[:1]
             await self._check_room(later, limit, name)
+        if self.waiter.awaits(job_id):  # a chosen id sent twice at once through this process: one future per id
+            await self._drop_alias(alias, unless_job=job_id)
+            raise _id_in_use(task_id or job_id)
         fut = self.waiter.expect(job_id) if expect_reply else asyncio.get_running_loop().create_future()
         if not idempotency_key:
             idem_key = _keys.job(job_id)
@@ -476,6 +489,9 @@ class QueueTransport:
             await self._drop_alias(alias)  # the earlier job's id answers, as on a single Redis
             return Submitted(existing.decode(), fut, deadline, existing=True)
         # depth == -2: our own enqueue already ran (a retry after a reset connection): it is queued once.
+        if depth == -3:  # another request chose this id a moment before (its check and ours both found it free)
+            self.waiter.discard(job_id)
+            raise _id_in_use(task_id or job_id)
         if depth == -1:
             self.waiter.discard(job_id)
             await self._drop_alias(alias)
@@ -565,10 +581,7 @@ class QueueTransport:
         else:
             claimed = await self.redis.set(key, job_id, nx=True, ex=ttl_s)
         if not claimed:
-            raise RequestIdInUseError(
-                f"request id '{request_id}' already names a job; choose a new X-Request-ID "
-                f"(GET /jobs/{request_id} reads the existing one)"
-            )
+            raise _id_in_use(request_id)
 
     async def _drop_alias(self, request_id: str | None, unless_job: str | None = None) -> None:
         """Free a chosen id whose request was not accepted; with `unless_job`, only if that job does not exist
@@ -625,6 +638,8 @@ class QueueTransport:
             if isinstance(replicated, Exception):
                 raise replicated
             depth, existing = enqueued[0]
+            if depth == -3:  # another request's id: refused whatever the replicas hold
+                return int(depth), existing
             if depth != -1 and int(replicated) < self.wait_replicas:
                 if depth != 0:  # ours (new, or our own retried enqueue): withdrawn; an earlier job is not ours
                     queued = list(zip(keys[2:], args[11:], strict=True))
