@@ -10,15 +10,20 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from redis.exceptions import RedisError
 
+from celery_serve import Client
 from celery_serve._runtime.launcher import flower_command, free_port
+from celery_serve.exceptions import ServeError
 from tests.chaos import Ledger, Report, Stack
 from tests.conftest import start_gateway, wait_until
 
@@ -107,6 +112,53 @@ def test_redis_restarted_with_persistence_under_load(stack: Stack) -> None:
     ledger.finish()
     report = ledger.check(grace_s=90)
     _all_served(report)
+
+
+@pytest.mark.parametrize("stack", [{"appendonly": True}], indirect=True)
+def test_sync_callers_waiting_across_a_redis_restart_and_pause_are_answered_never_told_lost(stack: Stack) -> None:
+    """Callers that wait (the Python client over Redis) on requests that take longer than the lost-request look
+    (2 s), across a Redis restart with persistence and a pause. Nothing is lost, so no caller may be told its
+    request was lost: each accepted call is answered with its own result; a call refused while Redis was away
+    says so (and was never accepted)."""
+    outcomes: list[tuple[str, object]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def loop() -> None:
+        with Client(redis_url=stack.url, app="chaos", timeout_s=60) as client:
+            while not stop.is_set():
+                value = uuid.uuid4().hex
+                try:
+                    outcome: object = client.call("Echo", value, sleep_s=2.5) == {"echo": value}
+                except Exception as exc:  # noqa: BLE001 - every outcome is recorded and judged below
+                    outcome = exc
+                with lock:
+                    outcomes.append((value, outcome))
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+
+    def answered_more(than: int) -> None:
+        """Until `than` more calls are answered: each fault lands among calls that wait, and is over."""
+        with lock:
+            target = sum(1 for _, o in outcomes if o is True) + than
+        wait_until(lambda: sum(1 for _, o in outcomes if o is True) >= target, 90, what=f"{than} more calls answered")
+
+    answered_more(4)
+    stack.restart_redis(down_s=1.0)  # calls are waiting on their replicas meanwhile
+    answered_more(8)
+    stack.pause_redis(5)
+    answered_more(8)
+    stop.set()
+    for thread in threads:
+        thread.join(90)
+    wrong = [(v, o) for v, o in outcomes if o is False]
+    lost = [(v, o) for v, o in outcomes if isinstance(o, Exception) and "was lost" in str(o)]
+    other = [(v, o) for v, o in outcomes if isinstance(o, Exception) and not isinstance(o, (ServeError, RedisError))]
+    answered = sum(1 for _, o in outcomes if o is True)
+    assert not wrong and not lost and not other, (wrong, lost, other)
+    assert answered >= 20, outcomes
 
 
 def test_redis_paused_under_load(stack: Stack) -> None:
