@@ -15,6 +15,7 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -567,15 +568,11 @@ class QueueTransport:
         as the job is, so a failover cannot lose the way to an accepted job."""
         key = _keys.alias(request_id)
         if self.wait_replicas:
-            conn = await self._primary_for(key)
-            async with conn.pipeline(transaction=False) as pipe:
-                pipe.set(key, job_id, nx=True, ex=ttl_s)
-                pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-                claimed, confirmed = await pipe.execute()
-            if claimed and int(confirmed) < self.wait_replicas:
+            claimed, confirmed = await self._confirmed_write(key, lambda pipe: pipe.set(key, job_id, nx=True, ex=ttl_s))
+            if claimed and confirmed < self.wait_replicas:
                 await self._drop_alias(request_id)
                 raise redis.exceptions.ConnectionError(
-                    f"only {int(confirmed)} of the {self.wait_replicas} Redis replicas confirmed request id "
+                    f"only {confirmed} of the {self.wait_replicas} Redis replicas confirmed request id "
                     f"'{request_id}' within {self.wait_timeout_ms} ms; it was not accepted"
                 )
         else:
@@ -651,16 +648,22 @@ class QueueTransport:
             return int(depth), existing
         raise redis.exceptions.NoScriptError("the enqueue script could not be loaded")
 
-    async def _push_replicated(self, queue: str, message: str) -> None:
-        """LPUSH, then WAIT on the same connection of the queue's primary (see `_enqueue_replicated`)."""
-        conn = await self._primary_for(queue)
+    async def _confirmed_write(self, key: str, write: Callable[[Any], Any]) -> tuple[Any, int]:
+        """`write` (one command on `key`, added to a pipeline), then WAIT on the same connection of `key`'s
+        primary (see `_enqueue_replicated`): the command's reply and how many replicas confirmed it."""
+        conn = await self._primary_for(key)
         async with conn.pipeline(transaction=False) as pipe:
-            pipe.lpush(queue, message)
+            write(pipe)
             pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-            _, confirmed = await pipe.execute()
-        if int(confirmed) < self.wait_replicas:
+            reply, confirmed = await pipe.execute()
+        return reply, int(confirmed)
+
+    async def _push_replicated(self, queue: str, message: str) -> None:
+        """LPUSH, confirmed by the queue's shard's replicas."""
+        _, confirmed = await self._confirmed_write(queue, lambda pipe: pipe.lpush(queue, message))
+        if confirmed < self.wait_replicas:
             raise redis.exceptions.ConnectionError(
-                f"only {int(confirmed)} of the {self.wait_replicas} Redis replicas confirmed a parallel branch"
+                f"only {confirmed} of the {self.wait_replicas} Redis replicas confirmed a parallel branch"
             )
 
     async def _primary_for(self, key: str) -> Any:
