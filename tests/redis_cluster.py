@@ -17,23 +17,26 @@ import redis
 
 from celery_serve._runtime.launcher import ManagedProcess, ProcessGroup, free_port
 from tests.conftest import wait_until
+from tests.redis_topologies import start_node
 
 SLOTS = 16384
 BUS_OFFSET = 10000  # a node's cluster bus listens on its port + 10000, so its port must be 55535 or less
 
 
-def cluster_node_port() -> int:
-    """A free loopback port for a cluster node whose bus port (+10000) is free too. (`free_port` alone can
-    hand out a port above 55535, where redis-server refuses to start in cluster mode.)"""
+def cluster_node_port(taken: set[int]) -> int:
+    """A free loopback port for a cluster node whose bus port (+10000) is free too, and neither one of the
+    `taken` ports (the other nodes' ports and bus ports). (`free_port` alone can hand out a port above 55535,
+    where redis-server refuses to start in cluster mode, or another node's bus port.)"""
     for _ in range(200):
         port = free_port()
-        if port + BUS_OFFSET > 65535:
+        if port + BUS_OFFSET > 65535 or {port, port + BUS_OFFSET} & taken:
             continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port + BUS_OFFSET))
             except OSError:
                 continue
+        taken.update({port, port + BUS_OFFSET})
         return port
     raise RuntimeError("no free port pair (port, port + 10000) for a Redis Cluster node on loopback")
 
@@ -119,28 +122,21 @@ def start_cluster(group: ProcessGroup, shards: int = 3, replicas: bool = False) 
     binary = cluster_redis_server()
     folder = Path(tempfile.mkdtemp(prefix="celery-serve-cluster-"))
     group.scratch.append(folder)  # removed when the group stops
-    result = ClusterSet(group, folder, [cluster_node_port() for _ in range(shards)])
-    if replicas:
-        result.replica_ports = [cluster_node_port() for _ in range(shards)]
-    for port in [*result.ports, *result.replica_ports]:
+    result = ClusterSet(group, folder, [])
+    taken: set[int] = set()
+
+    def node(port: int) -> list[str]:
         node_dir = folder / f"node-{port}"
-        node_dir.mkdir()
-        cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir), "--save", "",
-               "--appendonly", "no", "--loglevel", "warning", "--cluster-enabled", "yes",
-               "--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout", "2000"]  # fmt: skip
-        result.nodes[port] = group.start(f"redis-cluster-{port}", cmd, quiet=True)
+        node_dir.mkdir(exist_ok=True)
+        return [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir), "--save", "",
+                "--appendonly", "no", "--loglevel", "warning", "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout", "2000"]  # fmt: skip
+
+    for ports in [result.ports] * shards + [result.replica_ports] * (shards if replicas else 0):
+        port, result.nodes[port] = start_node(group, "redis-cluster", node, lambda: cluster_node_port(taken))
+        ports.append(port)
     clients = [redis.Redis(port=p, socket_timeout=2, socket_connect_timeout=2) for p in result.ports]
     followers = [redis.Redis(port=p, socket_timeout=2, socket_connect_timeout=2) for p in result.replica_ports]
-    deadline = time.monotonic() + 15
-    for client in [*clients, *followers]:
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
     share = SLOTS // shards
     for i, client in enumerate(clients):
         last = SLOTS - 1 if i == shards - 1 else (i + 1) * share - 1

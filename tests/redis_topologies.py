@@ -10,11 +10,14 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from celery_serve._runtime.launcher import ManagedProcess, ProcessGroup, free_port
 
@@ -31,17 +34,38 @@ def system_redis_server() -> str:
     return found
 
 
-def _wait_ping(port: int, timeout_s: float = 15.0) -> None:
-    client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+def _wait_ping(port: int, node: ManagedProcess, timeout_s: float = 15.0) -> bool:
+    """Wait until the server on `port` answers PING: True; False as soon as `node` (its process) has exited."""
+    client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             client.ping()
-            return
+            return True
         except redis.exceptions.RedisError:
+            if node.proc.poll() is not None:
+                return False
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def start_node(
+    group: ProcessGroup, name: str, command: Callable[[int], list[str]], pick_port: Callable[[], int] = free_port
+) -> tuple[int, ManagedProcess]:
+    """Start a redis-server (or Sentinel) with `command(port)` on a port `pick_port` chooses; return the port
+    and the process once it answers PING.
+
+    A port found free can be taken before the server binds it (any process's outgoing connection may get it
+    as its local port); the server then exits at once, and is started again on another port."""
+    exits = []
+    for _ in range(5):
+        port = pick_port()
+        node = group.start(f"{name}-{port}", command(port), quiet=True)
+        if _wait_ping(port, node):
+            return port, node
+        exits.append(f"port {port}: exit code {node.proc.returncode}")
+    raise AssertionError(f"{name} exited at start on every port tried ({'; '.join(exits)})")
 
 
 @dataclass
@@ -92,24 +116,29 @@ def start_sentinel_set(group: ProcessGroup, replicas: int = 2, sentinels: int = 
     binary = system_redis_server()
     folder = Path(tempfile.mkdtemp(prefix="celery-serve-sentinel-"))
     group.scratch.append(folder)  # removed when the group stops
-    master = free_port()
-    result = SentinelSet(group, folder, master, [free_port() for _ in range(replicas)], [])
     common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning"]
-    for i, port in enumerate([master, *result.replica_ports]):
-        node_dir = folder / f"node-{port}"
-        node_dir.mkdir()
-        extra = ["--replicaof", "127.0.0.1", str(master)] if i else []
-        cmd = [binary, "--port", str(port), "--dir", str(node_dir), *common, *extra]
-        result.nodes[port] = group.start(f"redis-{port}", cmd, quiet=True)
-        _wait_ping(port)
+
+    def data_node(*extra: str) -> Callable[[int], list[str]]:
+        def command(port: int) -> list[str]:
+            node_dir = folder / f"node-{port}"
+            node_dir.mkdir(exist_ok=True)
+            return [binary, "--port", str(port), "--dir", str(node_dir), *common, *extra]
+
+        return command
+
+    master, master_node = start_node(group, "redis", data_node())
+    result = SentinelSet(group, folder, master, [], [], {master: master_node})
+    for _ in range(replicas):
+        port, result.nodes[port] = start_node(group, "redis", data_node("--replicaof", "127.0.0.1", str(master)))
+        result.replica_ports.append(port)
     deadline = time.monotonic() + 30
     while redis.Redis(port=master).info("replication").get("connected_slaves", 0) < replicas:
         if time.monotonic() > deadline:
             raise AssertionError("replicas did not connect to the master")
         time.sleep(0.05)
     quorum = sentinels // 2 + 1
-    for _ in range(sentinels):
-        port = free_port()
+
+    def sentinel(port: int) -> list[str]:
         conf = folder / f"sentinel-{port}.conf"
         conf.write_text(
             f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
@@ -118,9 +147,10 @@ def start_sentinel_set(group: ProcessGroup, replicas: int = 2, sentinels: int = 
             f"sentinel failover-timeout {MASTER} 5000\n"
             f"sentinel parallel-syncs {MASTER} {replicas}\n"
         )
-        group.start(f"sentinel-{port}", [binary, str(conf), "--sentinel"], quiet=True)
-        result.sentinel_ports.append(port)
-        _wait_ping(port)
+        return [binary, str(conf), "--sentinel"]
+
+    for _ in range(sentinels):
+        result.sentinel_ports.append(start_node(group, "sentinel", sentinel)[0])
     for port in result.sentinel_ports:
         deadline = time.monotonic() + 30
         while True:
