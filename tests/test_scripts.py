@@ -150,6 +150,48 @@ def test_drain_takes_the_oldest_into_the_inflight_hash(redis_client: redis.Redis
     assert drain(keys=[keys.queue, keys.claim, keys.inflight], args=[5, "9:", time.time()]) == []
 
 
+def test_a_drain_resent_after_its_reply_was_lost_answers_what_it_took_and_takes_nothing_more(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """redis-py resends a command once when the connection drops, also after the command ran. A second run of
+    one DRAIN call used to take the next messages under the same tokens, overwriting the first run's in the
+    in-flight hash: jobs marked running that no replica held (found under Redis filling up, in `make chaos`)."""
+    drain = redis_client.register_script(_scripts.DRAIN)
+    for message in ("q1", "q2", "q3", "q4", "q5"):
+        redis_client.lpush(keys.queue, message)
+    call = {"keys": [keys.queue, keys.claim, keys.inflight], "args": [2, "7:", time.time()]}
+    first = drain(**call)
+    assert first == [b"7:1", b"q1", b"7:2", b"q2"]
+    assert drain(**call) == first  # the resend: the same messages under the same tokens, nothing more taken
+    assert redis_client.hgetall(keys.inflight) == {b"7:1": b"q1", b"7:2": b"q2"}
+    assert redis_client.lrange(keys.queue, 0, -1) == [b"q5", b"q4", b"q3"]
+    # a run that took one of its messages fewer than asked (the queue ran dry) is answered whole too
+    assert drain(keys=call["keys"], args=[5, "8:", time.time()]) == [b"8:1", b"q3", b"8:2", b"q4", b"8:3", b"q5"]
+    assert drain(keys=call["keys"], args=[5, "8:", time.time()]) == [b"8:1", b"q3", b"8:2", b"q4", b"8:3", b"q5"]
+    assert redis_client.hlen(keys.inflight) == 5
+
+
+def test_a_forward_resent_after_its_reply_was_lost_queues_the_next_step_once(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """FORWARD queues a pipeline's next step and acknowledges the step that ran. Run twice for one call (a
+    resend after a lost reply, or a retry of `_retrying`), it queued the next step twice; a message this
+    replica no longer holds (acknowledged, or handed back to run elsewhere) now queues nothing."""
+    forward = redis_client.register_script(_scripts.FORWARD)
+    redis_client.hset(keys.inflight, "3:1", "step-1")
+    redis_client.lpush(keys.claim, "step-1b")
+    nxt = f"{keys.queue}:next"
+    try:
+        for token in ("3:1", "@step-1b"):
+            call = {"keys": [keys.inflight, keys.claim, keys.inflight], "args": [token, "0", nxt, f"after {token}"]}
+            assert forward(**call) == 1
+            assert forward(**call) == 0
+        assert redis_client.lrange(nxt, 0, -1) == [b"after @step-1b", b"after 3:1"]
+        assert not redis_client.exists(keys.inflight, keys.claim)
+    finally:
+        redis_client.delete(nxt)
+
+
 def test_complete_acknowledges_a_claimed_message_by_value(redis_client: redis.Redis, keys: Keys) -> None:
     complete = redis_client.register_script(_scripts.COMPLETE)
     redis_client.lpush(keys.claim, "first", "second")

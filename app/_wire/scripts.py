@@ -138,6 +138,11 @@ return out
 # token and marks its job running; a message whose job was cancelled is dropped here and never runs.
 # Returns [token1, msg1, token2, msg2, ...] oldest first.
 #
+# A token prefix is never used twice by a replica, so finding its first token held means this very call ran
+# before and its reply was lost (redis-py resends a command once when the connection drops): it answers what
+# that run took, and takes nothing more. Taking again would file new messages under the same tokens,
+# overwriting the first run's in the in-flight hash: requests marked running that no replica holds.
+#
 # An idle replica does not come here: it blocks on BLMOVE queue -> its claim list, starts the message at
 # once, and acknowledges it by value (token "@" + message) when it is done, saving a round trip on the
 # path where latency matters. RESTORE returns both the in-flight hash and the claim list.
@@ -147,6 +152,15 @@ DRAIN = (
     + """
 local out = {}
 local n = 0
+if redis.call('HEXISTS', KEYS[3], ARGV[2] .. 1) == 1 then
+  while true do
+    local m = redis.call('HGET', KEYS[3], ARGV[2] .. (n + 1))
+    if not m then return out end
+    n = n + 1
+    out[#out + 1] = ARGV[2] .. n
+    out[#out + 1] = m
+  end
+end
 local function take(m)
   local id = task_id(m)
   local job = id and (JOB_PREFIX .. id .. '}') or nil
@@ -169,11 +183,11 @@ return out
 # "@" + the message itself names a message a blocking pop left in the claim list (KEYS[2]).
 _ACK = """
 local function ack(tok)
-  if tok == '' then return end
+  if tok == '' then return 1 end
   if string.sub(tok, 1, 1) == '@' then
-    redis.call('LREM', KEYS[2], 1, string.sub(tok, 2))
+    return redis.call('LREM', KEYS[2], 1, string.sub(tok, 2))
   else
-    redis.call('HDEL', KEYS[1], tok)
+    return redis.call('HDEL', KEYS[1], tok)
   end
 end
 """
@@ -450,15 +464,14 @@ return bury(KEYS[3], m, n, ARGV[2], 'BadRequestError', 400, ARGV[3], ARGV[4])
 # (queue, message). A pipeline step hands its result on: the next step's messages are queued and this
 # message acknowledged in one step. With fire-once set (the last branch of a parallel step), only the
 # first caller queues anything, so a branch that ran twice does not start the next step twice.
+# A message this replica no longer holds queues nothing either: this call ran before and its reply was lost
+# (redis-py resends once when the connection drops), or the message was handed back to run elsewhere.
 FORWARD = (
     _ACK
     + """
-if ARGV[2] == '1' and redis.call('HSETNX', KEYS[3], 'fired', 1) == 0 then
-  ack(ARGV[1])
-  return 0
-end
+if ack(ARGV[1]) == 0 then return 0 end
+if ARGV[2] == '1' and redis.call('HSETNX', KEYS[3], 'fired', 1) == 0 then return 0 end
 for i = 3, #ARGV, 2 do redis.call('LPUSH', ARGV[i], ARGV[i + 1]) end
-ack(ARGV[1])
 return 1
 """
 )
