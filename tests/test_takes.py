@@ -98,3 +98,31 @@ def _run(redis_url: str, scenario: Any) -> None:
             await counted.close()
 
     asyncio.run(main())
+
+
+def test_resetting_connections_after_a_fault_never_cuts_a_command_in_flight(redis_url: str) -> None:
+    """A replica drops its pooled connections after a Redis fault. It used to drop those other tasks had
+    commands in flight on too, and on any fault: an out-of-memory refusal of one call cut the reply of another
+    call that had run (a take), which redis-py then resent. Now an error reply drops nothing, and a connection
+    fault drops the idle connections only (the take loop's own blocking one too, when the take failed)."""
+
+    def clients() -> dict[int, bytes]:
+        return {int(c["id"]): str(c["cmd"]).encode() for c in redis.Redis.from_url(redis_url).client_list()}
+
+    async def scenario(c: CountedOps) -> None:
+        ops = c.ops
+        in_flight = asyncio.create_task(ops.redis.blpop([f"{ops.queue}:x"], timeout=1))
+        await asyncio.sleep(0.2)
+        idle = int(await ops.redis.execute_command("CLIENT", "ID"))  # another pooled connection, idle once answered
+        (blocked,) = [cid for cid, cmd in clients().items() if cmd == b"blpop"]
+        await ops.reset_connections(redis.exceptions.ResponseError("OOM command not allowed when used memory"))
+        await asyncio.sleep(0.1)
+        assert {idle, blocked} <= clients().keys()  # an error reply: every connection is sound, none dropped
+        await ops.reset_connections(redis.exceptions.ConnectionError("Connection reset by peer"))
+        await asyncio.sleep(0.1)
+        assert idle not in clients() and blocked in clients()
+        c.r.lpush(f"{ops.queue}:x", b"answer")
+        assert await in_flight == (f"{ops.queue}:x".encode(), b"answer")
+        assert blocked in clients()  # answered on the connection it was sent on, not resent on another
+
+    _run(redis_url, scenario)

@@ -151,8 +151,8 @@ class ReplicaServer:
         try:
             items = await self._taker(limit, block_s=block_s)
         except REDIS_FAULTS as exc:
-            logger.warning("replica %s lost Redis (%r); retrying", self.replica_id, exc)
-            await self.ops.reset_connections()
+            logger.warning("replica %s could not take work from Redis (%r); retrying", self.replica_id, exc)
+            await self.ops.reset_connections(exc, taking=True)
             await asyncio.sleep(0.5)
             return []
         for token, raw in items:
@@ -186,7 +186,7 @@ class ReplicaServer:
                 break
             except REDIS_FAULTS as exc:
                 logger.warning("could not hand back %d requests (%r); retrying", len(tokens), exc)
-                await self.ops.reset_connections()
+                await self.ops.reset_connections(exc)
                 await asyncio.sleep(0.5)
         for token in tokens:
             self._release(token)
@@ -288,7 +288,7 @@ class ReplicaServer:
                 return
             except REDIS_FAULTS as exc:
                 logger.warning("could not dead-letter a message (%r); retrying", exc)
-                await self.ops.reset_connections()
+                await self.ops.reset_connections(exc)
                 await asyncio.sleep(0.5)
 
     def _skip_if_expired(self, token: Token, env: Envelope, now: float | None = None) -> bool:
@@ -462,7 +462,7 @@ class ReplicaServer:
                 return await call()
             except REDIS_FAULTS as exc:
                 logger.warning("could not %s (%r); retrying", what, exc)
-                await self.ops.reset_connections()
+                await self.ops.reset_connections(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -574,7 +574,7 @@ class ReplicaServer:
                     break
                 except REDIS_FAULTS as exc:  # retried until stored: an answered request must not be lost
                     logger.warning("could not store %d results (%r); retrying", len(batch), exc)
-                    await self.ops.reset_connections()
+                    await self.ops.reset_connections(exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
             for item in batch:

@@ -21,7 +21,7 @@ import redis
 from celery_serve._runtime.spec import DeploymentSpec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire import scripts as _scripts
-from celery_serve._wire.connections import REDIS_FAULTS, async_client, is_cluster, sync_client
+from celery_serve._wire.connections import REDIS_FAULTS, async_client, breaks_connection, is_cluster, sync_client
 from celery_serve._wire.delivery import DeploymentKeys, HandBack, now_iso
 from celery_serve._wire.jobs import TERMINAL
 from celery_serve._wire.slots import key_slot
@@ -163,11 +163,17 @@ class QueueOps:
         tokens, claimed = await pipe.execute()
         return {t.decode() if isinstance(t, bytes) else t for t in tokens}, list(claimed)
 
-    async def reset_connections(self) -> None:
-        """Drop every pooled connection (after a reset or a timeout, one may be half-read or dead)."""
-        for client in (self.redis, self.blocking):
+    async def reset_connections(self, fault: BaseException, taking: bool = False) -> None:
+        """After `fault`, drop the pooled connections that may be dead or half-read (see `breaks_connection`).
+
+        Only idle ones: a connection another task has a command in flight on fails by itself if it is broken,
+        and cutting it would lose the reply of a command that may have run. `taking`: called by the take loop,
+        the blocking connection's only user, which is then idle and is dropped too."""
+        if not breaks_connection(fault):
+            return
+        for client, everything in ((self.redis, False), (self.blocking, taking)):
             try:
-                await client.connection_pool.disconnect(inuse_connections=True)
+                await client.connection_pool.disconnect(inuse_connections=everything)
             except Exception as exc:  # noqa: BLE001 - best effort: new connections are made on demand
                 logger.debug("could not reset connections: %s", exc)
 

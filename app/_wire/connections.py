@@ -52,6 +52,17 @@ REDIS_FAULTS: tuple[type[Exception], ...] = (
     RuntimeError,
     KeyError,
 )
+
+
+def breaks_connection(exc: BaseException) -> bool:
+    """Whether a Redis fault may have left connections dead or half-read, so that they are worth dropping.
+
+    An error reply (out of memory, a script's error, BUSY) leaves its connection sound: dropping connections then
+    would only cut off the commands other tasks have in flight on them, and a command that ran but lost its reply
+    is resent (see `_retry`). READONLY is the exception: the connection reaches a demoted primary."""
+    return not isinstance(exc, redis.exceptions.ResponseError) or isinstance(exc, redis.exceptions.ReadOnlyError)
+
+
 REDIS_WAIT_S = 3.0  # how long a command-line tool waits for Redis to answer before it says it cannot
 # Connections one pooled client may open (`SERVE_REDIS_MAX_CONNECTIONS`). A command holds one only for its
 # round trip (~0.2 ms), so 32 carry well over 50,000 commands/s; more wait for a free one instead of failing.
