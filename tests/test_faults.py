@@ -23,6 +23,7 @@ import pytest
 from celery_serve._runtime.spec import build_spec
 from celery_serve._wire import keys as _keys
 from celery_serve._wire.envelope import build_message
+from celery_serve.workers.replica_redis import ALIVE_TTL_S
 from tests.chaos import Ledger, Stack
 from tests.chaos_deployments import echo_app
 from tests.conftest import wait_until
@@ -138,6 +139,33 @@ def test_redis_filling_up_again_and_again_strands_no_request(echo_stack: Stack) 
     assert report.refused >= 50, str(report)
     assert not report.lost and not report.stuck and not report.wrong, str(report)
     assert report.succeeded == report.accepted, str(report)
+
+
+def test_redis_full_past_the_liveness_timeout_reaps_no_live_replica(
+    echo_stack: Stack, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Redis full for longer than a heartbeat lives (every replica's beat refused with OOM), under load of 1 s
+    requests: once it is relieved, no replica is taken for dead. The first replica back used to reap the
+    others at once: their requests ran twice, each counted a delivery (a crash), and the log blamed a replica
+    that "stopped heartbeating" and had "died holding" its work."""
+    stack = echo_stack
+    ledger = Ledger(stack)
+    ledger.load("Echo", threads=4, sleep_s=1.0)
+    ledger.await_accepted(12)
+    pids = stack.replica_pids("chaos", "Echo")
+    stack.redis.config_set("maxmemory-policy", "noeviction")
+    stack.redis.config_set("maxmemory", int(stack.redis.info("memory")["used_memory"]))  # full
+    time.sleep(ALIVE_TTL_S + 4)  # the fault itself: longer than a heartbeat lives
+    stack.redis.config_set("maxmemory", 0)
+    ledger.await_accepted(12, timeout_s=60)
+    ledger.finish()
+    report = ledger.check(grace_s=90)
+    said = capfd.readouterr()
+    assert report.refused > 0, str(report)
+    assert not report.lost and not report.stuck and not report.wrong, str(report)
+    assert report.succeeded == report.accepted and report.duplicates == 0, str(report)
+    assert "stopped heartbeating" not in said.out + said.err
+    assert stack.replica_pids("chaos", "Echo") == pids
 
 
 def test_malformed_messages_fail_their_jobs_at_once_and_go_to_the_dead_letter_list(echo_stack: Stack) -> None:

@@ -317,14 +317,20 @@ class Liveness(threading.Thread):
 
     def run(self) -> None:
         next_reap = 0.0
+        # No reaping until this replica's own beats have gone through for a whole ALIVE_TTL_S: when they failed
+        # (Redis full, paused or out of reach), the others' failed for the same reason, and reaping them as soon
+        # as Redis is back would run their requests twice and count a delivery (a crash) against each. A
+        # replica that really died is reaped that much later, or sooner by a replica whose beats went through.
+        failed_at = -float(ALIVE_TTL_S)
         while not self.stopping.wait(HEARTBEAT_S):
             try:
                 self.beat()
-                if time.monotonic() >= next_reap:
+                if time.monotonic() >= next_reap and time.monotonic() - failed_at >= ALIVE_TTL_S:
                     next_reap = time.monotonic() + REAP_EVERY_S
                     if self._lead(keys=[self.keys.reaper_lease], args=[self.ops.replica_id, int(REAP_EVERY_S * 2500)]):
                         self.reap()
             except REDIS_FAULTS as exc:
+                failed_at = time.monotonic()
                 logger.warning("heartbeat failed: %s", exc)
 
     def reap(self) -> int:
