@@ -106,11 +106,15 @@ def test_resetting_connections_after_a_fault_never_cuts_a_command_in_flight(redi
     call that had run (a take), which redis-py then resent. Now an error reply drops nothing, and a connection
     fault drops the idle connections only (the take loop's own blocking one too, when the take failed)."""
 
+    name = f"takes-reset-{uuid.uuid4().hex[:8]}"  # the session's Redis has other clients, blocked ones too
+
     def clients() -> dict[int, bytes]:
-        return {int(c["id"]): str(c["cmd"]).encode() for c in redis.Redis.from_url(redis_url).client_list()}
+        listed = redis.Redis.from_url(redis_url).client_list()
+        return {int(c["id"]): str(c["cmd"]).encode() for c in listed if c.get("name") == name}
 
     async def scenario(c: CountedOps) -> None:
         ops = c.ops
+        ops.redis.connection_pool.connection_kwargs["client_name"] = name  # every connection it makes is named
         in_flight = asyncio.create_task(ops.redis.blpop([f"{ops.queue}:x"], timeout=1))
         await asyncio.sleep(0.2)
         idle = int(await ops.redis.execute_command("CLIENT", "ID"))  # another pooled connection, idle once answered
